@@ -1,0 +1,267 @@
+"""`ReducedVLM`: the one place that owns the layer loops, with the static schedule baked in.
+
+The HF model is used as a set of leaf modules (embedding, vision blocks, projector, decoder layers,
+final norm, lm_head); nothing in it is patched or mutated. Family differences (where those modules live,
+how RoPE is computed, how image features are selected) come from a `VLMAdapter`. Reducers see only a
+`TokenState` and a `DecoderSiteContext`, never the model class.
+
+Shape legend: see `tokcompile/reduce/schedule.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from tokcompile.models.geometry import Geometry
+from tokcompile.reduce.schedule import Schedule, Site, Step
+
+if TYPE_CHECKING:
+    from tokcompile.reduce.base import Reducer
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """The decoder's token sequence between layers.
+
+    Args:
+        hidden: (B, T, D) residual stream.
+        positions: (B, T) RoPE position ids (original ids of surviving tokens under policy P1).
+        valid: (B, T) bool, False for padding; padded keys are never attended.
+        image_start: (B,) index of the first image token in the current sequence.
+        n_image: image tokens in the current sequence (a Python int: static).
+        last: (B,) index of each sample's last real token (the token FastV-style methods score from).
+    """
+
+    hidden: Tensor
+    positions: Tensor
+    valid: Tensor
+    image_start: Tensor
+    n_image: int
+    last: Tensor
+
+
+class KVRecorder:
+    """A minimal stand-in for an HF `Cache` that records each layer's keys and values.
+
+    HF attention modules call `past_key_values.update(k, v, layer_idx)` with keys after RoPE. Prefill has no
+    past, so `update` returns its inputs unchanged; the recorded keys let reducers score tokens without
+    re-running attention, and they are the prefill KV cache.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        self.keys[layer_idx] = key_states  # (B, Hkv, T, d)
+        self.values[layer_idx] = value_states  # (B, Hkv, T, d)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+@dataclass
+class DecoderSiteContext:
+    """What a decoder-layer reducer at layer K may use: layer K-1's input, module and recorded keys."""
+
+    adapter: VLMAdapter
+    model: nn.Module
+    prev_layer: nn.Module
+    prev_state: TokenState
+    prev_keys: Tensor  # (B, Hkv, T, d), after RoPE
+
+    def last_token_attention(self) -> Tensor:
+        """Head-mean attention probabilities of each sample's last real token at layer K-1: (B, T).
+
+        Computed from layer K-1's own input norm and q projection, against the keys that layer's attention
+        actually used; softmax in fp32 over every non-padding key, as eager attention would.
+        """
+        from tokcompile.reduce.ops import attention_row
+
+        st = self.prev_state
+        h_last = st.hidden.gather(1, st.last[:, None, None].expand(-1, 1, st.hidden.shape[-1]))  # (B, 1, D)
+        pos_last = st.positions.gather(1, st.last[:, None])  # (B, 1)
+        q = self.adapter.last_query(self.model, self.prev_layer, h_last, pos_last)  # (B, H, 1, d)
+        return attention_row(q, self.prev_keys, st.valid).mean(1)  # (B, H, T) -> (B, T)
+
+
+class VLMAdapter:
+    """Per-family knowledge. Subclasses live in `models/<family>.py`, keyed by HF `config.model_type`."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    lightcompress_types: ClassVar[tuple[str, ...]] = ()
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.DECODER_LAYER})
+    rope: ClassVar[str] = "1d"
+    # Module-name patterns that quantization skips by default (see quant.base.select_linears).
+    quant_ignore: ClassVar[tuple[str, ...]] = ()
+    # Where the decoder's Linear layers live (quantization targets).
+    quant_include: ClassVar[tuple[str, ...]] = ()
+    # fp32 parity tolerance for this family (atol, rtol); a recipe may loosen it.
+    parity_tolerance: ClassVar[tuple[float, float]] = (1e-4, 1e-3)
+    # Names of the prefill graph's inputs, exactly as the processor returns them.
+    input_names: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "pixel_values")
+
+    # --- resolved without weights --------------------------------------------------------------------
+    def geometry(self, config: Any, image_size: tuple[int, int] | None) -> Geometry:
+        raise NotImplementedError
+
+    def default_image_size(self, config: Any, processor: Any | None) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def image_token_id(self, config: Any) -> int:
+        raise NotImplementedError
+
+    # --- module access ---------------------------------------------------------------------------------
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def embed_tokens(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def encode_images(self, model: nn.Module, pixel_values: Tensor) -> Tensor:
+        """pixel_values -> projected image features (B, N, D)."""
+        raise NotImplementedError
+
+    def rotary(self, model: nn.Module, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) for `positions` (B, T)."""
+        raise NotImplementedError
+
+    def last_query(self, model: nn.Module, layer: nn.Module, h_last: Tensor, pos_last: Tensor) -> Tensor:
+        """Query of one token after the layer's input norm, q projection and RoPE: (B, H, 1, d)."""
+        raise NotImplementedError
+
+    def run_decoder_layer(
+        self, layer: nn.Module, hidden: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor, cache: Any
+    ) -> Tensor:
+        out = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=rope,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+
+def splice_image_features(text_embeds: Tensor, image_feats: Tensor, image_start: Tensor) -> Tensor:
+    """Place `image_feats` at [image_start, image_start+N) of each sample with one gather (no masked_scatter).
+
+    Args:
+        text_embeds: (B, T, D) token embeddings (image placeholders included).
+        image_feats: (B, N, D) projected image features.
+        image_start: (B,) first image-token index.
+    """
+    B, T, D = text_embeds.shape
+    N = image_feats.shape[1]
+    t = torch.arange(T, device=text_embeds.device)[None, :]  # (1, T)
+    rel = t - image_start[:, None]  # (B, T)
+    in_image = (rel >= 0) & (rel < N)
+    src = torch.where(in_image, T + rel.clamp(0, N - 1), t)  # (B, T) index into cat([text, image])
+    both = torch.cat([text_embeds, image_feats.to(text_embeds.dtype)], dim=1)  # (B, T+N, D)
+    return both.gather(1, src[:, :, None].expand(B, T, D))  # (B, T, D)
+
+
+def causal_mask(valid: Tensor) -> Tensor:
+    """Boolean attention mask (B, 1, T, T): causal in sequence order, padded keys hidden.
+
+    A padded query row would otherwise see no key at all (and produce NaN); it is allowed to see itself.
+    Its output is garbage that never reaches a real token.
+    """
+    T = valid.shape[1]
+    idx = torch.arange(T, device=valid.device)
+    causal = idx[None, :] <= idx[:, None]  # (T, T) key <= query
+    allowed = causal[None] & valid[:, None, :]  # (B, T, T)
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=valid.device)[None]
+    return allowed[:, None]  # (B, 1, T, T)
+
+
+class ReducedVLM(nn.Module):
+    """A VLM prefill with a static reduction schedule: (input_ids, attention_mask, pixel_values) ->
+    (next-token logits (B, V), kept image indices of each step (B, n_out)...).
+
+    Args:
+        model: the HF model (weights may already be fake-quantized).
+        adapter: the family adapter.
+        geometry: resolved geometry at the compiled resolution.
+        schedule: the resolved static schedule.
+        reducers: one reducer per schedule step, in order.
+        image_token_id: id of the image placeholder token in `input_ids`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: VLMAdapter,
+        geometry: Geometry,
+        schedule: Schedule,
+        reducers: tuple[Reducer, ...],
+        image_token_id: int,
+    ):
+        super().__init__()
+        if len(reducers) != len(schedule):
+            raise ValueError("one reducer per schedule step is required")
+        for step in schedule:
+            if step.site is not Site.DECODER_LAYER:
+                raise NotImplementedError(f"site {step.site.value} is not wired into ReducedVLM yet")
+        self.model = model
+        self.adapter = adapter
+        self.geometry = geometry
+        self.schedule = schedule
+        self.reducers = reducers
+        self.image_token_id = image_token_id
+        self._steps_at: dict[int, list[tuple[Step, Reducer]]] = {}
+        for step, red in zip(schedule, reducers):
+            self._steps_at.setdefault(step.layer, []).append((step, red))
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits"] + [f"kept_{i}" for i in range(len(self.schedule))]
+
+    def initial_state(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> TokenState:
+        a = self.adapter
+        image_feats = a.encode_images(self.model, pixel_values)  # (B, N, D)
+        text = a.embed_tokens(self.model)(input_ids)  # (B, T, D)
+        is_image = input_ids == self.image_token_id  # (B, T)
+        image_start = is_image.int().argmax(dim=1)  # (B,) first placeholder
+        hidden = splice_image_features(text, image_feats, image_start)
+        valid = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T), left or right padding
+        T = input_ids.shape[1]
+        last = (valid.long() * torch.arange(T, device=input_ids.device)[None]).amax(1)  # (B,)
+        return TokenState(hidden, positions, valid, image_start, image_feats.shape[1], last)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> tuple[Tensor, ...]:
+        a, model = self.adapter, self.model
+        state = self.initial_state(input_ids, attention_mask, pixel_values)
+        cache = KVRecorder()
+        kept: list[Tensor] = []
+        mask = causal_mask(state.valid)
+        rope = a.rotary(model, state.hidden, state.positions)
+        prev: tuple[nn.Module, TokenState] | None = None
+        for i, layer in enumerate(a.decoder_layers(model)):
+            for step, reducer in self._steps_at.get(i, ()):
+                assert prev is not None, "a decoder step at layer 0 has no previous layer"
+                ctx = DecoderSiteContext(a, model, prev[0], prev[1], cache.keys[i - 1])
+                state, idx = reducer.apply(state, ctx, step)
+                kept.append(idx)
+                mask = causal_mask(state.valid)
+                rope = a.rotary(model, state.hidden, state.positions)
+            prev = (layer, state)
+            hidden = a.run_decoder_layer(layer, state.hidden, mask, rope, state.positions, cache)
+            state = replace(state, hidden=hidden)
+        h = a.final_norm(model)(state.hidden)  # (B, T', D)
+        h_last = h.gather(1, state.last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]  # (B, D)
+        logits = a.lm_head(model)(h_last)  # (B, V)
+        return (logits, *kept)

@@ -1,0 +1,51 @@
+"""Model geometry: the integers that shape the graph, read from the config alone (no weights)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of one VLM at the recipe's fixed input resolution.
+
+    Args:
+        family: HF `config.model_type` of the whole VLM (e.g. "llava").
+        n_layers: decoder layers.
+        hidden_size: decoder hidden size `d`.
+        intermediate_size: decoder FFN size `m` (each of gate, up, down).
+        n_heads: decoder query heads.
+        n_kv_heads: decoder key/value heads (GQA when smaller than `n_heads`).
+        head_dim: decoder head dim.
+        vocab_size: vocabulary size of `lm_head`.
+        image_size: (height, width) in pixels that the graph is compiled for.
+        n_image_tokens: image tokens one image contributes to the prompt.
+        vision_layers: vision-tower blocks that run (LLaVA stops at its feature layer).
+        vision_hidden_size: vision-tower hidden size.
+        vision_intermediate_size: vision-tower FFN size.
+        vision_heads: vision-tower heads.
+        vision_tokens: tokens inside the vision tower (patches plus CLS).
+        rope: "1d" or "mrope".
+    """
+
+    family: str
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    image_size: tuple[int, int]
+    n_image_tokens: int
+    vision_layers: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_heads: int
+    vision_tokens: int
+    rope: str = "1d"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d

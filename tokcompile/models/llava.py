@@ -1,0 +1,145 @@
+"""LLaVA-1.5 in HF format (`LlavaForConditionalGeneration`, model_type "llava").
+
+CLIP (or SigLIP) vision tower -> hidden states of `vision_feature_layer` -> CLS dropped under the "default"
+strategy -> 2-layer MLP projector -> image features spliced at the `<image>` placeholders of a
+Llama/Mistral/Qwen2-style decoder with 1-D RoPE.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from tokcompile.models.base import VLMAdapter
+from tokcompile.models.geometry import Geometry
+from tokcompile.models.registry import ADAPTERS
+from tokcompile.reduce.schedule import Site
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, T, d); cos/sin (B, T, d)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d)
+    return x * cos + rotate_half(x) * sin
+
+
+def _text_dims(tc: Any) -> tuple[int, int, int]:
+    heads = tc.num_attention_heads
+    kv = getattr(tc, "num_key_value_heads", None) or heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    return heads, kv, head_dim
+
+
+@ADAPTERS.register("llava")
+class LlavaAdapter(VLMAdapter):
+    model_types: ClassVar[tuple[str, ...]] = ("llava",)
+    # LightCompress's names for this family ("Llava" is the original-repo format; we load its HF twin).
+    lightcompress_types: ClassVar[tuple[str, ...]] = ("Llava", "LlavaHf")
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.DECODER_LAYER})
+    rope: ClassVar[str] = "1d"
+    quant_include: ClassVar[tuple[str, ...]] = ("model.language_model",)
+    quant_ignore: ClassVar[tuple[str, ...]] = ("lm_head", "vision_tower", "multi_modal_projector")
+    parity_tolerance: ClassVar[tuple[float, float]] = (1e-4, 1e-3)
+    model_class_name: ClassVar[str] = "LlavaForConditionalGeneration"
+
+    # --- config only ----------------------------------------------------------------------------------
+    @staticmethod
+    def _vision_run_layers(config: Any) -> int:
+        n = config.vision_config.num_hidden_layers
+        layers = config.vision_feature_layer
+        layers = layers if isinstance(layers, (list, tuple)) else [layers]
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of block i-1.
+        return max(n + 1 + f if f < 0 else f for f in layers)
+
+    def default_image_size(self, config: Any, processor: Any | None) -> tuple[int, int]:
+        s = config.vision_config.image_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    def image_token_id(self, config: Any) -> int:
+        return int(config.image_token_id)
+
+    def geometry(self, config: Any, image_size: tuple[int, int] | None) -> Geometry:
+        vc, tc = config.vision_config, config.text_config
+        native = self.default_image_size(config, None)
+        size = image_size or native
+        if tuple(size) != native:
+            raise ValueError(
+                f"this LLaVA vision tower runs at {native[0]}x{native[1]} only; "
+                f"set inputs.image_size to [{native[0]}, {native[1]}] or remove it"
+            )
+        patches = (size[0] // vc.patch_size) * (size[1] // vc.patch_size)
+        n_image = patches + (0 if config.vision_feature_select_strategy == "default" else 1)
+        heads, kv, head_dim = _text_dims(tc)
+        return Geometry(
+            family="llava",
+            n_layers=tc.num_hidden_layers,
+            hidden_size=tc.hidden_size,
+            intermediate_size=tc.intermediate_size,
+            n_heads=heads,
+            n_kv_heads=kv,
+            head_dim=head_dim,
+            vocab_size=tc.vocab_size,
+            image_size=(int(size[0]), int(size[1])),
+            n_image_tokens=n_image,
+            vision_layers=self._vision_run_layers(config),
+            vision_hidden_size=vc.hidden_size,
+            vision_intermediate_size=vc.intermediate_size,
+            vision_heads=vc.num_attention_heads,
+            vision_tokens=patches + 1,
+            rope="1d",
+        )
+
+    # --- modules --------------------------------------------------------------------------------------
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.language_model.layers
+
+    def embed_tokens(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model.embed_tokens
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model.norm
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
+    def encode_images(self, model: nn.Module, pixel_values: Tensor) -> Tensor:
+        cfg = model.config
+        tower = model.model.vision_tower
+        vm = getattr(tower, "vision_model", tower)  # transformers 5 flattens CLIPVisionModel
+        h = vm.embeddings(pixel_values.to(vm.embeddings.patch_embedding.weight.dtype))  # (B, 1+P, Dv)
+        pre = getattr(vm, "pre_layrnorm", None)
+        if pre is not None:
+            h = pre(h)
+        hidden_states = [h]
+        for block in vm.encoder.layers[: self._vision_run_layers(cfg)]:
+            out = block(h, None)
+            h = out[0] if isinstance(out, tuple) else out
+            hidden_states.append(h)
+        layers = cfg.vision_feature_layer
+        layers = layers if isinstance(layers, (list, tuple)) else [layers]
+        n = cfg.vision_config.num_hidden_layers
+        picked = [hidden_states[n + 1 + f if f < 0 else f] for f in layers]
+        if cfg.vision_feature_select_strategy == "default":
+            picked = [p[:, 1:] for p in picked]  # drop CLS
+        feats = torch.cat(picked, dim=-1)  # (B, N, Dv·len(layers))
+        return model.model.multi_modal_projector(feats)  # (B, N, D)
+
+    def rotary(self, model: nn.Module, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return model.model.language_model.rotary_emb(hidden, positions)
+
+    def last_query(self, model: nn.Module, layer: nn.Module, h_last: Tensor, pos_last: Tensor) -> Tensor:
+        attn = layer.self_attn
+        B = h_last.shape[0]
+        x = layer.input_layernorm(h_last)  # (B, 1, D)
+        q = attn.q_proj(x).view(B, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, d)
+        q_norm = getattr(attn, "q_norm", None)
+        if q_norm is not None:
+            q = q_norm(q)
+        cos, sin = self.rotary(model, h_last, pos_last)  # (B, 1, d)
+        return apply_rope(q, cos, sin)
