@@ -25,7 +25,7 @@ LLAVA_CHAT_TEMPLATE = (
 # name -> (text hidden, text layers, heads, kv heads, ffn, vision hidden, vision layers, vision heads,
 #          vision ffn, image size, patch)
 SIZES: dict[str, tuple[int, ...]] = {
-    "tiny": (64, 4, 4, 2, 128, 32, 3, 2, 64, 32, 4),  # 64 image tokens
+    "tiny": (128, 4, 4, 2, 256, 32, 3, 2, 64, 32, 4),  # 64 image tokens; widths divisible by 128
     # ~190M parameters with LLaVA-1.5's 576 image tokens (336 px, patch 14), for benchmarks.
     "medium": (1024, 8, 16, 8, 2816, 1024, 24, 16, 4096, 336, 14),
 }

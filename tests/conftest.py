@@ -1,0 +1,58 @@
+"""Shared fixtures: the built-in tiny LLaVA (random weights, built in code) and its processor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tokcompile.models import ADAPTERS
+from tokcompile.models.tiny import build_model, build_processor
+from tokcompile.parity import format_prompt, random_images
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "slow: compiles AOTInductor packages (tens of seconds)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return build_model("llava", seed=0)
+
+
+@pytest.fixture(scope="session")
+def processor():
+    return build_processor("llava")
+
+
+@pytest.fixture(scope="session")
+def adapter():
+    return ADAPTERS.get("llava")()
+
+
+@pytest.fixture(scope="session")
+def geometry(adapter, tiny_model):
+    return adapter.geometry(tiny_model.config, None)
+
+
+def make_batch(processor, questions: list[str], seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    images = random_images(rng, len(questions), (32, 32))
+    prompts = [format_prompt(processor, q) for q in questions]
+    out = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    return {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+
+@pytest.fixture()
+def batch(processor):
+    return make_batch(processor, ["What is shown here in this picture, in detail?", "Hi?"])

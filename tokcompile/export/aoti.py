@@ -1,0 +1,50 @@
+"""AOTInductor package (`.pt2`): the `torch.export` program compiled ahead of time to a shared library.
+
+Loaded with `torch._inductor.aoti_load_package`; runs without the Python model code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from tokcompile.errors import ExportError
+from tokcompile.export.base import EXPORTERS, Artifact, Runner
+
+
+def _load(file: str, input_names: list[str]) -> Callable[[Path], Runner]:
+    def loader(root: Path) -> Runner:
+        import torch
+
+        runner = torch._inductor.aoti_load_package(str(root / file))
+
+        def run(inputs: dict[str, Any]) -> tuple:
+            args = [torch.as_tensor(inputs[n]) for n in input_names]
+            with torch.no_grad():
+                return tuple(runner(*args))
+
+        return run
+
+    return loader
+
+
+@EXPORTERS.register("aoti")
+def export_aoti(
+    program: Any,
+    example: dict[str, Any],
+    out_dir: Path,
+    *,
+    graph: str,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int | None,
+    log: Callable[[str], None],
+) -> Artifact:
+    import torch
+
+    path = out_dir / f"{graph}.pt2"
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    except Exception as e:  # inductor raises many types; report one line
+        raise ExportError(f"AOTInductor compile of the {graph} graph failed: {str(e).strip().splitlines()[0]}") from e
+    return Artifact(target="aoti", graph=graph, files=[path.name], backend="aoti", loader=_load(path.name, input_names))

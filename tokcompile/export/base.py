@@ -1,0 +1,44 @@
+"""Exporter interface: each target turns one exported program into files and a runner.
+
+An `Artifact` records what was written (paths relative to the export directory) and how to run it. Its
+`load()` returns a callable that takes the graph's inputs as numpy arrays or tensors, by name, and returns
+a tuple of torch tensors in the graph's output order, so parity treats every backend alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from tokcompile.registry import Registry
+
+Runner = Callable[[dict[str, Any]], tuple]
+
+
+@dataclass
+class Artifact:
+    target: str
+    graph: str
+    files: list[str]  # relative to the export directory
+    backend: str  # runtime that executes it: "onnxruntime", "aoti"
+    meta: dict[str, Any] = field(default_factory=dict)
+    loader: Callable[[Path], Runner] | None = field(default=None, repr=False)
+
+    def load(self, root: Path) -> Runner:
+        assert self.loader is not None, f"{self.target} artifact has no loader"
+        return self.loader(root)
+
+    @property
+    def name(self) -> str:
+        return f"{self.graph}.{self.target}"
+
+
+class Exporter(Protocol):
+    def __call__(
+        self, program: Any, example: dict[str, Any], out_dir: Path, *, graph: str, input_names: list[str],
+        output_names: list[str], opset: int | None, log: Callable[[str], None],
+    ) -> Artifact: ...
+
+
+EXPORTERS: Registry[Exporter] = Registry("export target")

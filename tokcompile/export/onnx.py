@@ -1,0 +1,104 @@
+"""ONNX export with the dynamo exporter (`torch.onnx.export(dynamo=True)`), weights as external data.
+
+The graph is translated from the same `torch.export` program the other targets use, so dynamic dimensions
+(the prompt length) carry over. onnxruntime (CPU) runs it for parity. This is the ONNX a TensorRT build
+consumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from tokcompile.errors import ExportError
+from tokcompile.export.base import EXPORTERS, Artifact, Runner
+
+
+def _load(files: list[str], input_names: list[str]) -> Callable[[Path], Runner]:
+    def loader(root: Path) -> Runner:
+        import numpy as np
+        import torch
+
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ExportError("onnxruntime is not installed; pip install 'tokcompile[onnx]'") from None
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(root / files[0]), opts, providers=["CPUExecutionProvider"])
+
+        def run(inputs: dict[str, Any]) -> tuple:
+            feed = {n: np.asarray(inputs[n].cpu().numpy() if hasattr(inputs[n], "numpy") else inputs[n]) for n in input_names}
+            return tuple(torch.from_numpy(o) for o in session.run(None, feed))
+
+        return run
+
+    return loader
+
+
+@EXPORTERS.register("onnx")
+def export_onnx(
+    program: Any,
+    example: dict[str, Any],
+    out_dir: Path,
+    *,
+    graph: str,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int | None,
+    log: Callable[[str], None],
+) -> Artifact:
+    import contextlib
+    import io
+
+    import onnx
+    import torch
+
+    path = out_dir / f"{graph}.onnx"
+    kwargs = {"opset_version": opset} if opset is not None else {}
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink):
+            torch.onnx.export(
+                program,
+                f=str(path),
+                input_names=input_names,
+                output_names=output_names,
+                dynamo=True,
+                external_data=True,
+                optimize=True,
+                **kwargs,
+            )
+    except Exception as e:  # the exporter raises many types; report one line and keep the log
+        raise ExportError(f"ONNX export of the {graph} graph failed: {str(e).strip().splitlines()[0]}") from e
+    files = [path.name] + sorted(p.name for p in out_dir.glob(f"{graph}.onnx.data"))
+    model = onnx.load(str(path), load_external_data=False)
+    opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    ops = sorted({n.op_type for n in model.graph.node})
+    topk_ks = _topk_constants(model)
+    return Artifact(
+        target="onnx",
+        graph=graph,
+        files=files,
+        backend="onnxruntime",
+        meta={"opset": opset_used, "ops": ops, "topk_k": topk_ks},
+        loader=_load(files, input_names),
+    )
+
+
+def _topk_constants(model: Any) -> list[int | None]:
+    """The K of every TopK node when it is a constant (TensorRT requires K <= 3840 as an initializer)."""
+    from onnx import numpy_helper
+
+    consts: dict[str, Any] = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = a.t
+    ks: list[int | None] = []
+    for n in model.graph.node:
+        if n.op_type == "TopK":
+            t = consts.get(n.input[1])
+            ks.append(int(numpy_helper.to_array(t).reshape(-1)[0]) if t is not None else None)
+    return ks

@@ -1,0 +1,167 @@
+"""Parity in three layers, all reading the same plan and inputs.
+
+1. Kept indices: every reduction step's kept indices in each artifact equal the eager `ReducedVLM`'s.
+2. Numbers: next-token logits within the recipe's atol/rtol (|a-b| <= atol + rtol·|b|) and the same top-1.
+   Separately, an independent eager reference (official-FastV style) must give the same kept indices and
+   logits as eager `ReducedVLM`.
+3. Drift against the uncompressed model (top-1 agreement, max logit difference): reported, never a failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tokcompile.errors import ParityError
+
+PROMPTS = (
+    "What is shown in this image?",
+    "Describe the picture in one sentence.",
+    "How many objects can you count here, and what colours are they?",
+    "Is there anything unusual?",
+    "Write a short caption for this photo, mentioning the main subject and the background.",
+    "What happens next?",
+)
+
+
+@dataclass
+class ParityInputs:
+    """One batch as the processor returns it, plus each sample's unpadded ids for per-sample references."""
+
+    batch: dict[str, Tensor]
+    prompts: list[str]
+
+    def sample(self, b: int) -> tuple[Tensor, Tensor]:
+        mask = self.batch["attention_mask"][b].bool()
+        ids = self.batch["input_ids"][b][mask][None]  # (1, T_b) without padding
+        return ids, self.batch["pixel_values"][b : b + 1]
+
+
+def format_prompt(processor: Any, question: str) -> str:
+    """The model's chat template with one image and one question, or LLaVA-1.5's plain template."""
+    template = getattr(processor, "chat_template", None)
+    if template:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def random_images(rng: np.random.Generator, n: int, size: tuple[int, int]) -> list:
+    """Random RGB images with some structure (smooth gradients plus noise), of varying aspect ratios."""
+    from PIL import Image
+
+    images = []
+    for i in range(n):
+        h, w = size[0] + 16 * (i % 3), size[1] + 24 * ((i + 1) % 3)
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * (i + 1)) % 256, (yy * 3) % 256, ((xx + yy) * 2) % 256], -1)
+        noise = rng.integers(0, 64, (h, w, 3))
+        images.append(Image.fromarray(((base + noise) % 256).astype("uint8")))
+    return images
+
+
+def make_inputs(
+    processor: Any, batch_size: int, samples: int, image_size: tuple[int, int], seed: int, max_len: int
+) -> list[ParityInputs]:
+    """`samples` batches with prompts of different lengths (so batches > 1 carry padding)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in range(samples):
+        prompts = [format_prompt(processor, PROMPTS[(s * batch_size + b) % len(PROMPTS)]) for b in range(batch_size)]
+        images = random_images(rng, batch_size, image_size)
+        batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        if batch["input_ids"].shape[1] > max_len:
+            raise ValueError(f"a parity prompt needs {batch['input_ids'].shape[1]} tokens, above the {max_len} compiled")
+        out.append(ParityInputs(batch, prompts))
+    return out
+
+
+def _compare_logits(got: Tensor, ref: Tensor, atol: float, rtol: float) -> dict:
+    got, ref = got.float(), ref.float()
+    diff = (got - ref).abs()
+    bound = atol + rtol * ref.abs()
+    return {
+        "max_abs_diff": float(diff.max()),
+        "within_tolerance": bool((diff <= bound).all()),
+        "top1_agree": bool(torch.equal(got.argmax(-1), ref.argmax(-1))),
+    }
+
+
+def check_artifact(
+    name: str, runner: Callable, eager_outputs: list[tuple], inputs: list[ParityInputs], atol: float, rtol: float
+) -> dict:
+    """Compare one artifact with eager outputs on every input. Raises ParityError on the first failure."""
+    rows = []
+    for i, (inp, ref) in enumerate(zip(inputs, eager_outputs)):
+        got = runner(inp.batch)
+        row = {"input": i, "prompt_len": int(inp.batch["input_ids"].shape[1])}
+        for j in range(1, len(ref)):
+            same = torch.equal(got[j].long(), ref[j].long())
+            row[f"kept_{j - 1}_equal"] = same
+            if not same:
+                n_diff = int((got[j].long() != ref[j].long()).sum())
+                raise ParityError(
+                    f"parity failed for {name}: kept_{j - 1} indices differ from eager on input {i} "
+                    f"({n_diff} of {ref[j].numel()} positions)"
+                )
+        row.update(_compare_logits(got[0], ref[0], atol, rtol))
+        if not row["within_tolerance"]:
+            raise ParityError(
+                f"parity failed for {name}: logits differ from eager by {row['max_abs_diff']:.3g} on input {i} "
+                f"(atol {atol:g}, rtol {rtol:g})"
+            )
+        if not row["top1_agree"]:
+            raise ParityError(f"parity failed for {name}: the top-1 token differs from eager on input {i}")
+        rows.append(row)
+    return {
+        "passed": True,
+        "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+        "inputs": rows,
+    }
+
+
+def check_reference(
+    reference: Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]],
+    eager_outputs: list[tuple],
+    inputs: list[ParityInputs],
+    atol: float,
+    rtol: float,
+) -> dict:
+    """Compare eager `ReducedVLM` (batched, padded) with the independent per-sample reference."""
+    rows = []
+    for i, (inp, ref) in enumerate(zip(inputs, eager_outputs)):
+        for b in range(inp.batch["input_ids"].shape[0]):
+            ids, pix = inp.sample(b)
+            logits, kept = reference(ids, pix)
+            row = {"input": i, "row": b, **_compare_logits(logits[None], ref[0][b : b + 1], atol, rtol)}
+            if kept is not None:
+                row["kept_equal"] = bool(torch.equal(kept, ref[1][b]))
+                if not row["kept_equal"]:
+                    raise ParityError(
+                        f"parity failed for eager ReducedVLM: kept indices differ from the independent FastV reference "
+                        f"on input {i}, row {b}"
+                    )
+            if not (row["within_tolerance"] and row["top1_agree"]):
+                raise ParityError(
+                    f"parity failed for eager ReducedVLM: logits differ from the independent reference by "
+                    f"{row['max_abs_diff']:.3g} on input {i}, row {b}"
+                )
+            rows.append(row)
+    return {"passed": True, "max_abs_diff": max(r["max_abs_diff"] for r in rows), "samples": rows}
+
+
+def drift(eager_outputs: list[tuple], baseline: list[Tensor]) -> dict:
+    """Compressed (quantized + reduced) logits against the uncompressed model's. Information only."""
+    got = torch.cat([o[0] for o in eager_outputs]).float()
+    ref = torch.cat(baseline).float()
+    return {
+        "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+        "max_abs_logit_diff": float((got - ref).abs().max()),
+        "n": int(ref.shape[0]),
+        "note": "compressed model against the same checkpoint without quantization or reduction; not a failure",
+    }

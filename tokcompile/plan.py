@@ -1,0 +1,219 @@
+"""resolve(): a loaded recipe plus the model's config (no weights) -> a `Plan` of Python ints.
+
+The plan holds everything the graph, the FLOPs count and the parity checks read: geometry, the static
+schedule, the reducers, the quantization config and the input shapes. Every check that needs the model's
+sizes (layer ranges, keep counts, group sizes, resolution) happens here, so `--plan` catches it without
+loading weights.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokcompile import flops
+from tokcompile.errors import RecipeError
+from tokcompile.models import ADAPTERS, Geometry, VLMAdapter
+from tokcompile.models.loading import load_config, model_type_of
+from tokcompile.recipe import EXPORT_TARGETS, Recipe
+from tokcompile.reduce import REDUCERS, Schedule, config_from_params
+from tokcompile.reduce.schedule import image_tokens_per_decoder_layer
+from tokcompile.registry import suggest
+
+# Text tokens assumed for FLOPs when the recipe leaves the text length dynamic.
+DEFAULT_FLOPS_TEXT_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    model_type: str
+    adapter: VLMAdapter
+    config: Any = field(repr=False)
+    geometry: Geometry
+    schedule: Schedule
+    reducers: tuple
+    image_token_id: int
+    quant: Any | None  # a quant config object (e.g. RTNConfig) or None
+    quant_include: tuple[str, ...]
+    quant_ignore: tuple[str, ...]
+    targets: tuple[str, ...]
+    text_len_range: tuple[int, int]  # (min, max) total prompt length T, image tokens included
+    out_dir: Path
+    flops: dict
+
+    @property
+    def batch_size(self) -> int:
+        return self.recipe.inputs.batch_size
+
+    def image_tokens_per_layer(self) -> list[int]:
+        return image_tokens_per_decoder_layer(self.geometry.n_image_tokens, self.geometry.n_layers, self.schedule)
+
+    def to_dict(self) -> dict:
+        return {
+            "model_type": self.model_type,
+            "geometry": self.geometry.to_dict(),
+            "schedule": [s.to_dict() for s in self.schedule],
+            "image_tokens_per_layer": self.image_tokens_per_layer(),
+            "image_token_id": self.image_token_id,
+            "batch_size": self.batch_size,
+            "text_len_range": list(self.text_len_range),
+            "targets": list(self.targets),
+            "quant_include": list(self.quant_include),
+            "quant_ignore": list(self.quant_ignore),
+        }
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _check_model_type(declared: str | None, model_type: str, path: str) -> None:
+    if declared is None:
+        return
+    adapter = ADAPTERS.get(model_type)
+    accepted = {_norm(t) for t in (*adapter.model_types, *adapter.lightcompress_types)}
+    if _norm(declared) not in accepted:
+        names = ", ".join(adapter.lightcompress_types + adapter.model_types)
+        raise RecipeError(
+            "model.type",
+            f"'{declared}' does not match the checkpoint at {path}, whose config says model_type '{model_type}'; "
+            f"set model.type to one of {names}, or remove it",
+        )
+
+
+def _quant(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Any, tuple[str, ...], tuple[str, ...]]:
+    q = recipe.quant
+    if q is None:
+        return None, (), ()
+    from tokcompile.quant import RTNConfig, WeightQuantConfig
+
+    if q.method != "RTN":
+        raise RecipeError("quant.method", f"{q.method} is not available in this version; use RTN")
+    w = q.weight
+    group = w.group_size if w.granularity == "per_group" else None
+    if group is not None:
+        in_features = {
+            "q/k/v/gate/up projections": geom.hidden_size,
+            "o_proj": geom.n_heads * geom.head_dim,
+            "down_proj": geom.intermediate_size,
+        }
+        for what, n in in_features.items():
+            if n % group:
+                divisors = [g for g in (128, 64, 32, 16, 8) if n % g == 0 and all(m % g == 0 for m in in_features.values())]
+                hint = f"use a divisor such as {divisors[0]}" if divisors else "use per_channel"
+                raise RecipeError(
+                    "quant.weight.group_size",
+                    f"{group} does not divide the input features ({n}) of the decoder's {what}; {hint}",
+                )
+    cfg = RTNConfig(weight=WeightQuantConfig(bit=w.bit, symmetric=w.symmetric, group_size=group))
+    ignore = q.ignore if q.ignore is not None else adapter.quant_ignore
+    return cfg, adapter.quant_include, tuple(ignore)
+
+
+def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Schedule, tuple]:
+    spec = recipe.reduction
+    if spec is None:
+        return (), ()
+    if spec.method not in REDUCERS:
+        raise RecipeError(
+            spec.method_key,
+            f"unknown token-reduction method '{spec.method}'{suggest(spec.method, REDUCERS.keys())}; "
+            f"available: {', '.join(REDUCERS.keys())}",
+        )
+    cls = REDUCERS.get(spec.method)
+    cfg = config_from_params(cls, dict(spec.params), spec.key)
+    if cls.site not in adapter.sites:
+        raise RecipeError(spec.method_key, f"{cls.method} runs at {cls.site.value}, which {geom.family} does not support")
+    return cfg.plan(geom, spec.key), (cfg,)
+
+
+def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, ...] | None = None) -> Plan:
+    """Resolve `recipe` against the model's config only. Raises `RecipeError` on anything inconsistent."""
+    path = recipe.model.path
+    model_type = model_type_of(path)
+    if model_type not in ADAPTERS:
+        raise RecipeError(
+            "model.path",
+            f"model family '{model_type}' is not supported yet; supported: {', '.join(ADAPTERS.keys())}",
+        )
+    _check_model_type(recipe.model.type, model_type, path)
+    adapter: VLMAdapter = ADAPTERS.get(model_type)()
+    config = load_config(path, recipe.model.trust_remote_code)
+    try:
+        geom = adapter.geometry(config, recipe.inputs.image_size)
+    except ValueError as e:
+        raise RecipeError("inputs.image_size", str(e)) from None
+    schedule, reducers = _reduction(recipe, adapter, geom)
+    quant, include, ignore = _quant(recipe, adapter, geom)
+
+    if targets is not None:
+        bad = [t for t in targets if t not in EXPORT_TARGETS]
+        if bad:
+            raise RecipeError("--targets", f"unknown target '{bad[0]}'{suggest(bad[0], EXPORT_TARGETS)}")
+    chosen = tuple(targets) if targets is not None else recipe.export.targets
+
+    N = geom.n_image_tokens
+    max_pos = getattr(config.text_config, "max_position_embeddings", 4096)
+    max_text = recipe.inputs.max_prompt_len
+    t_max = N + max_text if max_text is not None else max_pos
+    if t_max > max_pos:
+        raise RecipeError(
+            "inputs.max_prompt_len",
+            f"{max_text} text tokens plus {N} image tokens exceed the model's {max_pos} positions; lower it",
+        )
+    n_text = max_text if max_text is not None else DEFAULT_FLOPS_TEXT_TOKENS
+    out_dir = Path(out) if out is not None else Path(recipe.save.save_path or Path("exported") / recipe.name)
+    return Plan(
+        recipe=recipe,
+        model_type=model_type,
+        adapter=adapter,
+        config=config,
+        geometry=geom,
+        schedule=schedule,
+        reducers=reducers,
+        image_token_id=adapter.image_token_id(config),
+        quant=quant,
+        quant_include=include,
+        quant_ignore=ignore,
+        targets=chosen,
+        text_len_range=(N + 2, t_max),
+        out_dir=out_dir,
+        flops=flops.prefill_flops(geom, schedule, n_text),
+    )
+
+
+def format_plan(plan: Plan) -> str:
+    """The human summary printed by `compile.py --plan`."""
+    g = plan.geometry
+    lines = [
+        f"recipe      {plan.recipe.name}  ({plan.recipe.source})",
+        f"model       {plan.recipe.model.path}  [{plan.model_type}]  {g.n_layers} decoder layers, d={g.hidden_size}, "
+        f"heads {g.n_heads}/{g.n_kv_heads} kv",
+        f"inputs      batch {plan.batch_size}, image {g.image_size[0]}x{g.image_size[1]} -> {g.n_image_tokens} image "
+        f"tokens, prompt length {plan.text_len_range[0]}..{plan.text_len_range[1]} (dynamic)",
+    ]
+    if plan.quant is not None:
+        w = plan.quant.weight
+        gran = f"group {w.group_size}" if w.group_size else "per channel"
+        lines.append(
+            f"quant       RTN w{w.bit} {'sym' if w.symmetric else 'asym'} {gran}; skip {', '.join(plan.quant_ignore)}"
+        )
+    else:
+        lines.append("quant       none")
+    if plan.schedule:
+        for s in plan.schedule:
+            lines.append(f"reduction   {s.method} at {s.site.value} {s.layer}: {s.n_in} -> {s.n_out} image tokens kept")
+    else:
+        lines.append("reduction   none")
+    per_layer = plan.image_tokens_per_layer()
+    lines.append("schedule    image tokens entering each decoder layer:")
+    lines.append("            " + " ".join(f"L{i}:{n}" for i, n in enumerate(per_layer)))
+    kept = per_layer[-1] if per_layer else g.n_image_tokens
+    lines.append(f"kept        {kept} of {g.n_image_tokens} image tokens after the last step")
+    lines.append(f"targets     {', '.join(plan.targets)}  ->  {plan.out_dir}")
+    lines.append("")
+    lines.append(flops.format_table(plan.flops))
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""An independent eager FastV reference, written the way the official FastV code works.
+
+It shares nothing with `ReducedVLM` but the HF modules: the HF model runs one sample (batch element 0,
+no padding) with eager attention and `output_attentions=True`; the last token's attention row of layer
+K-1, averaged over heads, ranks the image tokens; the hidden states entering layer K are pruned; the
+remaining decoder layers run with the kept tokens' original position ids and a fresh causal mask.
+Agreement with the static graph checks the graph's own score computation (q/k from layer K-1), its splice,
+masks and gathers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Switch every sub-config of `model` to eager attention, and restore what was there on exit."""
+    configs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+    seen: dict[int, Any] = {}
+    for c in configs:
+        seen.setdefault(id(c), (c, c._attn_implementation))
+    try:
+        for c, _ in seen.values():
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for c, old in seen.values():
+            c._attn_implementation = old
+
+
+@torch.no_grad()
+def fastv_reference(
+    model: nn.Module,
+    input_ids: Tensor,
+    pixel_values: Tensor,
+    *,
+    image_token_id: int,
+    pruning_loc: int | None,
+    keep: int | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Next-token logits (V,) and kept image indices (k,) for ONE unpadded sample.
+
+    Args:
+        model: an HF LLaVA-style model (`model.model.language_model`, `model.lm_head`).
+        input_ids: (1, T) without padding.
+        pixel_values: (1, 3, H, W).
+        image_token_id: the image placeholder id.
+        pruning_loc: K; None runs the unreduced model.
+        keep: image tokens kept at K.
+    """
+    with eager_attention(model):
+        out = model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            output_attentions=True,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+    if pruning_loc is None:
+        return out.logits[0, -1], None
+    K = pruning_loc
+    ids = input_ids[0].tolist()
+    start = ids.index(image_token_id)
+    n_image = ids.count(image_token_id)
+    T = len(ids)
+    # Official FastV: mean over heads of layer K-1's attention, last query row, image columns.
+    attn = out.attentions[K - 1]  # (1, H, T, T)
+    scores = attn.float().mean(dim=1)[0, -1, start : start + n_image]  # (N,)
+    # Rank by (score descending, index ascending); Python's sort is stable.
+    order = sorted(range(n_image), key=lambda j: -scores[j].item())
+    kept = torch.tensor(sorted(order[:keep]), dtype=torch.long)
+    keep_idx = torch.cat([torch.arange(start), start + kept, torch.arange(start + n_image, T)])  # (T',)
+
+    lm = model.model.language_model
+    h = out.hidden_states[K][:, keep_idx]  # (1, T', D): the input of layer K
+    position_ids = keep_idx[None]  # (1, T'): original positions
+    rope = lm.rotary_emb(h, position_ids)
+    n = h.shape[1]
+    mask = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]  # (1, 1, T', T') additive causal
+    with eager_attention(model):
+        for layer in lm.layers[K:]:
+            o = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
+            h = o[0] if isinstance(o, tuple) else o
+    logits = model.lm_head(lm.norm(h))[0, -1]  # (V,)
+    return logits, kept
