@@ -16,7 +16,8 @@ from typing import Any
 from tokcompile import flops
 from tokcompile.errors import RecipeError
 from tokcompile.models import ADAPTERS, Geometry, VLMAdapter
-from tokcompile.models.loading import load_config, model_type_of
+from tokcompile.models import tiny
+from tokcompile.models.loading import check_weights_present, load_config, model_type_of
 from tokcompile.recipe import EXPORT_TARGETS, Recipe
 from tokcompile.reduce import REDUCERS, Schedule, config_from_params
 from tokcompile.reduce.schedule import image_tokens_per_decoder_layer
@@ -140,6 +141,8 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
             f"model family '{model_type}' is not supported yet; supported: {', '.join(ADAPTERS.keys())}",
         )
     _check_model_type(recipe.model.type, model_type, path)
+    if not tiny.is_tiny(path):
+        check_weights_present(path)
     adapter: VLMAdapter = ADAPTERS.get(model_type)()
     config = load_config(path, recipe.model.trust_remote_code)
     try:

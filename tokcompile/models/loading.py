@@ -52,6 +52,16 @@ def model_type_of(path: str) -> str:
     return model_type
 
 
+def check_weights_present(path: str) -> Path:
+    """A checkpoint directory must hold safetensors weights; pickled `*.bin`/`*.pt` are never loaded."""
+    p = _dir(path)
+    if not any(p.glob("*.safetensors")):
+        pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
+        hint = " (found pickled weights: convert them to safetensors first)" if pickled else ""
+        raise RecipeError("model.path", f"'{path}' has no *.safetensors weights{hint}")
+    return p
+
+
 def load_config(path: str, trust_remote_code: bool) -> Any:
     if tiny.is_tiny(path):
         return tiny.build_config(tiny.tiny_family(path))
@@ -97,11 +107,7 @@ def load_model(path: str, config: Any, seed: int, trust_remote_code: bool) -> An
     family = model_type_of(path)
     if tiny.is_tiny(path):
         return tiny.build_model(family, seed=seed)
-    p = _dir(path)
-    if not any(p.glob("*.safetensors")):
-        pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
-        hint = " (found pickled weights: convert them to safetensors first)" if pickled else ""
-        raise RecipeError("model.path", f"'{path}' has no *.safetensors weights{hint}")
+    p = check_weights_present(path)
     import transformers
 
     adapter = ADAPTERS.get(family)

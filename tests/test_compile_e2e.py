@@ -1,0 +1,148 @@
+"""compile.py end to end on the demo recipe (ONNX + AOTInductor), the seed recipes and the export layout.
+
+The demo is compiled once per session in a subprocess, exactly as a user runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compile(recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "compile.py"), str(recipe), "--out", str(out), *extra],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("e2e") / "demo"
+    res = _compile(ROOT / "recipes" / "demo.yml", out)
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "parity passed" in res.stdout
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_eager():
+    """The demo's eager ReducedVLM, rebuilt from the recipe the same way compile does."""
+    from tokcompile.models import ReducedVLM
+    from tokcompile.models.loading import load_model
+    from tokcompile.pipeline import plan_recipe
+    from tokcompile.quant import quantize_
+
+    plan = plan_recipe(ROOT / "recipes" / "demo.yml")
+    model = load_model(plan.recipe.model.path, plan.config, plan.recipe.base.seed, False)
+    quantize_(model, plan.quant, include=plan.quant_include, ignore=plan.quant_ignore)
+    return ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id).eval()
+
+
+def test_manifest_describes_the_export(demo_export):
+    m = json.loads((demo_export / "manifest.json").read_text())
+    assert m["format_version"] == 1
+    assert m["recipe"]["sparse"]["special"]["method"] == "FastV"
+    assert m["schedule"] == [{"method": "fastv", "site": "decoder_layer", "layer": 2, "n_in": 64, "n_out": 32}]
+    assert m["plan"]["image_tokens_per_layer"] == [64, 64, 32, 32]
+    g = m["graphs"]["prefill"]
+    assert [i["name"] for i in g["inputs"]] == ["input_ids", "attention_mask", "pixel_values"]
+    assert g["inputs"][0]["shape"] == [2, "prompt_len"] and g["inputs"][0]["dtype"] == "int64"
+    assert g["inputs"][2]["shape"] == [2, 3, 32, 32]
+    assert [o["name"] for o in g["outputs"]] == ["logits", "kept_0"]
+    assert g["outputs"][1]["shape"] == [2, 32]
+    assert set(g["artifacts"]) == {"onnx", "aoti"} and m["backends"] == ["aoti", "onnxruntime"]
+    assert all(k <= 3840 for k in g["artifacts"]["onnx"]["topk_k"] if k is not None)
+    for name in ("torch", "transformers", "onnx", "onnxruntime"):
+        assert name in m["versions"]
+    for rel, info in m["files"].items():  # every file is hashed, and the hashes hold
+        data = (demo_export / rel).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == info["sha256"] and len(data) == info["bytes"]
+    assert {"prefill.onnx", "prefill.onnx.data", "prefill.pt2", "parity.json", "flops.json"} <= set(m["files"])
+
+
+def test_parity_and_flops_reports(demo_export):
+    p = json.loads((demo_export / "parity.json").read_text())
+    assert p["passed"] and p["reference"]["passed"]
+    assert set(p["artifacts"]) == {"prefill.onnx", "prefill.aoti"}
+    for rep in p["artifacts"].values():
+        assert rep["max_abs_diff"] < 1e-4 and all(r["kept_0_equal"] for r in rep["inputs"])
+        assert len({r["prompt_len"] for r in rep["inputs"]}) >= 2
+    assert 0 <= p["drift_vs_uncompressed"]["top1_agreement"] <= 1
+    f = json.loads((demo_export / "flops.json").read_text())
+    assert f["conventions"]["exact"]["reduced"] < f["conventions"]["exact"]["dense"]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "aoti"])
+def test_artifacts_at_new_text_lengths(demo_export, demo_eager, processor, backend):
+    """Inputs the compile never saw, at two prompt lengths: same kept tokens, same logits."""
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(demo_export / "prefill.onnx"), providers=["CPUExecutionProvider"])
+
+        def run(b):
+            return [torch.from_numpy(o) for o in sess.run(None, {k: v.numpy() for k, v in b.items()})]
+    else:
+        runner = torch._inductor.aoti_load_package(str(demo_export / "prefill.pt2"))
+
+        def run(b):
+            return runner(b["input_ids"], b["attention_mask"], b["pixel_values"])
+
+    lengths = set()
+    for seed, qs in enumerate([["Tell me a story about it?", "Why?"], ["x" * 90 + "?", "Colour of the sky here?"]]):
+        b = make_batch(processor, qs, seed=seed + 7)
+        lengths.add(b["input_ids"].shape[1])
+        with torch.no_grad():
+            ref = demo_eager(b["input_ids"], b["attention_mask"], b["pixel_values"])
+        got = run(b)
+        assert torch.equal(got[1], ref[1])
+        torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=1e-3)
+    assert len(lengths) == 2
+
+
+def test_processor_is_exported(demo_export):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(str(demo_export / "processor"))
+    ids = proc.tokenizer("hello there").input_ids
+    assert proc.tokenizer.decode(ids, skip_special_tokens=True) == "hello there"
+    assert type(proc.image_processor).__name__.endswith("Pil")  # works without torchvision
+
+
+def test_force_replaces_an_export(demo_export, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(demo_export, out)
+    res = _compile(ROOT / "recipes" / "demo.yml", out, "--targets", "onnx")
+    assert res.returncode == 2 and "--force" in res.stderr
+    res = _compile(ROOT / "recipes" / "demo.yml", out, "--targets", "onnx", "--force", "-q")
+    assert res.returncode == 0, res.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["graphs"]["prefill"]["artifacts"]) == {"onnx"} and not (out / "prefill.pt2").exists()
+    assert not list(tmp_path.glob(".copy*"))
+
+
+@pytest.mark.parametrize("name", ["seed_sparse", "seed_quant"])
+def test_seed_recipes_compile(tmp_path, name):
+    """Both YAML forms of the seed document compile (ONNX here; the demo covers AOTInductor)."""
+    res = _compile(ROOT / "recipes" / "tiny" / f"{name}.yml", tmp_path / name, "--targets", "onnx")
+    assert res.returncode == 0, res.stderr
+    m = json.loads((tmp_path / name / "manifest.json").read_text())
+    assert m["schedule"][0]["n_out"] == 14  # round(64 * (1 - 0.778))
+    if name == "seed_quant":
+        assert "quant.special is GPTQ-only; RTN ignores it" in res.stderr
+        assert m["quantization"]["config"]["weight"]["symmetric"] is False
+    else:
+        assert "eval" in res.stderr and m["quantization"] is None
