@@ -13,7 +13,7 @@ import pytest
 
 from tokcompile.errors import RecipeError
 from tokcompile.recipe import (
-    EXPORT_TARGETS,
+    DEFAULT_TARGETS,
     CalibConfig,
     ExportConfig,
     GPTQSpecial,
@@ -153,7 +153,7 @@ def test_defaults() -> None:
     assert recipe.quant is None and recipe.sparse is None and recipe.eval is None
     assert recipe.reduction is None
     assert recipe.save == SaveConfig()
-    assert recipe.export == ExportConfig(targets=EXPORT_TARGETS, dtype="float32", opset=None, dynamic_text=True)
+    assert recipe.export == ExportConfig(targets=DEFAULT_TARGETS, dtype="float32", opset=None, dynamic_text=True)
     assert recipe.parity == ParityConfig(atol=1e-4, rtol=1e-3, samples=3, reference=True)
     assert recipe.warnings == ()
 

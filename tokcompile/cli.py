@@ -63,3 +63,55 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was published", file=sys.stderr)
         return 130
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tokcompile generate",
+        description="Answer image questions with a compiled export (no recipe or checkpoint needed).",
+    )
+    p.add_argument("export_dir", help="an export directory written by compile.py")
+    p.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
+    p.add_argument("--prompt", action="append", required=True, help="question (one per --image)")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), aoti or eager")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--show-kept", action="store_true", help="also print the kept image-token indices")
+    return p
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    args = _generate_parser().parse_args(argv)
+    debug = os.environ.get("TOKCOMPILE_DEBUG") == "1"
+    if not debug:
+        warnings.filterwarnings("ignore")
+    try:
+        if len(args.image) != len(args.prompt):
+            from tokcompile.errors import RecipeError
+
+            raise RecipeError("--prompt", f"got {len(args.image)} --image and {len(args.prompt)} --prompt; give one each")
+        if args.max_new_tokens < 1:
+            from tokcompile.errors import RecipeError
+
+            raise RecipeError("--max-new-tokens", "must be at least 1")
+        from tokcompile.runtime import load
+
+        gen = load(args.export_dir, backend=args.backend)
+        ans = gen.generate(
+            args.image, args.prompt, max_new_tokens=args.max_new_tokens, stop_at_eos=not args.no_eos,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        )
+        for i, text in enumerate(ans.texts):
+            print(text)
+            if args.show_kept:
+                for j, kept in enumerate(ans.kept):
+                    print(f"  kept_{j}: {kept[i]}")
+        return 0
+    except TokcompileError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code

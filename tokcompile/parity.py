@@ -92,37 +92,64 @@ def _compare_logits(got: Tensor, ref: Tensor, atol: float, rtol: float) -> dict:
     }
 
 
-def check_artifact(
-    name: str, runner: Callable, eager_outputs: list[tuple], inputs: list[ParityInputs], atol: float, rtol: float
-) -> dict:
-    """Compare one artifact with eager outputs on every input. Raises ParityError on the first failure."""
-    rows = []
-    for i, (inp, ref) in enumerate(zip(inputs, eager_outputs)):
-        got = runner(inp.batch)
-        row = {"input": i, "prompt_len": int(inp.batch["input_ids"].shape[1])}
-        for j in range(1, len(ref)):
-            same = torch.equal(got[j].long(), ref[j].long())
-            row[f"kept_{j - 1}_equal"] = same
-            if not same:
-                n_diff = int((got[j].long() != ref[j].long()).sum())
+EXACT_PREFIXES = ("kept_", "cache_mask_")
+
+
+def compare_outputs(
+    name: str, names: list[str], got: tuple, ref: tuple, atol: float, rtol: float, where: str
+) -> float:
+    """Index outputs must be equal; float outputs within tolerance; logits also agree on top-1.
+    Returns the largest absolute difference on logits. Raises ParityError naming `name` and the output."""
+    worst = 0.0
+    for out_name, g, r in zip(names, got, ref):
+        g, r = torch.as_tensor(g), torch.as_tensor(r)
+        if tuple(g.shape) != tuple(r.shape):
+            raise ParityError(f"parity failed for {name}: {out_name} has shape {tuple(g.shape)}, eager {tuple(r.shape)} {where}")
+        if out_name.startswith(EXACT_PREFIXES):
+            if not torch.equal(g.long(), r.long()):
+                n_diff = int((g.long() != r.long()).sum())
                 raise ParityError(
-                    f"parity failed for {name}: kept_{j - 1} indices differ from eager on input {i} "
-                    f"({n_diff} of {ref[j].numel()} positions)"
+                    f"parity failed for {name}: {out_name} indices differ from eager {where} ({n_diff} of {r.numel()} positions)"
                 )
-        row.update(_compare_logits(got[0], ref[0], atol, rtol))
-        if not row["within_tolerance"]:
+            continue
+        cmp = _compare_logits(g, r, atol, rtol)
+        if not cmp["within_tolerance"]:
             raise ParityError(
-                f"parity failed for {name}: logits differ from eager by {row['max_abs_diff']:.3g} on input {i} "
+                f"parity failed for {name}: {out_name} differs from eager by {cmp['max_abs_diff']:.3g} {where} "
                 f"(atol {atol:g}, rtol {rtol:g})"
             )
-        if not row["top1_agree"]:
-            raise ParityError(f"parity failed for {name}: the top-1 token differs from eager on input {i}")
-        rows.append(row)
-    return {
-        "passed": True,
-        "max_abs_diff": max(r["max_abs_diff"] for r in rows),
-        "inputs": rows,
-    }
+        if out_name == "logits":
+            worst = max(worst, cmp["max_abs_diff"])
+            if not cmp["top1_agree"]:
+                raise ParityError(f"parity failed for {name}: the top-1 token differs from eager {where}")
+    return worst
+
+
+def check_artifact(
+    name: str, runner: Callable, names: list[str], cases: list[tuple[dict, tuple]], atol: float, rtol: float
+) -> dict:
+    """Compare one graph artifact with eager on every (inputs, eager outputs) case."""
+    rows = []
+    for i, (inputs, ref) in enumerate(cases):
+        diff = compare_outputs(name, names, runner(inputs), ref, atol, rtol, f"on input {i}")
+        rows.append({"input": i, "batch": int(next(iter(inputs.values())).shape[0]), "max_abs_logit_diff": diff})
+    return {"passed": True, "max_abs_diff": max(r["max_abs_logit_diff"] for r in rows), "inputs": rows}
+
+
+def check_generation(name: str, result: Any, ref: Any, atol: float, rtol: float, where: str) -> dict:
+    """Token-for-token agreement of a backend's greedy generation with eager's, and step logits in tolerance."""
+    if not torch.equal(result.tokens, ref.tokens):
+        step = int((result.tokens != ref.tokens).any(0).nonzero()[0])
+        raise ParityError(f"parity failed for {name}: generated tokens differ from eager at step {step} {where}")
+    worst = 0.0
+    for t, (g, r) in enumerate(zip(result.step_logits, ref.step_logits)):
+        cmp = _compare_logits(g, r, atol, rtol)
+        worst = max(worst, cmp["max_abs_diff"])
+        if not cmp["within_tolerance"]:
+            raise ParityError(
+                f"parity failed for {name}: step {t} logits differ from eager by {cmp['max_abs_diff']:.3g} {where}"
+            )
+    return {"tokens": int(result.tokens.shape[1]), "batch": int(result.tokens.shape[0]), "max_abs_logit_diff": worst}
 
 
 def check_reference(

@@ -9,58 +9,23 @@ passed; a failed compile leaves no directory behind and never touches an existin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tokcompile import __version__
-from tokcompile.errors import RecipeError
+from tokcompile.errors import ParityError, RecipeError
 from tokcompile.plan import Plan, resolve
 from tokcompile.recipe import load_recipe
 
-FORMAT_VERSION = 1
-GRAPH = "prefill"
 
 Log = Callable[[str], None]
 
 
 def plan_recipe(recipe_path: str | Path, out: str | Path | None = None, targets: tuple[str, ...] | None = None) -> Plan:
     return resolve(load_recipe(recipe_path), out=out, targets=targets)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "tokcompile": __version__}
-    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "safetensors", "tokenizers"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _io_spec(names: list[str], tensors: list[Any], dynamic: dict[str, dict[int, str]]) -> list[dict]:
-    spec = []
-    for name, t in zip(names, tensors):
-        shape: list[Any] = list(t.shape)
-        for axis, label in dynamic.get(name, {}).items():
-            shape[axis] = label
-        spec.append({"name": name, "dtype": str(t.dtype).replace("torch.", ""), "shape": shape})
-    return spec
 
 
 def check_output_dir(out_dir: Path, force: bool) -> None:
@@ -114,29 +79,41 @@ def compile_recipe(
     return plan.out_dir
 
 
+GREEDY_TOKENS = 16  # generated tokens compared token for token per backend
+
+
+class _Stages:
+    """Progress lines with timings: `[name] ...` then `[name] 3.2s`."""
+
+    def __init__(self, log: Log):
+        self.log = log
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, name: str) -> Callable[[], None]:
+        start = time.perf_counter()
+        self.log(f"[{name}] ...")
+
+        def done() -> None:
+            self.timings[name] = round(time.perf_counter() - start, 2)
+            self.log(f"[{name}] {self.timings[name]:.1f}s")
+
+        return done
+
+
 def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     import torch
 
     from tokcompile import parity
     from tokcompile.export import EXPORTERS
-    from tokcompile.models import ReducedVLM
+    from tokcompile.generation import GenerationConfig, generate, no_cache_logits
+    from tokcompile.graphs import build_modules, graph_specs
     from tokcompile.models.loading import load_model, load_processor
     from tokcompile.quant import quantize_
-    from tokcompile.reference import fastv_reference
 
     recipe, g = plan.recipe, plan.geometry
+    atol, rtol = recipe.parity.atol, recipe.parity.rtol
     torch.manual_seed(recipe.base.seed)
-    timings: dict[str, float] = {}
-
-    def stage(name: str) -> Callable[[], None]:
-        start = time.perf_counter()
-        log(f"[{name}] ...")
-
-        def done() -> None:
-            timings[name] = round(time.perf_counter() - start, 2)
-            log(f"[{name}] {timings[name]:.1f}s")
-
-        return done
+    stage = _Stages(log)
 
     done = stage("load")
     processor = load_processor(recipe.model.path, recipe.model.trust_remote_code)
@@ -149,7 +126,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         raise RecipeError("inputs.max_prompt_len", f"{e}; raise it or remove it") from None
     with torch.no_grad():  # the uncompressed model's logits, per unpadded sample, for the drift report
         baseline = [
-            torch.cat([model(input_ids=ids, pixel_values=pix).logits[:, -1] for ids, pix in map(inp.sample, range(len(inp.prompts)))])
+            torch.cat([model(input_ids=i, pixel_values=p).logits[:, -1] for i, p in map(inp.sample, range(len(inp.prompts)))])
             for inp in inputs
         ]
     done()
@@ -169,88 +146,131 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         processor.save_pretrained(str(tmp / "fake_quant"))
         done()
 
-    reduced = ReducedVLM(model, plan.adapter, g, plan.schedule, plan.reducers, plan.image_token_id).eval()
+    reduced, decode = build_modules(plan, model)
+    n_steps, n_groups = len(plan.schedule), len(reduced.groups)
     names = list(plan.adapter.input_names)
-    with torch.no_grad():
-        eager = [reduced(*[inp.batch[n] for n in names]) for inp in inputs]
+    report: dict[str, Any] = {"atol": atol, "rtol": rtol, "greedy_tokens": GREEDY_TOKENS, "artifacts": {}}
+
+    done = stage("eager")
+    # Generation cases: every parity batch (padded when batch > 1) and its first sample alone (batch 1).
+    cases = [inp.batch for inp in inputs]
+    if plan.batch_size > 1:
+        for inp in inputs:
+            ids, pix = inp.sample(0)
+            cases.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix})
+    gcfg = GenerationConfig(max_new_tokens=GREEDY_TOKENS)
+
+    def eager_prefill(feed: dict) -> tuple:
+        with torch.no_grad():
+            return reduced(*[feed[n] for n in names])
+
+    def eager_decode(feed: dict) -> tuple:
+        with torch.no_grad():
+            return decode(*[feed[n] for n in decode.input_names])
+
+    eager_runs = [generate(eager_prefill, eager_decode, c, n_steps=n_steps, n_groups=n_groups, cfg=gcfg,
+                           keep_logits=True) for c in cases]
+    worst = 0.0
+    no_cache = ReducedVLMNoCache(reduced)
+    for c, run in zip(cases, eager_runs):
+        for t, ref_logits in enumerate(no_cache_logits(no_cache, c, run)):
+            cmp = parity._compare_logits(run.step_logits[t], ref_logits, atol, rtol)
+            worst = max(worst, cmp["max_abs_diff"])
+            if not cmp["within_tolerance"]:
+                raise ParityError(f"parity failed for eager generation: step {t} logits differ from the no-cache "
+                                  f"reference by {cmp['max_abs_diff']:.3g}")
+    report["eager_vs_no_cache"] = {"passed": True, "steps": GREEDY_TOKENS, "cases": len(cases),
+                                   "max_abs_logit_diff": worst}
+    log(f"  eager generation with KV cache equals the no-cache reference over {GREEDY_TOKENS} tokens "
+        f"(max |Δlogit| {worst:.2e})")
+    eager_prefill_out = [eager_prefill(inp.batch) for inp in inputs]
+    done()
 
     done = stage("reference")
-    report: dict[str, Any] = {"atol": recipe.parity.atol, "rtol": recipe.parity.rtol, "artifacts": {}}
     if recipe.parity.reference:
-        step = plan.schedule[0] if plan.schedule else None
-        if step is None or (len(plan.schedule) == 1 and step.method == "fastv"):
-            def ref(ids: Any, pix: Any) -> Any:
-                return fastv_reference(
-                    model, ids, pix, image_token_id=plan.image_token_id,
-                    pruning_loc=step.layer if step else None, keep=step.n_out if step else None,
-                )
-            report["reference"] = parity.check_reference(ref, eager, inputs, recipe.parity.atol, recipe.parity.rtol)
-            log(f"  independent eager reference agrees (max |Δlogit| {report['reference']['max_abs_diff']:.2e})")
-        else:
-            report["reference"] = {"passed": None, "note": "no independent reference for this schedule"}
-    report["drift_vs_uncompressed"] = parity.drift(eager, baseline)
+        report["reference"] = _independent_reference(plan, model, eager_prefill_out, inputs, atol, rtol, log)
+    report["drift_vs_uncompressed"] = parity.drift(eager_prefill_out, baseline)
     done()
 
     done = stage("export")
-    example = tuple(inputs[0].batch[n] for n in names)
-    text_dim = torch.export.Dim("prompt_len", min=plan.text_len_range[0], max=plan.text_len_range[1])
-    dynamic = {"input_ids": {1: text_dim}, "attention_mask": {1: text_dim}, "pixel_values": None}
+    specs = graph_specs(plan, reduced, decode, inputs[0].batch)
+    programs = {}
     with torch.no_grad():
-        program = torch.export.export(reduced, example, dynamic_shapes=dynamic, strict=False)
+        for spec in specs:
+            programs[spec.name] = torch.export.export(
+                spec.module, spec.example, dynamic_shapes=spec.dynamic_shapes, strict=False
+            )
     done()
 
+    graph_cases = {
+        specs[0].name: [(inp.batch, out) for inp, out in zip(inputs, eager_prefill_out)],
+        specs[1].name: [(specs[1].example_dict(), eager_decode(specs[1].example_dict()))],
+    }
     artifacts = []
     for target in plan.targets:
         done = stage(target)
-        art = EXPORTERS.get(target)(
-            program, dict(zip(names, example)), tmp, graph=GRAPH, input_names=names,
-            output_names=reduced.output_names, opset=recipe.export.opset, log=log,
-        )
-        runner = art.load(tmp)
-        report["artifacts"][art.name] = {
-            "files": art.files,
-            **parity.check_artifact(art.name, runner, eager, inputs, recipe.parity.atol, recipe.parity.rtol),
-        }
-        log(f"  {art.name}: parity passed (max |Δlogit| {report['artifacts'][art.name]['max_abs_diff']:.2e}, "
-            f"kept indices equal on {len(inputs)} inputs)")
-        artifacts.append(art)
+        runners = {}
+        for spec in specs:
+            art = EXPORTERS.get(target)(
+                programs[spec.name], spec.example_dict(), tmp, graph=spec.name, input_names=spec.input_names,
+                output_names=spec.output_names, opset=recipe.export.opset, log=log,
+            )
+            runners[spec.name] = art.load(tmp)
+            report["artifacts"][art.name] = {
+                "files": art.files,
+                **parity.check_artifact(art.name, runners[spec.name], spec.output_names, graph_cases[spec.name],
+                                        atol, rtol),
+            }
+            artifacts.append(art)
+        gen_rows = []
+        for i, (c, ref) in enumerate(zip(cases, eager_runs)):
+            run = generate(runners[specs[0].name], runners[specs[1].name], c, n_steps=n_steps, n_groups=n_groups,
+                           cfg=gcfg, keep_logits=True)
+            gen_rows.append(parity.check_generation(f"{target} generation", run, ref, atol, rtol, f"on case {i}"))
+        report["generation"] = report.get("generation", {})
+        report["generation"][target] = {"passed": True, "cases": gen_rows}
+        log(f"  {target}: prefill and decode parity passed; greedy generation equals eager token for token "
+            f"({GREEDY_TOKENS} tokens, {len(cases)} cases, batch sizes {sorted({r['batch'] for r in gen_rows})})")
         done()
 
     report["passed"] = True
     _write_json(tmp / "parity.json", report)
     _write_json(tmp / "flops.json", plan.flops)
-    dyn = {"input_ids": {1: "prompt_len"}, "attention_mask": {1: "prompt_len"}}
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "name": recipe.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "recipe": {"name": recipe.name, **recipe.to_dict()},
-        "warnings": list(recipe.warnings),
-        "plan": plan.to_dict(),
-        "schedule": [s.to_dict() for s in plan.schedule],
-        "graphs": {
-            GRAPH: {
-                "inputs": _io_spec(names, list(example), dyn),
-                "outputs": _io_spec(reduced.output_names, list(eager[0]), {}),
-                "prompt_len": {"min": plan.text_len_range[0], "max": plan.text_len_range[1]},
-                "artifacts": {a.target: {"files": a.files, "backend": a.backend, **a.meta} for a in artifacts},
-            }
-        },
-        "backends": sorted({a.backend for a in artifacts}),
-        "quantization": quant_report.to_dict() if quant_report else None,
-        "processor": "processor",
-        "fake_quant_checkpoint": "fake_quant" if recipe.save.save_fake else None,
-        "parity": {"passed": True, "file": "parity.json"},
-        "flops": {"file": "flops.json", "exact_ratio": plan.flops["conventions"]["exact"]["ratio"]},
-        "timings_s": timings,
-        "versions": library_versions(),
-    }
-    manifest["files"] = {
-        str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-        for p in sorted(tmp.rglob("*"))
-        if p.is_file()
-    }
+    from tokcompile.manifest import build_manifest
+
+    manifest = build_manifest(plan, specs, artifacts, reduced, eager_prefill_out, quant_report, stage.timings, tmp)
     _write_json(tmp / "manifest.json", manifest)
+
+
+class ReducedVLMNoCache:
+    """Calls a cache-returning ReducedVLM and keeps only (logits, kept...), for no-cache references."""
+
+    def __init__(self, reduced: Any):
+        self.reduced = reduced
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple:
+        out = self.reduced(*args, **kwargs)
+        return out[: 1 + len(self.reduced.schedule)]
+
+
+def _independent_reference(plan: Plan, model: Any, eager_out: list, inputs: list, atol: float, rtol: float,
+                           log: Log) -> dict:
+    from tokcompile import parity
+    from tokcompile.reference import fastv_reference
+
+    step = plan.schedule[0] if plan.schedule else None
+    if not (step is None or (len(plan.schedule) == 1 and step.method == "fastv")):
+        return {"passed": None, "note": "no independent reference for this schedule"}
+
+    def ref(ids: Any, pix: Any) -> Any:
+        return fastv_reference(
+            model, ids, pix, image_token_id=plan.image_token_id,
+            pruning_loc=step.layer if step else None, keep=step.n_out if step else None,
+        )
+
+    result = parity.check_reference(ref, eager_out, inputs, atol, rtol)
+    log(f"  independent eager reference agrees (max |Δlogit| {result['max_abs_diff']:.2e})")
+    return result
 
 
 def _write_json(path: Path, data: Any) -> None:

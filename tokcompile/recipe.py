@@ -26,7 +26,8 @@ from tokcompile.registry import suggest
 
 Check = Callable[[str, Any], Any]  # (dotted key, YAML value) -> checked value, or raise RecipeError
 
-EXPORT_TARGETS = ("onnx", "aoti")
+EXPORT_TARGETS = ("onnx", "aoti", "eager")
+DEFAULT_TARGETS = ("onnx", "aoti")
 TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANT_METHODS = ("RTN", "GPTQ")
 LIGHTCOMPRESS_SAVE_FLAGS = ("save_vllm", "save_sgl", "save_lightllm", "save_autoawq", "save_mlcllm",
@@ -285,7 +286,7 @@ _ONLY_FLOAT32 = "only float32 export is supported on this version; set export.dt
 @dataclass(frozen=True)
 class ExportConfig:
     """`export:` backends and export options; `dynamic_text` makes the text length dynamic."""
-    targets: tuple[str, ...] = _opt(EXPORT_TARGETS, _targets)
+    targets: tuple[str, ...] = _opt(DEFAULT_TARGETS, _targets)
     dtype: str = _opt("float32", _choice(("float32",), {"float16": _ONLY_FLOAT32, "bfloat16": _ONLY_FLOAT32}))
     opset: int | None = _opt(None, _nullable(_int(18, fix="use opset 18 or newer, or null for the default")))
     dynamic_text: bool = _opt(True, _bool)

@@ -19,7 +19,8 @@ def _load(file: str, input_names: list[str]) -> Callable[[Path], Runner]:
         runner = torch._inductor.aoti_load_package(str(root / file))
 
         def run(inputs: dict[str, Any]) -> tuple:
-            args = [torch.as_tensor(inputs[n]) for n in input_names]
+            # The compiled code assumes the example's (contiguous) strides; cached outputs may not be.
+            args = [torch.as_tensor(inputs[n]).contiguous() for n in input_names]
             with torch.no_grad():
                 return tuple(runner(*args))
 

@@ -44,19 +44,25 @@ class TokenState:
     last: Tensor
 
 
-class KVRecorder:
-    """A minimal stand-in for an HF `Cache` that records each layer's keys and values.
+class KVCache:
+    """A minimal stand-in for an HF `Cache`, holding plain tensors so that graphs can take and return it.
 
-    HF attention modules call `past_key_values.update(k, v, layer_idx)` with keys after RoPE. Prefill has no
-    past, so `update` returns its inputs unchanged; the recorded keys let reducers score tokens without
-    re-running attention, and they are the prefill KV cache.
+    HF attention modules call `past_key_values.update(k, v, layer_idx)` with keys after RoPE. With no past
+    (prefill) `update` returns its inputs; with a past (decode) it returns the concatenation. Either way it
+    records the layer's present keys and values, which reducers use to score tokens without re-running
+    attention, and which are the KV cache the graphs return.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, past: dict[int, tuple[Tensor, Tensor]] | None = None) -> None:
+        self.past = past or {}
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if layer_idx in self.past:
+            pk, pv = self.past[layer_idx]
+            key_states = torch.cat([pk, key_states], dim=2)  # (B, Hkv, P+1, d)
+            value_states = torch.cat([pv, value_states], dim=2)
         self.keys[layer_idx] = key_states  # (B, Hkv, T, d)
         self.values[layer_idx] = value_states  # (B, Hkv, T, d)
         return key_states, value_states
@@ -187,9 +193,22 @@ def causal_mask(valid: Tensor) -> Tensor:
     return allowed[:, None]  # (B, 1, T, T)
 
 
+def cache_groups(n_layers: int, schedule: Schedule) -> list[tuple[int, int]]:
+    """Decoder layers that share one KV-cache length: [start, end) per group, split at every decoder step.
+
+    FastV at K gives two groups (pattern C1): layers [0, K) cache T entries, layers [K, L) cache T'.
+    """
+    cuts = sorted({s.layer for s in schedule if s.site is Site.DECODER_LAYER} - {0})
+    bounds = [0, *cuts, n_layers]
+    return [(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
 class ReducedVLM(nn.Module):
-    """A VLM prefill with a static reduction schedule: (input_ids, attention_mask, pixel_values) ->
-    (next-token logits (B, V), kept image indices of each step (B, n_out)...).
+    """A VLM prefill with a static reduction schedule.
+
+    (input_ids, attention_mask, pixel_values) -> (logits (B, V), kept_i (B, n_out_i)... and, with
+    `with_cache`, cache_mask_g (B, T_g) for each cache group g and present_key_l / present_value_l
+    (B, Hkv, T_l, d) for each decoder layer l).
 
     Args:
         model: the HF model (weights may already be fake-quantized).
@@ -198,6 +217,7 @@ class ReducedVLM(nn.Module):
         schedule: the resolved static schedule.
         reducers: one reducer per schedule step, in order.
         image_token_id: id of the image placeholder token in `input_ids`.
+        with_cache: also return the KV cache and its validity masks (the deployable prefill).
     """
 
     def __init__(
@@ -208,6 +228,7 @@ class ReducedVLM(nn.Module):
         schedule: Schedule,
         reducers: tuple[Reducer, ...],
         image_token_id: int,
+        with_cache: bool = False,
     ):
         super().__init__()
         if len(reducers) != len(schedule):
@@ -221,13 +242,19 @@ class ReducedVLM(nn.Module):
         self.schedule = schedule
         self.reducers = reducers
         self.image_token_id = image_token_id
-        self._steps_at: dict[int, list[tuple[Step, Reducer]]] = {}
-        for step, red in zip(schedule, reducers):
-            self._steps_at.setdefault(step.layer, []).append((step, red))
+        self.with_cache = with_cache
+        self.groups = cache_groups(geometry.n_layers, schedule)
+        self._steps_at: dict[int, list[tuple[int, Step, Reducer]]] = {}
+        for j, (step, red) in enumerate(zip(schedule, reducers)):
+            self._steps_at.setdefault(step.layer, []).append((j, step, red))
 
     @property
     def output_names(self) -> list[str]:
-        return ["logits"] + [f"kept_{i}" for i in range(len(self.schedule))]
+        names = ["logits"] + [f"kept_{i}" for i in range(len(self.schedule))]
+        if self.with_cache:
+            names += [f"cache_mask_{g}" for g in range(len(self.groups))]
+            names += [f"present_{kind}_{i}" for i in range(self.geometry.n_layers) for kind in ("key", "value")]
+        return names
 
     def initial_state(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> TokenState:
         a = self.adapter
@@ -242,26 +269,91 @@ class ReducedVLM(nn.Module):
         last = (valid.long() * torch.arange(T, device=input_ids.device)[None]).amax(1)  # (B,)
         return TokenState(hidden, positions, valid, image_start, image_feats.shape[1], last)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> tuple[Tensor, ...]:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor,
+        forced_kept: tuple[Tensor, ...] | None = None,
+    ) -> tuple[Tensor, ...]:
+        """`forced_kept` (eager only) replaces each step's selection, for no-cache generation references."""
         a, model = self.adapter, self.model
         state = self.initial_state(input_ids, attention_mask, pixel_values)
-        cache = KVRecorder()
+        cache = KVCache()
         kept: list[Tensor] = []
+        masks: list[Tensor] = []
         mask = causal_mask(state.valid)
         rope = a.rotary(model, state.hidden, state.positions)
         prev: tuple[nn.Module, TokenState] | None = None
         for i, layer in enumerate(a.decoder_layers(model)):
-            for step, reducer in self._steps_at.get(i, ()):
+            if any(start == i for start, _ in self.groups):
+                masks.append(state.valid)
+            for j, step, reducer in self._steps_at.get(i, ()):
                 assert prev is not None, "a decoder step at layer 0 has no previous layer"
                 ctx = DecoderSiteContext(a, model, prev[0], prev[1], cache.keys[i - 1])
-                state, idx = reducer.apply(state, ctx, step)
+                forced = forced_kept[j] if forced_kept is not None else None
+                state, idx = reducer.apply(state, ctx, step, forced)
                 kept.append(idx)
                 mask = causal_mask(state.valid)
                 rope = a.rotary(model, state.hidden, state.positions)
+                masks[-1] = state.valid  # the group starting here caches the reduced sequence
             prev = (layer, state)
             hidden = a.run_decoder_layer(layer, state.hidden, mask, rope, state.positions, cache)
             state = replace(state, hidden=hidden)
         h = a.final_norm(model)(state.hidden)  # (B, T', D)
         h_last = h.gather(1, state.last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]  # (B, D)
         logits = a.lm_head(model)(h_last)  # (B, V)
-        return (logits, *kept)
+        if not self.with_cache:
+            return (logits, *kept)
+        present = [t for i in range(len(cache.keys)) for t in (cache.keys[i], cache.values[i])]
+        return (logits, *kept, *[m.long() for m in masks], *present)
+
+
+class DecodeStep(nn.Module):
+    """One generated token per sample through the cached decoder.
+
+    (input_ids (B, 1), position_ids (B, 1), attention_mask_g (B, P_g + 1) for each cache group g,
+    past_key_l / past_value_l (B, Hkv, P_l, d) for each layer l) -> (logits (B, V), present_key_l /
+    present_value_l (B, Hkv, P_l + 1, d)).
+
+    Each group's mask covers its cached entries plus the new token (padding stays hidden). Positions follow
+    the prefill's policy: under P1 the new token sits at (real prompt length + t) in every layer, whatever
+    each layer caches.
+    """
+
+    def __init__(self, model: nn.Module, adapter: VLMAdapter, geometry: Geometry, groups: list[tuple[int, int]]):
+        super().__init__()
+        self.model = model
+        self.adapter = adapter
+        self.geometry = geometry
+        self.groups = groups
+
+    @property
+    def input_names(self) -> list[str]:
+        n = self.geometry.n_layers
+        return (
+            ["input_ids", "position_ids"]
+            + [f"attention_mask_{g}" for g in range(len(self.groups))]
+            + [f"past_{kind}_{i}" for i in range(n) for kind in ("key", "value")]
+        )
+
+    @property
+    def output_names(self) -> list[str]:
+        n = self.geometry.n_layers
+        return ["logits"] + [f"present_{kind}_{i}" for i in range(n) for kind in ("key", "value")]
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
+        a, model = self.adapter, self.model
+        n_groups = len(self.groups)
+        group_masks, past = rest[:n_groups], rest[n_groups:]
+        cache = KVCache({i: (past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)})
+        h = a.embed_tokens(model)(input_ids)  # (B, 1, D)
+        rope = a.rotary(model, h, position_ids)
+        layers = a.decoder_layers(model)
+        for g, (start, end) in enumerate(self.groups):
+            mask = group_masks[g].bool()[:, None, None, :]  # (B, 1, 1, P_g + 1)
+            for i in range(start, end):
+                h = a.run_decoder_layer(layers[i], h, mask, rope, position_ids, cache)
+        logits = a.lm_head(model)(a.final_norm(model)(h)[:, 0])  # (B, V)
+        present = [t for i in range(len(cache.keys)) for t in (cache.keys[i], cache.values[i])]
+        return (logits, *present)

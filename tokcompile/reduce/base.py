@@ -27,7 +27,9 @@ class Reducer(Protocol):
 
     def plan(self, geom: Geometry, key: str) -> Schedule: ...
 
-    def apply(self, state: TokenState, ctx: DecoderSiteContext, step: Step) -> tuple[TokenState, Tensor]: ...
+    def apply(
+        self, state: TokenState, ctx: DecoderSiteContext, step: Step, forced: Tensor | None = None
+    ) -> tuple[TokenState, Tensor]: ...
 
 
 REDUCERS: Registry[type] = Registry("token-reduction method")

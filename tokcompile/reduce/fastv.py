@@ -73,11 +73,16 @@ class FastVConfig:
             )
         return (Step("fastv", Site.DECODER_LAYER, self.pruning_loc, n, k),)
 
-    def apply(self, state: TokenState, ctx: DecoderSiteContext, step: Step) -> tuple[TokenState, Tensor]:
-        attn = ctx.last_token_attention()  # (B, T)
-        span = state.image_start[:, None] + _arange_like(attn, step.n_in)[None, :]  # (B, N)
-        scores = attn.gather(1, span)  # (B, N)
-        kept = topk_sorted(scores, step.n_out)  # (B, k), ascending
+    def apply(
+        self, state: TokenState, ctx: DecoderSiteContext, step: Step, forced: Tensor | None = None
+    ) -> tuple[TokenState, Tensor]:
+        if forced is None:
+            attn = ctx.last_token_attention()  # (B, T)
+            span = state.image_start[:, None] + _arange_like(attn, step.n_in)[None, :]  # (B, N)
+            scores = attn.gather(1, span)  # (B, N)
+            kept = topk_sorted(scores, step.n_out)  # (B, k), ascending
+        else:
+            kept = forced  # eager references replay a selection made earlier
         T = state.hidden.shape[1]
         src = keep_image_tokens_index(state.image_start, kept, step.n_in, T)  # (B, T - N + k)
         # The last real token normally follows the image span, so it moves left by the pruned count.

@@ -1,0 +1,116 @@
+"""manifest.json: what an export holds, how to run it and what it was built from."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from tokcompile import __version__
+
+FORMAT_VERSION = 1
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "tokcompile": __version__}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "safetensors", "tokenizers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def io_spec(names: list[str], tensors: list[Any], labels: dict[str, dict[int, str]]) -> list[dict]:
+    spec = []
+    for name, t in zip(names, tensors):
+        shape: list[Any] = list(t.shape)
+        for axis, label in labels.get(name, {}).items():
+            shape[axis] = label
+        spec.append({"name": name, "dtype": str(t.dtype).replace("torch.", ""), "shape": shape})
+    return spec
+
+
+def build_manifest(
+    plan: Any, specs: list, artifacts: list, reduced: Any, prefill_out: list, quant_report: Any,
+    timings: dict, root: Path,
+) -> dict:
+    recipe = plan.recipe
+    out_labels = {}
+    dyn_b = {0: "batch"} if "batch" in specs[0].labels.get("input_ids", {}).values() else {}
+    for name in reduced.output_names:
+        if name.startswith("present_"):
+            layer = int(name.rsplit("_", 1)[1])
+            group = next(g for g, (s, e) in enumerate(reduced.groups) if s <= layer < e)
+            out_labels[name] = {**dyn_b, 2: f"cache_len_{group}"}
+        elif name.startswith("cache_mask_"):
+            out_labels[name] = {**dyn_b, 1: f"cache_len_{name.rsplit('_', 1)[1]}"}
+        else:
+            out_labels[name] = dict(dyn_b)
+    graphs: dict[str, Any] = {}
+    for spec in specs:
+        outputs = prefill_out[0] if spec.name == "prefill" else spec.module(*spec.example)
+        graphs[spec.name] = {
+            "inputs": io_spec(spec.input_names, list(spec.example), spec.labels),
+            "outputs": io_spec(spec.output_names, list(outputs), out_labels if spec.name == "prefill" else {
+                n: ({**dyn_b, 2: f"past_len_{_group(reduced, n)} + 1"} if n.startswith("present_") else dict(dyn_b))
+                for n in spec.output_names
+            }),
+            "artifacts": {a.target: {"files": a.files, "backend": a.backend, **a.meta} for a in artifacts
+                          if a.graph == spec.name},
+        }
+    graphs["prefill"]["prompt_len"] = {"min": plan.text_len_range[0], "max": plan.text_len_range[1]}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": recipe.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "recipe": {"name": recipe.name, **recipe.to_dict()},
+        "warnings": list(recipe.warnings),
+        "plan": plan.to_dict(),
+        "schedule": [s.to_dict() for s in plan.schedule],
+        "cache_groups": [list(g) for g in reduced.groups],
+        "position_policy": "P1: kept tokens keep their original positions; token t is generated at prompt_len + t",
+        "generation": {
+            "eos_token_id": _eos(plan),
+            "max_new_tokens": recipe.inputs.max_new_tokens,
+            "batch_max": plan.batch_size,
+        },
+        "graphs": graphs,
+        "backends": sorted({a.backend for a in artifacts}),
+        "quantization": quant_report.to_dict() if quant_report else None,
+        "processor": "processor",
+        "fake_quant_checkpoint": "fake_quant" if recipe.save.save_fake else None,
+        "parity": {"passed": True, "file": "parity.json"},
+        "flops": {"file": "flops.json", "exact_ratio": plan.flops["conventions"]["exact"]["ratio"]},
+        "timings_s": timings,
+        "versions": library_versions(),
+    }
+    manifest["files"] = {
+        str(p.relative_to(root)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+    return manifest
+
+
+def _group(reduced: Any, name: str) -> int:
+    layer = int(name.rsplit("_", 1)[1])
+    return next(g for g, (s, e) in enumerate(reduced.groups) if s <= layer < e)
+
+
+def _eos(plan: Any) -> int | None:
+    tc = getattr(plan.config, "text_config", plan.config)
+    eos = getattr(tc, "eos_token_id", None)
+    return eos[0] if isinstance(eos, list) else eos

@@ -1,0 +1,151 @@
+"""Answer image questions from an export directory: `load(export_dir, backend).generate(images, prompts)`.
+
+The runtime reads only the export directory: `manifest.json`, the processor files and the graph files of
+one backend. It needs neither the recipe nor the original checkpoint, and no model code runs: the
+"eager" backend executes the saved `torch.export` programs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tokcompile.errors import RecipeError
+from tokcompile.generation import GenerationConfig, generate
+from tokcompile.manifest import FORMAT_VERSION
+
+BACKENDS = {"onnxruntime": "onnx", "aoti": "aoti", "eager": "eager"}
+
+
+@dataclass
+class Answer:
+    texts: list[str]
+    token_ids: list[list[int]]
+    kept: list[list[list[int]]]  # per reduction step, per sample: kept image-token indices
+
+
+def _fail(key: str, msg: str) -> RecipeError:
+    return RecipeError(key, msg)
+
+
+def read_manifest(export_dir: Path) -> dict:
+    path = export_dir / "manifest.json"
+    if not path.is_file():
+        raise _fail(str(export_dir), "is not an export directory (no manifest.json); run compile.py first")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise _fail(str(path), f"is not valid JSON ({e}); recompile the export") from None
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise _fail(
+            str(path),
+            f"was written in export format {version}, newer than this tokcompile reads ({FORMAT_VERSION}); "
+            "upgrade tokcompile or recompile with this version",
+        )
+    return manifest
+
+
+def _graph_runner(export_dir: Path, manifest: dict, graph: str, target: str) -> Callable[[dict], tuple]:
+    from tokcompile.export import EXPORTERS  # noqa: F401  (registers the loaders' modules)
+    from tokcompile.export import aoti, eager, onnx
+
+    spec = manifest["graphs"].get(graph)
+    if spec is None:
+        raise _fail(str(export_dir), f"has no {graph} graph; recompile with this tokcompile version")
+    art = spec["artifacts"].get(target)
+    if art is None:
+        have = ", ".join(sorted(a["backend"] for a in spec["artifacts"].values()))
+        raise _fail("--backend", f"this export has no {target} artifacts (it has: {have}); add {target} to "
+                                 "export.targets and recompile, or choose another backend")
+    for f in art["files"]:
+        if not (export_dir / f).is_file():
+            raise _fail(str(export_dir / f), "is missing; the export is incomplete, recompile it")
+    names = [i["name"] for i in spec["inputs"]]
+    loaders = {"onnx": onnx._load, "aoti": aoti._load, "eager": eager._load}
+    arg = art["files"] if target == "onnx" else art["files"][0]
+    return loaders[target](arg, names)(export_dir)
+
+
+class Generator:
+    """A loaded export: prefill and decode graphs of one backend, plus the model's processor."""
+
+    def __init__(self, export_dir: str | Path, backend: str = "onnxruntime"):
+        self.dir = Path(export_dir)
+        if backend not in BACKENDS:
+            raise _fail("--backend", f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
+        self.manifest = read_manifest(self.dir)
+        self.backend = backend
+        target = BACKENDS[backend]
+        self.prefill = _graph_runner(self.dir, self.manifest, "prefill", target)
+        self.decode = _graph_runner(self.dir, self.manifest, "decode", target)
+        self.n_steps = len(self.manifest["schedule"])
+        self.n_groups = len(self.manifest["cache_groups"])
+        self.batch_max = int(self.manifest["generation"]["batch_max"])
+        self.image_size = tuple(self.manifest["plan"]["geometry"]["image_size"])
+        from transformers import AutoProcessor
+
+        proc_dir = self.dir / self.manifest.get("processor", "processor")
+        if not proc_dir.is_dir():
+            raise _fail(str(proc_dir), "is missing; the export is incomplete, recompile it")
+        self.processor = AutoProcessor.from_pretrained(str(proc_dir), local_files_only=True)
+
+    def _images(self, images: list[Any]) -> list[Any]:
+        from PIL import Image
+
+        out = []
+        for im in images:
+            if isinstance(im, (str, Path)):
+                p = Path(im)
+                if not p.is_file():
+                    raise _fail("--image", f"{p} does not exist; give the path of an image file")
+                try:
+                    im = Image.open(p).convert("RGB")
+                except OSError as e:
+                    raise _fail("--image", f"{p} is not a readable image ({e})") from None
+            out.append(im.convert("RGB"))
+        return out
+
+    def generate(
+        self,
+        images: list[Any],
+        prompts: list[str],
+        *,
+        max_new_tokens: int = 32,
+        stop_at_eos: bool = True,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Answer:
+        """Answer each (image, prompt) pair. Greedy by default; images are resized by the processor to the
+        compiled resolution. Batches larger than the compiled maximum run in chunks."""
+        from tokcompile.parity import format_prompt
+
+        if len(images) != len(prompts):
+            raise _fail("prompts", f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
+        eos = self.manifest["generation"].get("eos_token_id") if stop_at_eos else None
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, temperature=temperature,
+                               top_p=top_p, seed=seed)
+        imgs = self._images(images)
+        texts, ids, kept = [], [], [[] for _ in range(self.n_steps)]
+        for start in range(0, len(imgs), self.batch_max):
+            chunk = slice(start, start + self.batch_max)
+            text = [format_prompt(self.processor, p) for p in prompts[chunk]]
+            batch = self.processor(images=imgs[chunk], text=text, return_tensors="pt", padding=True)
+            result = generate(self.prefill, self.decode, dict(batch), n_steps=self.n_steps, n_groups=self.n_groups,
+                              cfg=cfg)
+            for seq in result.sequences():
+                if eos is not None and seq and seq[-1] == eos:
+                    seq = seq[:-1]
+                ids.append(seq)
+                texts.append(self.processor.tokenizer.decode(seq, skip_special_tokens=True))
+            for j, k in enumerate(result.kept):
+                kept[j].extend(k.tolist())
+        return Answer(texts, ids, kept)
+
+
+def load(export_dir: str | Path, backend: str = "onnxruntime") -> Generator:
+    """Open an export directory with one backend: "onnxruntime", "aoti" or "eager"."""
+    return Generator(export_dir, backend)
