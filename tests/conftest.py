@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +13,8 @@ import torch
 from tokcompile.models import ADAPTERS
 from tokcompile.models.tiny import build_model, build_processor
 from tokcompile.parity import format_prompt, random_images
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -56,3 +62,21 @@ def make_batch(processor, questions: list[str], seed: int = 0) -> dict:
 @pytest.fixture()
 def batch(processor):
     return make_batch(processor, ["What is shown here in this picture, in detail?", "Hi?"])
+
+
+def compile_recipe(recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "compile.py"), str(recipe), "--out", str(out), *extra],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("e2e") / "demo"
+    res = compile_recipe(ROOT / "recipes" / "demo.yml", out, "--targets", "onnx,aoti,eager")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "parity passed" in res.stdout
+    return out
+
+

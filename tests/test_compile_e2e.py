@@ -1,6 +1,5 @@
-"""compile.py end to end on the demo recipe (ONNX + AOTInductor), the seed recipes and the export layout.
-
-The demo is compiled once per session in a subprocess, exactly as a user runs it.
+"""compile.py end to end on the demo recipe (ONNX, AOTInductor and exported programs), the seed recipes and
+the export layout. The demo is compiled once per session in a subprocess (conftest.demo_export), as a user runs it.
 """
 
 from __future__ import annotations
@@ -8,33 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_batch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _compile(recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "compile.py"), str(recipe), "--out", str(out), *extra],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )
-
-
-@pytest.fixture(scope="session")
-def demo_export(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("e2e") / "demo"
-    res = _compile(ROOT / "recipes" / "demo.yml", out)
-    assert res.returncode == 0, res.stderr + res.stdout
-    assert "parity passed" in res.stdout
-    return out
+from tests.conftest import ROOT, make_batch
+from tests.conftest import compile_recipe as _compile
 
 
 @pytest.fixture(scope="session")
@@ -57,29 +34,43 @@ def test_manifest_describes_the_export(demo_export):
     assert m["recipe"]["sparse"]["special"]["method"] == "FastV"
     assert m["schedule"] == [{"method": "fastv", "site": "decoder_layer", "layer": 2, "n_in": 64, "n_out": 32}]
     assert m["plan"]["image_tokens_per_layer"] == [64, 64, 32, 32]
-    g = m["graphs"]["prefill"]
-    assert [i["name"] for i in g["inputs"]] == ["input_ids", "attention_mask", "pixel_values"]
-    assert g["inputs"][0]["shape"] == [2, "prompt_len"] and g["inputs"][0]["dtype"] == "int64"
-    assert g["inputs"][2]["shape"] == [2, 3, 32, 32]
-    assert [o["name"] for o in g["outputs"]] == ["logits", "kept_0"]
-    assert g["outputs"][1]["shape"] == [2, 32]
-    assert set(g["artifacts"]) == {"onnx", "aoti"} and m["backends"] == ["aoti", "onnxruntime"]
-    assert all(k <= 3840 for k in g["artifacts"]["onnx"]["topk_k"] if k is not None)
+    assert m["cache_groups"] == [[0, 2], [2, 4]]
+    p = m["graphs"]["prefill"]
+    assert [i["name"] for i in p["inputs"]] == ["input_ids", "attention_mask", "pixel_values"]
+    assert p["inputs"][0]["shape"] == ["batch", "prompt_len"] and p["inputs"][0]["dtype"] == "int64"
+    assert p["inputs"][2]["shape"] == ["batch", 3, 32, 32]
+    out = {o["name"]: o for o in p["outputs"]}
+    assert list(out)[:4] == ["logits", "kept_0", "cache_mask_0", "cache_mask_1"]
+    assert out["kept_0"]["shape"] == ["batch", 32]
+    assert out["present_key_1"]["shape"] == ["batch", 2, "cache_len_0", 32]  # layers before K: full length
+    assert out["present_key_2"]["shape"] == ["batch", 2, "cache_len_1", 32]  # layers from K: reduced
+    d = m["graphs"]["decode"]
+    assert [i["name"] for i in d["inputs"]][:4] == ["input_ids", "position_ids", "attention_mask_0", "attention_mask_1"]
+    assert {i["name"]: i["shape"] for i in d["inputs"]}["past_value_3"] == ["batch", 2, "past_len_1", 32]
+    for g in (p, d):
+        assert set(g["artifacts"]) == {"onnx", "aoti", "eager"}
+    assert m["backends"] == ["aoti", "eager", "onnxruntime"]
+    assert all(k <= 3840 for k in p["artifacts"]["onnx"]["topk_k"] if k is not None)
     for name in ("torch", "transformers", "onnx", "onnxruntime"):
         assert name in m["versions"]
     for rel, info in m["files"].items():  # every file is hashed, and the hashes hold
         data = (demo_export / rel).read_bytes()
         assert hashlib.sha256(data).hexdigest() == info["sha256"] and len(data) == info["bytes"]
-    assert {"prefill.onnx", "prefill.onnx.data", "prefill.pt2", "parity.json", "flops.json"} <= set(m["files"])
+    expected = {f"{g}.{ext}" for g in ("prefill", "decode") for ext in ("onnx", "onnx.data", "pt2", "ep.pt2")}
+    assert expected | {"parity.json", "flops.json"} <= set(m["files"])
 
 
 def test_parity_and_flops_reports(demo_export):
     p = json.loads((demo_export / "parity.json").read_text())
     assert p["passed"] and p["reference"]["passed"]
-    assert set(p["artifacts"]) == {"prefill.onnx", "prefill.aoti"}
-    for rep in p["artifacts"].values():
-        assert rep["max_abs_diff"] < 1e-4 and all(r["kept_0_equal"] for r in rep["inputs"])
-        assert len({r["prompt_len"] for r in rep["inputs"]}) >= 2
+    assert set(p["artifacts"]) == {f"{g}.{t}" for g in ("prefill", "decode") for t in ("onnx", "aoti", "eager")}
+    for name, rep in p["artifacts"].items():
+        assert rep["max_abs_diff"] < 1e-4, name
+    assert len({r["batch"] for r in p["artifacts"]["prefill.onnx"]["inputs"]}) == 1
+    for target in ("onnx", "aoti", "eager"):
+        cases = p["generation"][target]["cases"]
+        assert {c["batch"] for c in cases} == {1, 2} and all(c["tokens"] == 16 for c in cases)
+    assert p["eager_vs_no_cache"]["passed"] and p["eager_vs_no_cache"]["steps"] == 16
     assert 0 <= p["drift_vs_uncompressed"]["top1_agreement"] <= 1
     f = json.loads((demo_export / "flops.json").read_text())
     assert f["conventions"]["exact"]["reduced"] < f["conventions"]["exact"]["dense"]
@@ -94,7 +85,7 @@ def test_artifacts_at_new_text_lengths(demo_export, demo_eager, processor, backe
         sess = ort.InferenceSession(str(demo_export / "prefill.onnx"), providers=["CPUExecutionProvider"])
 
         def run(b):
-            return [torch.from_numpy(o) for o in sess.run(None, {k: v.numpy() for k, v in b.items()})]
+            return [torch.from_numpy(o) for o in sess.run(["logits", "kept_0"], {k: v.numpy() for k, v in b.items()})]
     else:
         runner = torch._inductor.aoti_load_package(str(demo_export / "prefill.pt2"))
 
@@ -131,6 +122,7 @@ def test_force_replaces_an_export(demo_export, tmp_path):
     assert res.returncode == 0, res.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert set(m["graphs"]["prefill"]["artifacts"]) == {"onnx"} and not (out / "prefill.pt2").exists()
+    assert not (out / "decode.ep.pt2").exists()
     assert not list(tmp_path.glob(".copy*"))
 
 

@@ -80,6 +80,7 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--show-kept", action="store_true", help="also print the kept image-token indices")
+    p.add_argument("--verify", action="store_true", help="check the graph files' sha256 against the manifest")
     return p
 
 
@@ -99,7 +100,7 @@ def generate_main(argv: list[str] | None = None) -> int:
             raise RecipeError("--max-new-tokens", "must be at least 1")
         from tokcompile.runtime import load
 
-        gen = load(args.export_dir, backend=args.backend)
+        gen = load(args.export_dir, backend=args.backend, verify=args.verify)
         ans = gen.generate(
             args.image, args.prompt, max_new_tokens=args.max_new_tokens, stop_at_eos=not args.no_eos,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed,

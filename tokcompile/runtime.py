@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tokcompile.errors import RecipeError
+from tokcompile.errors import RecipeError, TokcompileError
 from tokcompile.generation import GenerationConfig, generate
-from tokcompile.manifest import FORMAT_VERSION
+from tokcompile.manifest import FORMAT_VERSION, sha256
 
 BACKENDS = {"onnxruntime": "onnx", "aoti": "aoti", "eager": "eager"}
 
@@ -48,7 +48,9 @@ def read_manifest(export_dir: Path) -> dict:
     return manifest
 
 
-def _graph_runner(export_dir: Path, manifest: dict, graph: str, target: str) -> Callable[[dict], tuple]:
+def _graph_runner(
+    export_dir: Path, manifest: dict, graph: str, target: str, verify: bool = False
+) -> Callable[[dict], tuple]:
     from tokcompile.export import EXPORTERS  # noqa: F401  (registers the loaders' modules)
     from tokcompile.export import aoti, eager, onnx
 
@@ -60,27 +62,41 @@ def _graph_runner(export_dir: Path, manifest: dict, graph: str, target: str) -> 
         have = ", ".join(sorted(a["backend"] for a in spec["artifacts"].values()))
         raise _fail("--backend", f"this export has no {target} artifacts (it has: {have}); add {target} to "
                                  "export.targets and recompile, or choose another backend")
+    recorded = manifest.get("files", {})
     for f in art["files"]:
-        if not (export_dir / f).is_file():
-            raise _fail(str(export_dir / f), "is missing; the export is incomplete, recompile it")
+        path = export_dir / f
+        if not path.is_file():
+            raise _fail(str(path), "is missing; the export is incomplete, recompile it")
+        want = recorded.get(f, {})
+        if "bytes" in want and path.stat().st_size != want["bytes"]:
+            raise _fail(str(path), f"has {path.stat().st_size} bytes, the manifest says {want['bytes']}; "
+                                   "the file is corrupt, recompile the export")
+        if verify and "sha256" in want and sha256(path) != want["sha256"]:
+            raise _fail(str(path), "does not match its sha256 in the manifest; the file is corrupt, recompile")
     names = [i["name"] for i in spec["inputs"]]
     loaders = {"onnx": onnx._load, "aoti": aoti._load, "eager": eager._load}
     arg = art["files"] if target == "onnx" else art["files"][0]
-    return loaders[target](arg, names)(export_dir)
+    try:
+        return loaders[target](arg, names)(export_dir)
+    except TokcompileError:
+        raise
+    except Exception as e:  # backends raise their own types for unreadable files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _fail(str(export_dir / art["files"][0]), f"could not be loaded ({first}); recompile the export") from None
 
 
 class Generator:
     """A loaded export: prefill and decode graphs of one backend, plus the model's processor."""
 
-    def __init__(self, export_dir: str | Path, backend: str = "onnxruntime"):
+    def __init__(self, export_dir: str | Path, backend: str = "onnxruntime", verify: bool = False):
         self.dir = Path(export_dir)
         if backend not in BACKENDS:
             raise _fail("--backend", f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
         self.manifest = read_manifest(self.dir)
         self.backend = backend
         target = BACKENDS[backend]
-        self.prefill = _graph_runner(self.dir, self.manifest, "prefill", target)
-        self.decode = _graph_runner(self.dir, self.manifest, "decode", target)
+        self.prefill = _graph_runner(self.dir, self.manifest, "prefill", target, verify)
+        self.decode = _graph_runner(self.dir, self.manifest, "decode", target, verify)
         self.n_steps = len(self.manifest["schedule"])
         self.n_groups = len(self.manifest["cache_groups"])
         self.batch_max = int(self.manifest["generation"]["batch_max"])
@@ -146,6 +162,9 @@ class Generator:
         return Answer(texts, ids, kept)
 
 
-def load(export_dir: str | Path, backend: str = "onnxruntime") -> Generator:
-    """Open an export directory with one backend: "onnxruntime", "aoti" or "eager"."""
-    return Generator(export_dir, backend)
+def load(export_dir: str | Path, backend: str = "onnxruntime", verify: bool = False) -> Generator:
+    """Open an export directory with one backend: "onnxruntime", "aoti" or "eager".
+
+    File sizes are always checked against the manifest; `verify=True` also checks every graph file's sha256.
+    """
+    return Generator(export_dir, backend, verify)
