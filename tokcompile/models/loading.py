@@ -35,10 +35,11 @@ def model_type_of(path: str) -> str:
     """The checkpoint's `model_type`, read from config.json as plain JSON (or the tiny family)."""
     if tiny.is_tiny(path):
         family = tiny.tiny_family(path)
-        if family not in tiny.FAMILIES:
+        if family not in tiny.FAMILIES or tiny.tiny_size(path) not in tiny.SIZES:
             raise RecipeError(
                 "model.path", f"unknown built-in model '{path}'; use one of: "
                 + ", ".join(tiny.TINY_PREFIX + f for f in tiny.FAMILIES)
+                + f" (optionally with a size: @{', @'.join(tiny.SIZES)})"
             )
         return family
     p = _dir(path)
@@ -64,7 +65,7 @@ def check_weights_present(path: str) -> Path:
 
 def load_config(path: str, trust_remote_code: bool) -> Any:
     if tiny.is_tiny(path):
-        return tiny.build_config(tiny.tiny_family(path))
+        return tiny.build_config(tiny.tiny_family(path), tiny.tiny_size(path))
     from transformers import AutoConfig
 
     try:
@@ -77,7 +78,7 @@ def load_processor(path: str, trust_remote_code: bool) -> Any:
     """The model's processor (tokenizer and image processor). PIL image processors are used when torchvision
     is missing, which is how transformers falls back by itself."""
     if tiny.is_tiny(path):
-        return tiny.build_processor(tiny.tiny_family(path))
+        return tiny.build_processor(tiny.tiny_family(path), tiny.tiny_size(path))
     from transformers import AutoProcessor
 
     try:
@@ -106,7 +107,7 @@ def load_model(path: str, config: Any, seed: int, trust_remote_code: bool) -> An
 
     family = model_type_of(path)
     if tiny.is_tiny(path):
-        return tiny.build_model(family, seed=seed)
+        return tiny.build_model(family, seed=seed, size=tiny.tiny_size(path))
     p = check_weights_present(path)
     import transformers
 

@@ -26,8 +26,8 @@ LLAVA_CHAT_TEMPLATE = (
 #          vision ffn, image size, patch)
 SIZES: dict[str, tuple[int, ...]] = {
     "tiny": (128, 4, 4, 2, 256, 32, 3, 2, 64, 32, 4),  # 64 image tokens; widths divisible by 128
-    # ~190M parameters with LLaVA-1.5's 576 image tokens (336 px, patch 14), for benchmarks.
-    "medium": (1024, 8, 16, 8, 2816, 1024, 24, 16, 4096, 336, 14),
+    # ~245M parameters with LLaVA-1.5's 576 image tokens (336 px, patch 14), for benchmarks.
+    "medium": (1024, 8, 16, 8, 2816, 1024, 12, 16, 4096, 336, 14),
 }
 
 
@@ -36,7 +36,14 @@ def is_tiny(path: str) -> bool:
 
 
 def tiny_family(path: str) -> str:
-    return path[len(TINY_PREFIX) :]
+    """"tiny-random:llava" -> "llava"; a size suffix ("tiny-random:llava@medium") is dropped."""
+    return path[len(TINY_PREFIX) :].split("@", 1)[0]
+
+
+def tiny_size(path: str) -> str:
+    """"tiny-random:llava@medium" -> "medium" (benchmark size); default "tiny"."""
+    rest = path[len(TINY_PREFIX) :]
+    return rest.split("@", 1)[1] if "@" in rest else "tiny"
 
 
 def build_tokenizer() -> Any:
