@@ -138,3 +138,41 @@ def test_seed_recipes_compile(tmp_path, name):
         assert m["quantization"]["config"]["weight"]["symmetric"] is False
     else:
         assert "eval" in res.stderr and m["quantization"] is None
+
+
+def test_gptq_int4_and_the_two_step_flow(tmp_path):
+    """GPTQ calibrated through the reduction, INT4 ONNX weights, then the seed's two-step flow: the saved
+    fake-quant checkpoint is reloaded with from_pretrained and compiled again with token reduction."""
+    out = tmp_path / "gptq"
+    res = _compile(ROOT / "recipes" / "tiny" / "gptq_int4.yml", out)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("gptq model.language_model.layers.") == 4 and "output error" in res.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    q = m["quantization"]
+    assert q["method"] == "gptq" and q["config"]["calib"]["with_reduction"] is True
+    assert [r["layer"] for r in q["layerwise"]["layers"]] == [0, 1, 2, 3]
+    for graph in ("prefill", "decode"):
+        g = m["int4_onnx"]["graphs"][graph]
+        assert g["replaced"] == 28 and g["size_ratio"] < 0.6 and g["opset"] >= 21
+    p = json.loads((out / "parity.json").read_text())
+    assert p["int4"]["prefill.exact"]["passed"] and p["int4"]["decode.unfused"]["passed"]
+    assert p["int4"]["generation_exact"]["passed"]
+
+    import yaml
+    from transformers import LlavaForConditionalGeneration
+
+    step2 = {
+        "model": {"type": "LlavaHf", "path": str(out / "fake_quant")},
+        "sparse": {"method": "TokenReduction", "special": {"method": "FastV", "pruning_loc": 3, "rate": 0.75}},
+        "export": {"targets": ["eager"]},
+        "parity": {"samples": 1},
+    }
+    recipe = tmp_path / "step2.yml"
+    recipe.write_text(yaml.safe_dump(step2))
+    res = _compile(recipe, tmp_path / "step2")
+    assert res.returncode == 0, res.stderr
+    reloaded = LlavaForConditionalGeneration.from_pretrained(str(out / "fake_quant"))
+    w = reloaded.model.language_model.layers[1].mlp.up_proj.weight
+    scale = w.abs().amax(dim=1, keepdim=True)
+    assert len(torch.unique(w[0])) <= 2 ** 4 * (w.shape[1] // 32)  # on a 4-bit grid per group
+    assert float(scale.min()) > 0

@@ -153,7 +153,7 @@ def test_defaults() -> None:
     assert recipe.quant is None and recipe.sparse is None and recipe.eval is None
     assert recipe.reduction is None
     assert recipe.save == SaveConfig()
-    assert recipe.export == ExportConfig(targets=DEFAULT_TARGETS, dtype="float32", opset=None, dynamic_text=True)
+    assert recipe.export == ExportConfig(targets=DEFAULT_TARGETS, dtype="float32", opset=None, weight_format="float")
     assert recipe.parity == ParityConfig(atol=1e-4, rtol=1e-3, samples=3, reference=True)
     assert recipe.warnings == ()
 

@@ -44,7 +44,7 @@ def io_spec(names: list[str], tensors: list[Any], labels: dict[str, dict[int, st
 
 
 def build_manifest(
-    plan: Any, specs: list, artifacts: list, reduced: Any, prefill_out: list, quant_report: Any,
+    plan: Any, specs: list, artifacts: list, reduced: Any, prefill_out: list, quantization: dict | None,
     timings: dict, root: Path,
 ) -> dict:
     recipe = plan.recipe
@@ -89,7 +89,7 @@ def build_manifest(
         },
         "graphs": graphs,
         "backends": sorted({a.backend for a in artifacts}),
-        "quantization": quant_report.to_dict() if quant_report else None,
+        "quantization": quantization,
         "processor": "processor",
         "fake_quant_checkpoint": "fake_quant" if recipe.save.save_fake else None,
         "parity": {"passed": True, "file": "parity.json"},

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from dataclasses import asdict
+
 from tokcompile.errors import ParityError, RecipeError
 from tokcompile.plan import Plan, resolve
 from tokcompile.recipe import load_recipe
@@ -108,7 +110,6 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     from tokcompile.generation import GenerationConfig, generate, no_cache_logits
     from tokcompile.graphs import build_modules, graph_specs
     from tokcompile.models.loading import load_model, load_processor
-    from tokcompile.quant import quantize_
 
     recipe, g = plan.recipe, plan.geometry
     atol, rtol = recipe.parity.atol, recipe.parity.rtol
@@ -131,10 +132,10 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         ]
     done()
 
-    quant_report = None
+    quant_report, quant_layers, int_weights = None, None, None
     if plan.quant is not None:
         done = stage("quantize")
-        quant_report = quantize_(model, plan.quant, include=plan.quant_include, ignore=plan.quant_ignore)
+        quant_report, quant_layers, int_weights = _quantize(plan, model, processor, log)
         log(f"  {quant_report.n_layers} Linear layers fake-quantized, max relative weight error "
             f"{quant_report.max_rel_error:.4f}")
         done()
@@ -151,7 +152,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     names = list(plan.adapter.input_names)
     report: dict[str, Any] = {"atol": atol, "rtol": rtol, "greedy_tokens": GREEDY_TOKENS, "artifacts": {}}
 
-    done = stage("eager")
+    done = stage("eager check")
     # Generation cases: every parity batch (padded when batch > 1) and its first sample alone (batch 1).
     cases = [inp.batch for inp in inputs]
     if plan.batch_size > 1:
@@ -233,13 +234,130 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
             f"({GREEDY_TOKENS} tokens, {len(cases)} cases, batch sizes {sorted({r['batch'] for r in gen_rows})})")
         done()
 
+    int4 = None
+    if int_weights:
+        done = stage("int4")
+        int4 = _int4_onnx(specs, graph_cases, cases, eager_runs, int_weights, tmp, n_steps, n_groups, gcfg,
+                          atol, rtol, log)
+        report["int4"] = int4["parity"]
+        done()
+
     report["passed"] = True
     _write_json(tmp / "parity.json", report)
     _write_json(tmp / "flops.json", plan.flops)
     from tokcompile.manifest import build_manifest
 
-    manifest = build_manifest(plan, specs, artifacts, reduced, eager_prefill_out, quant_report, stage.timings, tmp)
+    quant = {**quant_report.to_dict(), "layerwise": quant_layers} if quant_report else None
+    manifest = build_manifest(plan, specs, artifacts, reduced, eager_prefill_out, quant, stage.timings, tmp)
+    if int4 is not None:
+        manifest["int4_onnx"] = {k: v for k, v in int4.items() if k != "parity"}
     _write_json(tmp / "manifest.json", manifest)
+
+
+def _quantize(plan: Plan, model: Any, processor: Any, log: Log) -> tuple[Any, dict | None, dict | None]:
+    """RTN in one call; GPTQ layer by layer on calibration data (through the reduction if asked).
+
+    Returns the report, GPTQ's per-layer report (or None) and, for `export.weight_format: int4`, every
+    quantized weight's integer codes and scales (or None).
+    """
+    import numpy as np
+
+    from tokcompile.export.int4 import IntWeight
+    from tokcompile.models import ReducedVLM
+    from tokcompile.quant import GPTQConfig, QuantReport, quantize_, select_linears
+    from tokcompile.quant.calib import calibration_batches
+    from tokcompile.quant.primitives import compute_qparams, quantize, relative_error
+    from tokcompile.quant.sequential import gptq_sequential
+
+    wq = plan.quant.weight
+    want_ints = plan.recipe.export.weight_format == "int4"
+    linears = select_linears(model, plan.quant_include, plan.quant_ignore)
+    ints: dict[str, IntWeight] | None = {} if want_ints else None
+
+    def int_weight(fqn: str, codes: Any, scale: Any, zero: Any) -> IntWeight:
+        w = linears[fqn].weight.detach().float()
+        return IntWeight(codes.cpu().numpy().astype(np.int8), scale.cpu().numpy().astype(np.float32),
+                         zero.cpu().numpy().astype(np.int8), wq.symmetric, wq.group_size, w.numpy())
+
+    if not isinstance(plan.quant, GPTQConfig):
+        grids = {}
+        if want_ints:  # the same grid fake_quantize uses, kept before the weights are replaced
+            for fqn, m in linears.items():
+                scale, zero = compute_qparams(m.weight.detach().float(), wq.bit, wq.symmetric, wq.group_size)
+                grids[fqn] = (quantize(m.weight.detach().float(), scale, zero, wq.bit, wq.symmetric, wq.group_size),
+                              scale, zero)
+        report = quantize_(model, plan.quant, include=plan.quant_include, ignore=plan.quant_ignore)
+        if ints is not None:
+            ints.update({fqn: int_weight(fqn, *grid) for fqn, grid in grids.items()})
+        return report, None, ints
+    calib = plan.recipe.quant.calib
+    batches = calibration_batches(calib, processor, plan.geometry.image_size, plan.recipe.base.seed,
+                                  batch_size=calib.bs if calib.bs > 0 else calib.n_samples)
+    original = {n: m.weight.detach().clone() for n, m in linears.items()}
+    reduced = ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id)
+    log(f"  GPTQ on {calib.n_samples} {calib.name} calibration samples"
+        f"{' through the reduction' if calib.with_reduction else ''}")
+    results: dict[str, Any] = {}
+    seq = gptq_sequential(reduced, batches, plan.quant, linears, with_reduction=calib.with_reduction, log=log,
+                          results=results if want_ints else None)
+    if ints is not None:
+        ints.update({fqn: int_weight(fqn, r.codes, r.scale, r.zero) for fqn, r in results.items()})
+    report = QuantReport(
+        method="gptq",
+        config={**asdict(plan.quant), "calib": {"name": calib.name, "n_samples": calib.n_samples,
+                                                "with_reduction": calib.with_reduction}},
+        layers=tuple(linears),
+        rel_errors={n: relative_error(original[n], m.weight) for n, m in linears.items()},
+        seconds=seq["seconds"],
+    )
+    return report, seq, ints
+
+
+def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, int_weights: dict, tmp: Path,
+               n_steps: int, n_groups: int, gcfg: Any, atol: float, rtol: float, log: Log) -> dict:
+    """Write `<graph>.int4.onnx` next to each fake-quant ONNX graph and check it in onnxruntime: with
+    MatMulNBits at accuracy level 0 and with optimisations off it must pass parity (and generate the same
+    tokens); at onnxruntime's default accuracy level the drift is reported."""
+    import torch
+
+    from tokcompile import parity
+    from tokcompile.export.int4 import ort_session, write_int4_onnx
+    from tokcompile.generation import generate
+
+    out: dict[str, Any] = {"graphs": {}, "parity": {}}
+    sessions: dict[str, dict[str, Any]] = {"exact": {}, "unfused": {}, "default": {}}
+    for spec in specs:
+        src, dst = tmp / f"{spec.name}.onnx", tmp / f"{spec.name}.int4.onnx"
+        stats = write_int4_onnx(src, dst, int_weights)
+        size = lambda p: p.stat().st_size + (p.with_name(p.name + ".data").stat().st_size  # noqa: E731
+                                             if p.with_name(p.name + ".data").exists() else 0)
+        out["graphs"][spec.name] = {"files": [dst.name, dst.name + ".data"], "bytes": size(dst),
+                                    "float_bytes": size(src), "size_ratio": size(dst) / size(src), **stats}
+        for mode in sessions:
+            sess = ort_session(dst, mode)
+
+            def run(feed: dict, sess: Any = sess, names: list = spec.input_names) -> tuple:
+                arrays = {n: torch.as_tensor(feed[n]).numpy() for n in names}
+                return tuple(torch.from_numpy(o) for o in sess.run(None, arrays))
+
+            sessions[mode][spec.name] = run
+        for mode in ("exact", "unfused"):
+            out["parity"][f"{spec.name}.{mode}"] = parity.check_artifact(
+                f"{spec.name}.int4.onnx ({mode})", sessions[mode][spec.name], spec.output_names,
+                graph_cases[spec.name], atol, rtol)
+        drift = 0.0
+        for feed, ref in graph_cases[spec.name]:
+            drift = max(drift, float((sessions["default"][spec.name](feed)[0] - ref[0]).abs().max()))
+        out["parity"][f"{spec.name}.default_accuracy_drift"] = drift
+    rows = [parity.check_generation("int4 onnx generation", generate(
+        sessions["exact"][specs[0].name], sessions["exact"][specs[1].name], c, n_steps=n_steps, n_groups=n_groups,
+        cfg=gcfg, keep_logits=True), ref, atol, rtol, f"on case {i}") for i, (c, ref) in enumerate(zip(cases, eager_runs))]
+    out["parity"]["generation_exact"] = {"passed": True, "cases": rows}
+    p = out["graphs"][specs[0].name]
+    log(f"  int4 ONNX: {p['replaced']} weights as INT4 blocks, prefill {p['bytes'] / 1e6:.1f} MB vs "
+        f"{p['float_bytes'] / 1e6:.1f} MB fp32 ({p['size_ratio']:.2f}x); parity passed with MatMulNBits "
+        f"exact and unfused; default-accuracy drift {out['parity'][specs[0].name + '.default_accuracy_drift']:.3g}")
+    return out
 
 
 class ReducedVLMNoCache:

@@ -90,9 +90,8 @@ def _quant(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Any, tu
     if q is None:
         return None, (), ()
     from tokcompile.quant import RTNConfig, WeightQuantConfig
+    from tokcompile.quant.gptq import GPTQConfig
 
-    if q.method != "RTN":
-        raise RecipeError("quant.method", f"{q.method} is not available in this version; use RTN")
     w = q.weight
     group = w.group_size if w.granularity == "per_group" else None
     if group is not None:
@@ -109,7 +108,15 @@ def _quant(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Any, tu
                     "quant.weight.group_size",
                     f"{group} does not divide the input features ({n}) of the decoder's {what}; {hint}",
                 )
-    cfg = RTNConfig(weight=WeightQuantConfig(bit=w.bit, symmetric=w.symmetric, group_size=group))
+    wcfg = WeightQuantConfig(bit=w.bit, symmetric=w.symmetric, group_size=group)
+    if q.method == "GPTQ":
+        sp = q.special
+        cfg: Any = GPTQConfig(
+            weight=wcfg, blocksize=sp.blocksize, percdamp=sp.percdamp, actorder=sp.actorder,
+            static_groups=sp.static_groups, true_sequential=sp.true_sequential,
+        )
+    else:
+        cfg = RTNConfig(weight=wcfg)
     ignore = q.ignore if q.ignore is not None else adapter.quant_ignore
     return cfg, adapter.quant_include, tuple(ignore)
 
@@ -129,6 +136,21 @@ def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Sch
     if cls.site not in adapter.sites:
         raise RecipeError(spec.method_key, f"{cls.method} runs at {cls.site.value}, which {geom.family} does not support")
     return cfg.plan(geom, spec.key), (cfg,)
+
+
+def _check_weight_format(recipe: Recipe, targets: tuple[str, ...]) -> None:
+    if recipe.export.weight_format != "int4":
+        return
+    q = recipe.quant
+    if q is None or q.weight.bit > 4:
+        raise RecipeError("export.weight_format", "int4 needs weight quantization with quant.weight.bit of 4 or less")
+    if "onnx" not in targets:
+        raise RecipeError("export.weight_format", "int4 weights are written for ONNX; add onnx to export.targets")
+    if q.method == "GPTQ" and q.special.actorder and not q.special.static_groups and q.weight.granularity == "per_group":
+        raise RecipeError(
+            "quant.special.static_groups",
+            "int4 export with actorder needs static_groups: true (ONNX block dequantization needs contiguous groups)",
+        )
 
 
 def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, ...] | None = None) -> Plan:
@@ -167,6 +189,7 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
             "inputs.max_prompt_len",
             f"{max_text} text tokens plus {N} image tokens exceed the model's {max_pos} positions; lower it",
         )
+    _check_weight_format(recipe, chosen)
     n_text = max_text if max_text is not None else DEFAULT_FLOPS_TEXT_TOKENS
     out_dir = Path(out) if out is not None else Path(recipe.save.save_path or Path("exported") / recipe.name)
     return Plan(
@@ -201,9 +224,17 @@ def format_plan(plan: Plan) -> str:
     if plan.quant is not None:
         w = plan.quant.weight
         gran = f"group {w.group_size}" if w.group_size else "per channel"
+        method = plan.recipe.quant.method
         lines.append(
-            f"quant       RTN w{w.bit} {'sym' if w.symmetric else 'asym'} {gran}; skip {', '.join(plan.quant_ignore)}"
+            f"quant       {method} w{w.bit} {'sym' if w.symmetric else 'asym'} {gran}; skip {', '.join(plan.quant_ignore)}"
         )
+        if method == "GPTQ":
+            c, sp = plan.recipe.quant.calib, plan.quant
+            lines.append(
+                f"            calibration {c.name} x{c.n_samples}{' through the reduction' if c.with_reduction else ''}; "
+                f"blocksize {sp.blocksize}, percdamp {sp.percdamp}, actorder {sp.actorder}, "
+                f"static_groups {sp.static_groups}, true_sequential {sp.true_sequential}"
+            )
     else:
         lines.append("quant       none")
     if plan.schedule:

@@ -285,11 +285,11 @@ _ONLY_FLOAT32 = "only float32 export is supported on this version; set export.dt
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """`export:` backends and export options; `dynamic_text` makes the text length dynamic."""
+    """`export:` backends and export options; `weight_format: int4` also writes ONNX graphs with INT4 weights."""
     targets: tuple[str, ...] = _opt(DEFAULT_TARGETS, _targets)
     dtype: str = _opt("float32", _choice(("float32",), {"float16": _ONLY_FLOAT32, "bfloat16": _ONLY_FLOAT32}))
     opset: int | None = _opt(None, _nullable(_int(18, fix="use opset 18 or newer, or null for the default")))
-    dynamic_text: bool = _opt(True, _bool)
+    weight_format: str = _opt("float", _choice(("float", "int4")))
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,11 @@ from tokcompile.quant.primitives import (
     quantize_column,
     relative_error,
 )
+from tokcompile.quant.gptq import GPTQConfig
 from tokcompile.quant.rtn import RTNConfig
 
 __all__ = [
+    "GPTQConfig",
     "QUANTIZERS",
     "QuantConfig",
     "QuantHandler",

@@ -1,0 +1,103 @@
+"""Calibration data for GPTQ: image-and-prompt pairs run through the model's real processor.
+
+Sources (`quant.calib.name`):
+- `synthetic`: seeded random images (gradients plus noise) and questions, for offline use and tests.
+- `custom_mm` / `custom`: `quant.calib.path` is a folder with images and `img_qa.json` (LightCompress's
+  layout: a list of {"image": file, "question": text}), or a JSONL file with one {"image": path,
+  "prompt" | "question": text} per line. Image paths are relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokcompile.errors import RecipeError
+
+SYNTHETIC_QUESTIONS = (
+    "What is in this image?",
+    "Describe the scene in detail.",
+    "What colour is the largest object?",
+    "How many people are there, and what are they doing?",
+    "Is this photo taken indoors or outdoors? Explain why.",
+    "What text can you read in the picture?",
+    "Write a caption for this image.",
+    "What would happen next in this scene?",
+)
+
+
+def _pairs_from_path(path: str) -> list[tuple[Any, str]]:
+    from PIL import Image
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        index = p / "img_qa.json"
+        if not index.is_file():
+            raise RecipeError("quant.calib.path", f"{p} has no img_qa.json; add one (a list of image/question pairs)")
+        try:
+            rows = json.loads(index.read_text())
+        except ValueError as e:
+            raise RecipeError("quant.calib.path", f"{index} is not valid JSON ({e})") from None
+        base = p
+    elif p.is_file():
+        rows = []
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise RecipeError("quant.calib.path", f"{p} line {n} is not valid JSON ({e})") from None
+        base = p.parent
+    else:
+        raise RecipeError("quant.calib.path", f"{p} does not exist; give a folder with img_qa.json or a JSONL file")
+    pairs = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "image" not in row or not (row.get("question") or row.get("prompt")):
+            raise RecipeError("quant.calib.path", f"entry {i} of {p} needs 'image' and 'question' (or 'prompt')")
+        img_path = base / row["image"]
+        try:
+            image = Image.open(img_path).convert("RGB")
+        except OSError as e:
+            raise RecipeError("quant.calib.path", f"cannot read image {img_path} ({e})") from None
+        pairs.append((image, str(row.get("question") or row.get("prompt"))))
+    if not pairs:
+        raise RecipeError("quant.calib.path", f"{p} lists no samples")
+    return pairs
+
+
+def calibration_batches(
+    calib: Any, processor: Any, image_size: tuple[int, int], seed: int, batch_size: int = 1
+) -> list[dict[str, Any]]:
+    """`calib.n_samples` samples as processor batches of `batch_size` (prompts left-padded)."""
+    from tokcompile.parity import format_prompt, random_images
+
+    name = calib.name.lower()
+    if name == "synthetic":
+        rng = np.random.default_rng(seed + 1)
+        images = random_images(rng, calib.n_samples, image_size)
+        questions = [SYNTHETIC_QUESTIONS[int(i)] for i in rng.integers(0, len(SYNTHETIC_QUESTIONS), calib.n_samples)]
+        pairs = list(zip(images, questions))
+    elif name in ("custom_mm", "custom"):
+        if not calib.path:
+            raise RecipeError("quant.calib.path", f"calib name {calib.name} needs a path to a folder or JSONL file")
+        pairs = _pairs_from_path(calib.path)
+        pairs = [pairs[i % len(pairs)] for i in range(calib.n_samples)] if len(pairs) < calib.n_samples else pairs[
+            : calib.n_samples]
+    else:
+        raise RecipeError("quant.calib.name", f"unknown calibration source '{calib.name}'; use synthetic or custom_mm")
+    batches = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        text = [format_prompt(processor, q) for _, q in chunk]
+        out = processor(images=[im for im, _ in chunk], text=text, return_tensors="pt", padding=True)
+        if calib.seq_len is not None and out["input_ids"].shape[1] > calib.seq_len:
+            raise RecipeError(
+                "quant.calib.seq_len",
+                f"a calibration prompt needs {out['input_ids'].shape[1]} tokens (image tokens included), more than "
+                f"{calib.seq_len}; raise it or remove it",
+            )
+        batches.append({k: out[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    return batches

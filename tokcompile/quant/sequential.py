@@ -1,0 +1,130 @@
+"""The layer-by-layer GPTQ driver for a VLM's decoder (the maths is in `gptq.py`).
+
+Every calibration batch first runs through the vision tower, the projector and the splice. Then, one decoder
+layer at a time: each Linear's inputs on every calibration token fold into its Hessian, the layer's Linears
+are quantized (q/k/v, then o, then gate/up, then down with `true_sequential`, re-running the layer between
+groups so later groups see the already-quantized earlier ones), and the quantized layer's outputs become the
+next layer's inputs. Only one layer's activations for the calibration set are alive at a time.
+
+With `with_reduction`, the schedule's reduction steps run between layers exactly as in `ReducedVLM`, so the
+Hessians of layers after a pruning step see the tokens the deployed graph sees. Padding tokens never enter a
+Hessian.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from tokcompile.models.base import DecoderSiteContext, KVCache, ReducedVLM, TokenState, causal_mask
+from tokcompile.quant.base import replace_weight_
+from tokcompile.quant.gptq import GPTQConfig, add_to_hessian, gptq_quantize
+
+# Sub-layer order for true_sequential, by the Linear's last name component.
+SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def _groups(names: list[str], true_sequential: bool) -> list[list[str]]:
+    if not true_sequential:
+        return [names]
+    out, seen = [], set()
+    for group in SEQUENTIAL_GROUPS:
+        members = [n for n in names if n.rsplit(".", 1)[-1] in group]
+        if members:
+            out.append(members)
+            seen.update(members)
+    rest = [n for n in names if n not in seen]  # Linears of other names go last, together
+    return out + ([rest] if rest else [])
+
+
+@torch.no_grad()
+def gptq_sequential(
+    reduced: ReducedVLM,
+    batches: list[dict[str, Tensor]],
+    config: GPTQConfig,
+    linears: dict[str, nn.Linear],
+    *,
+    with_reduction: bool,
+    log: Callable[[str], None] = print,
+    results: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Quantize `linears` (decoder Linears, by qualified name) in place. Returns a per-layer report; each
+    layer's `GPTQResult` (integer codes and scales) goes to `results[fqn]` when a dict is given."""
+    a, model = reduced.adapter, reduced.model
+    layers = a.decoder_layers(model)
+    names_of = {id(m): n for n, m in model.named_modules()}
+    states = [reduced.initial_state(b["input_ids"], b["attention_mask"], b["pixel_values"]) for b in batches]
+    prev: list[tuple[TokenState, Tensor]] | None = None
+    report: dict[str, Any] = {"layers": [], "n_batches": len(batches)}
+    wq = config.weight
+    t_all = time.perf_counter()
+    for i, layer in enumerate(layers):
+        t0 = time.perf_counter()
+        if with_reduction and prev is not None:
+            for _, step, reducer in reduced._steps_at.get(i, ()):
+                states = [
+                    reducer.apply(s, DecoderSiteContext(a, model, layers[i - 1], ps, pk), step)[0]
+                    for s, (ps, pk) in zip(states, prev)
+                ]
+        masks = [causal_mask(s.valid) for s in states]
+        ropes = [a.rotary(model, s.hidden, s.positions) for s in states]
+
+        def run(b: int, cache: KVCache | None = None) -> Tensor:
+            s = states[b]
+            return a.run_decoder_layer(layer, s.hidden, masks[b], ropes[b], s.positions, cache)
+
+        reference = [run(b) for b in range(len(states))]  # this layer before quantization
+        prefix = names_of[id(layer)] + "."
+        mine = [n for n in linears if n.startswith(prefix)]
+        for group in _groups(mine, config.true_sequential):
+            hessians: dict[str, list] = {n: [None, 0] for n in group}
+            valid: list[Tensor] = []
+
+            def hook(name: str) -> Callable:
+                def fn(module: nn.Module, args: tuple) -> None:
+                    x = args[0][valid[0]]  # (n_valid, in): padding never enters a Hessian
+                    hessians[name][0], hessians[name][1] = add_to_hessian(hessians[name][0], hessians[name][1], x)
+
+                return fn
+
+            handles = [linears[n].register_forward_pre_hook(hook(n)) for n in group]
+            try:
+                for b in range(len(states)):
+                    valid[:] = [states[b].valid]
+                    run(b)
+            finally:
+                for h in handles:
+                    h.remove()
+            for n in group:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    res = gptq_quantize(
+                        linears[n].weight, hessians[n][0], bit=wq.bit, symmetric=wq.symmetric,
+                        group_size=wq.group_size, blocksize=config.blocksize, percdamp=config.percdamp,
+                        actorder=config.actorder, static_groups=config.static_groups,
+                    )
+                for w in caught:  # raised damping after a failed Cholesky: say so on the progress stream
+                    log(f"warning: {n}: {w.message}")
+                if res.retries:
+                    report.setdefault("damping_raised", {})[n] = res.retries
+                replace_weight_(linears[n], res.weight)
+                if results is not None:
+                    results[n] = res
+        caches = [KVCache() for _ in states]
+        outputs = [run(b, caches[b]) for b in range(len(states))]
+        num = sum(float(((o - r)[s.valid] ** 2).sum()) for o, r, s in zip(outputs, reference, states))
+        den = sum(float((r[s.valid] ** 2).sum()) for r, s in zip(reference, states))
+        err = (num / den) ** 0.5 if den > 0 else 0.0
+        seconds = time.perf_counter() - t0
+        report["layers"].append({"layer": i, "name": prefix[:-1], "linears": len(mine), "rel_output_error": err,
+                                 "seconds": round(seconds, 3), "tokens": int(sum(int(s.valid.sum()) for s in states))})
+        log(f"  gptq {prefix[:-1]}: {len(mine)} Linear, output error {err:.4f}, {seconds:.1f}s")
+        prev = [(s, c.keys[i]) for s, c in zip(states, caches)]
+        states = [replace(s, hidden=o) for s, o in zip(states, outputs)]
+    report["seconds"] = round(time.perf_counter() - t_all, 2)
+    return report
