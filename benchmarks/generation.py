@@ -35,7 +35,10 @@ def _recipe(size: str, pruning_loc: int, rate: float, targets: list[str]) -> dic
         "base": {"seed": 42},
         "model": {"path": f"tiny-random:llava@{size}" if size != "tiny" else "tiny-random:llava"},
         "inputs": {"batch_size": 1, "max_prompt_len": 256},
-        "sparse": {"method": "TokenReduction", "special": {"method": "FastV", "pruning_loc": pruning_loc, "rate": rate}},
+        "sparse": {
+            "method": "TokenReduction",
+            "special": {"method": "FastV", "pruning_loc": pruning_loc, "rate": rate},
+        },
         "export": {"targets": targets},
         "parity": {"samples": 1, "atol": 1e-3, "rtol": 1e-3},
     }
@@ -231,7 +234,12 @@ def main() -> None:
               f"{'peak MB':>10}{'x hf_full':>11}")
         base = rows[0] if rows and rows[0]["variant"] == "hf_full" else None
         for r in rows:
-            ratio = (lambda k, inv=False: (base[k] / r[k] if inv else r[k] / base[k]) if base else float("nan"))
+
+            def ratio(key: str, inverse: bool = False, r: dict = r) -> float:
+                if base is None:
+                    return float("nan")
+                return base[key] / r[key] if inverse else r[key] / base[key]
+
             print(f"{r['variant']:<15}{r['ttft_s'] * 1e3:>10.1f}{ratio('ttft_s', True):>10.2f}x"
                   f"{r['decode_tok_s']:>14.1f}{ratio('decode_tok_s'):>10.2f}x{r['peak_over_baseline_mb']:>10.0f}"
                   f"{ratio('peak_over_baseline_mb'):>10.2f}x")

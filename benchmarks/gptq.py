@@ -45,6 +45,7 @@ def main() -> None:
 
     import numpy as np
     import torch
+    import yaml
 
     from tokcompile.export.int4 import IntWeight, ort_session, write_int4_onnx
     from tokcompile.graphs import graph_specs
@@ -54,8 +55,6 @@ def main() -> None:
     from tokcompile.quant.calib import calibration_batches
     from tokcompile.quant.sequential import gptq_sequential
     from tokcompile.recipe import CalibConfig
-
-    import yaml
 
     work = Path(tempfile.mkdtemp(prefix="tokcompile-gptq-"))
     recipe = {
@@ -89,7 +88,7 @@ def main() -> None:
 
     rtn = copy.deepcopy(fp32)
     quantize_(rtn, RTNConfig(weight=wq), include=include, ignore=())
-    rows["RTN w4 g%d" % args.group_size] = (logits(rtn), None)
+    rows[f"RTN w4 g{args.group_size}"] = (logits(rtn), None)
 
     gptq_reports = {}
     for with_reduction in (False, True):
@@ -118,8 +117,9 @@ def main() -> None:
         extra = f"{rep['seconds']:>13.1f}{rep['peak_over_model_mb']:>10.0f}" if rep else f"{'':>13}{'':>10}"
         print(f"{name:<42}{err:>18.4f}{top1:>13.2f}{extra}")
     rep = gptq_reports[True][1]
-    print("GPTQ per layer (calibrated through FastV): " + ", ".join(
-        f"L{r['layer']} {r['seconds']:.1f}s err {r['rel_output_error']:.3f} ({r['tokens']} tok)" for r in rep["layers"]))
+    per_layer = [f"L{r['layer']} {r['seconds']:.1f}s err {r['rel_output_error']:.3f} ({r['tokens']} tok)"
+                 for r in rep["layers"]]
+    print("GPTQ per layer (calibrated through FastV): " + ", ".join(per_layer))
 
     # INT4 ONNX against fp32 ONNX (prefill graph of the GPTQ model)
     model, _, results = gptq_reports[True]

@@ -123,18 +123,18 @@ def test_parity_failure_publishes_nothing(tmp_path, capsys, monkeypatch):
     from tokcompile.export import base as export_base
     from tokcompile.export.base import Artifact
 
-    def perturbed(program, example, out_dir, *, graph, input_names, **_):
-        module = program.module()
+    def perturbed(req):
+        module = req.program.module()
 
         def loader(root):
             def run(inputs):
-                out = module(*[inputs[n] for n in input_names])
+                out = module(*[inputs[n] for n in req.input_names])
                 return (out[0] + 1e-2, *out[1:])
 
             return run
 
-        (out_dir / f"{graph}.fake").write_text("x")
-        return Artifact(target="onnx", graph=graph, files=[f"{graph}.fake"], backend="fake", loader=loader)
+        (req.out_dir / f"{req.graph}.fake").write_text("x")
+        return Artifact(target="onnx", graph=req.graph, files=[f"{req.graph}.fake"], backend="fake", loader=loader)
 
     monkeypatch.setitem(export_base.EXPORTERS._entries, "onnx", perturbed)
     out = tmp_path / "out"

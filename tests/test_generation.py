@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from tests.conftest import ROOT
 from tokcompile.generation import GenerationConfig, choose, generate, no_cache_logits
 from tokcompile.graphs import build_modules
 from tokcompile.pipeline import ReducedVLMNoCache, plan_recipe
-from tests.conftest import ROOT
 
 
 def test_greedy_and_seeded_sampling():
@@ -17,7 +17,8 @@ def test_greedy_and_seeded_sampling():
     a = choose(logits.repeat(50, 1), cfg, torch.Generator().manual_seed(3))
     b = choose(logits.repeat(50, 1), cfg, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and len(set(a.tolist())) > 1  # reproducible, and really sampling
-    nucleus = choose(logits.repeat(50, 1), GenerationConfig(temperature=1.0, top_p=0.5), torch.Generator().manual_seed(0))
+    cfg = GenerationConfig(temperature=1.0, top_p=0.5)
+    nucleus = choose(logits.repeat(50, 1), cfg, torch.Generator().manual_seed(0))
     assert set(nucleus[0::2].tolist()) == {1} and set(nucleus[1::2].tolist()) == {0}  # top_p keeps only the top token
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import ROOT
 from tokcompile.errors import RecipeError
 from tokcompile.runtime import load
-from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,8 @@ def test_cli_generate(demo_export, image_files):
 
 
 def _cli_error(*args: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "tokcompile", "generate", *args], capture_output=True, text=True, cwd=ROOT)
+    cmd = [sys.executable, "-m", "tokcompile", "generate", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     return res.stderr

@@ -93,7 +93,8 @@ def generate_main(argv: list[str] | None = None) -> int:
         if len(args.image) != len(args.prompt):
             from tokcompile.errors import RecipeError
 
-            raise RecipeError("--prompt", f"got {len(args.image)} --image and {len(args.prompt)} --prompt; give one each")
+            n_img, n_prompt = len(args.image), len(args.prompt)
+            raise RecipeError("--prompt", f"got {n_img} --image and {n_prompt} --prompt; give one each")
         if args.max_new_tokens < 1:
             from tokcompile.errors import RecipeError
 

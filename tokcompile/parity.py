@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +77,8 @@ def make_inputs(
         batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
         batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
         if batch["input_ids"].shape[1] > max_len:
-            raise ValueError(f"a parity prompt needs {batch['input_ids'].shape[1]} tokens, above the {max_len} compiled")
+            n = batch["input_ids"].shape[1]
+            raise ValueError(f"a parity prompt needs {n} tokens, above the {max_len} compiled")
         out.append(ParityInputs(batch, prompts))
     return out
 
@@ -104,12 +106,15 @@ def compare_outputs(
     for out_name, g, r in zip(names, got, ref):
         g, r = torch.as_tensor(g), torch.as_tensor(r)
         if tuple(g.shape) != tuple(r.shape):
-            raise ParityError(f"parity failed for {name}: {out_name} has shape {tuple(g.shape)}, eager {tuple(r.shape)} {where}")
+            raise ParityError(
+                f"parity failed for {name}: {out_name} has shape {tuple(g.shape)}, eager {tuple(r.shape)} {where}"
+            )
         if out_name.startswith(EXACT_PREFIXES):
             if not torch.equal(g.long(), r.long()):
                 n_diff = int((g.long() != r.long()).sum())
                 raise ParityError(
-                    f"parity failed for {name}: {out_name} indices differ from eager {where} ({n_diff} of {r.numel()} positions)"
+                    f"parity failed for {name}: {out_name} indices differ from eager {where} "
+                    f"({n_diff} of {r.numel()} positions)"
                 )
             continue
         cmp = _compare_logits(g, r, atol, rtol)

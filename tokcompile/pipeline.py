@@ -13,15 +13,14 @@ import json
 import os
 import shutil
 import time
-from pathlib import Path
-from typing import Any, Callable
-
+from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 from tokcompile.errors import ParityError, RecipeError
 from tokcompile.plan import Plan, resolve
 from tokcompile.recipe import load_recipe
-
 
 Log = Callable[[str], None]
 
@@ -107,6 +106,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
 
     from tokcompile import parity
     from tokcompile.export import EXPORTERS
+    from tokcompile.export.base import ExportRequest
     from tokcompile.generation import GenerationConfig, generate, no_cache_logits
     from tokcompile.graphs import build_modules, graph_specs
     from tokcompile.models.loading import load_model, load_processor
@@ -126,10 +126,10 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     except ValueError as e:
         raise RecipeError("inputs.max_prompt_len", f"{e}; raise it or remove it") from None
     with torch.no_grad():  # the uncompressed model's logits, per unpadded sample, for the drift report
-        baseline = [
-            torch.cat([model(input_ids=i, pixel_values=p).logits[:, -1] for i, p in map(inp.sample, range(len(inp.prompts)))])
-            for inp in inputs
-        ]
+        baseline = []
+        for inp in inputs:
+            samples = [inp.sample(b) for b in range(len(inp.prompts))]
+            baseline.append(torch.cat([model(input_ids=i, pixel_values=p).logits[:, -1] for i, p in samples]))
     done()
 
     quant_report, quant_layers, int_weights = None, None, None
@@ -212,10 +212,9 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         done = stage(target)
         runners = {}
         for spec in specs:
-            art = EXPORTERS.get(target)(
-                programs[spec.name], spec.example_dict(), tmp, graph=spec.name, input_names=spec.input_names,
-                output_names=spec.output_names, opset=recipe.export.opset, log=log,
-            )
+            art = EXPORTERS.get(target)(ExportRequest(
+                programs[spec.name], tmp, spec.name, spec.input_names, spec.output_names, recipe.export.opset
+            ))
             runners[spec.name] = art.load(tmp)
             report["artifacts"][art.name] = {
                 "files": art.files,
@@ -349,9 +348,11 @@ def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, in
         for feed, ref in graph_cases[spec.name]:
             drift = max(drift, float((sessions["default"][spec.name](feed)[0] - ref[0]).abs().max()))
         out["parity"][f"{spec.name}.default_accuracy_drift"] = drift
-    rows = [parity.check_generation("int4 onnx generation", generate(
-        sessions["exact"][specs[0].name], sessions["exact"][specs[1].name], c, n_steps=n_steps, n_groups=n_groups,
-        cfg=gcfg, keep_logits=True), ref, atol, rtol, f"on case {i}") for i, (c, ref) in enumerate(zip(cases, eager_runs))]
+    rows = []
+    for i, (c, ref) in enumerate(zip(cases, eager_runs)):
+        run = generate(sessions["exact"][specs[0].name], sessions["exact"][specs[1].name], c, n_steps=n_steps,
+                       n_groups=n_groups, cfg=gcfg, keep_logits=True)
+        rows.append(parity.check_generation("int4 onnx generation", run, ref, atol, rtol, f"on case {i}"))
     out["parity"]["generation_exact"] = {"passed": True, "cases": rows}
     p = out["graphs"][specs[0].name]
     log(f"  int4 ONNX: {p['replaced']} weights as INT4 blocks, prefill {p['bytes'] / 1e6:.1f} MB vs "

@@ -15,8 +15,7 @@ from typing import Any
 
 from tokcompile import flops
 from tokcompile.errors import RecipeError
-from tokcompile.models import ADAPTERS, Geometry, VLMAdapter
-from tokcompile.models import tiny
+from tokcompile.models import ADAPTERS, Geometry, VLMAdapter, tiny
 from tokcompile.models.loading import check_weights_present, load_config, model_type_of
 from tokcompile.recipe import EXPORT_TARGETS, Recipe
 from tokcompile.reduce import REDUCERS, Schedule, config_from_params
@@ -102,7 +101,8 @@ def _quant(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Any, tu
         }
         for what, n in in_features.items():
             if n % group:
-                divisors = [g for g in (128, 64, 32, 16, 8) if n % g == 0 and all(m % g == 0 for m in in_features.values())]
+                sizes = in_features.values()
+                divisors = [g for g in (128, 64, 32, 16, 8) if all(m % g == 0 for m in sizes)]
                 hint = f"use a divisor such as {divisors[0]}" if divisors else "use per_channel"
                 raise RecipeError(
                     "quant.weight.group_size",
@@ -110,6 +110,14 @@ def _quant(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Any, tu
                 )
     wcfg = WeightQuantConfig(bit=w.bit, symmetric=w.symmetric, group_size=group)
     if q.method == "GPTQ":
+        from tokcompile.quant.calib import SOURCES
+
+        if q.calib.name.lower() not in SOURCES:
+            raise RecipeError(
+                "quant.calib.name", f"unknown calibration source '{q.calib.name}'; use one of {', '.join(SOURCES)}"
+            )
+        if q.calib.name.lower() != "synthetic" and not q.calib.path:
+            raise RecipeError("quant.calib.path", f"calib name {q.calib.name} needs a folder or JSONL file")
         sp = q.special
         cfg: Any = GPTQConfig(
             weight=wcfg, blocksize=sp.blocksize, percdamp=sp.percdamp, actorder=sp.actorder,
@@ -134,7 +142,9 @@ def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Sch
     cls = REDUCERS.get(spec.method)
     cfg = config_from_params(cls, dict(spec.params), spec.key)
     if cls.site not in adapter.sites:
-        raise RecipeError(spec.method_key, f"{cls.method} runs at {cls.site.value}, which {geom.family} does not support")
+        raise RecipeError(
+            spec.method_key, f"{cls.method} runs at {cls.site.value}, which {geom.family} does not support"
+        )
     return cfg.plan(geom, spec.key), (cfg,)
 
 
@@ -146,7 +156,8 @@ def _check_weight_format(recipe: Recipe, targets: tuple[str, ...]) -> None:
         raise RecipeError("export.weight_format", "int4 needs weight quantization with quant.weight.bit of 4 or less")
     if "onnx" not in targets:
         raise RecipeError("export.weight_format", "int4 weights are written for ONNX; add onnx to export.targets")
-    if q.method == "GPTQ" and q.special.actorder and not q.special.static_groups and q.weight.granularity == "per_group":
+    grouped = q.weight.granularity == "per_group"
+    if q.method == "GPTQ" and q.special.actorder and not q.special.static_groups and grouped:
         raise RecipeError(
             "quant.special.static_groups",
             "int4 export with actorder needs static_groups: true (ONNX block dequantization needs contiguous groups)",
@@ -225,13 +236,13 @@ def format_plan(plan: Plan) -> str:
         w = plan.quant.weight
         gran = f"group {w.group_size}" if w.group_size else "per channel"
         method = plan.recipe.quant.method
-        lines.append(
-            f"quant       {method} w{w.bit} {'sym' if w.symmetric else 'asym'} {gran}; skip {', '.join(plan.quant_ignore)}"
-        )
+        kind = "sym" if w.symmetric else "asym"
+        lines.append(f"quant       {method} w{w.bit} {kind} {gran}; skip {', '.join(plan.quant_ignore)}")
         if method == "GPTQ":
             c, sp = plan.recipe.quant.calib, plan.quant
+            through = " through the reduction" if c.with_reduction else ""
             lines.append(
-                f"            calibration {c.name} x{c.n_samples}{' through the reduction' if c.with_reduction else ''}; "
+                f"            calibration {c.name} x{c.n_samples}{through}; "
                 f"blocksize {sp.blocksize}, percdamp {sp.percdamp}, actorder {sp.actorder}, "
                 f"static_groups {sp.static_groups}, true_sequential {sp.true_sequential}"
             )

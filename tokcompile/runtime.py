@@ -8,9 +8,10 @@ one backend. It needs neither the recipe nor the original checkpoint, and no mod
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tokcompile.errors import RecipeError, TokcompileError
 from tokcompile.generation import GenerationConfig, generate
@@ -51,7 +52,6 @@ def read_manifest(export_dir: Path) -> dict:
 def _graph_runner(
     export_dir: Path, manifest: dict, graph: str, target: str, verify: bool = False
 ) -> Callable[[dict], tuple]:
-    from tokcompile.export import EXPORTERS  # noqa: F401  (registers the loaders' modules)
     from tokcompile.export import aoti, eager, onnx
 
     spec = manifest["graphs"].get(graph)

@@ -10,7 +10,7 @@ from tokcompile.quant import QUANTIZERS, WeightQuantConfig, compute_qparams, fak
 from tokcompile.quant.base import _HANDLERS
 from tokcompile.quant.gptq import GPTQConfig, GPTQResult, add_to_hessian, gptq_quantize
 
-O, I, N = 64, 256, 2048
+O, I, N = 64, 256, 2048  # noqa: E741  (out, in features, samples: the paper's names)
 
 
 def _data(seed: int = 0, n: int = N, cols: int = I, rows: int = O) -> tuple[Tensor, Tensor, Tensor]:

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from tests.conftest import make_batch
 from tokcompile.models import ReducedVLM
 from tokcompile.quant import GPTQConfig, RTNConfig, WeightQuantConfig, quantize_, select_linears
 from tokcompile.quant.calib import calibration_batches
@@ -15,7 +16,6 @@ from tokcompile.quant.primitives import compute_qparams, dequantize, quantize
 from tokcompile.quant.sequential import gptq_sequential
 from tokcompile.recipe import CalibConfig
 from tokcompile.reduce.fastv import FastVConfig
-from tests.conftest import make_batch
 
 W4 = WeightQuantConfig(bit=4, symmetric=True, group_size=32)
 

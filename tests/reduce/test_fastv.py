@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import make_batch
 from tokcompile.errors import RecipeError
 from tokcompile.models import ReducedVLM
 from tokcompile.reduce.fastv import FastVConfig, keep_count
 from tokcompile.reference import eager_attention, fastv_reference
-from tests.conftest import make_batch
 
 
 def _vlm(model, adapter, geometry, K=2, rate=0.5):
@@ -41,7 +41,8 @@ def test_samples_keep_their_own_tokens_and_padding_changes_nothing(tiny_model, a
         assert not torch.equal(kept[0], kept[1])
         for b in range(2):
             m = batch["attention_mask"][b].bool()
-            one = vlm(batch["input_ids"][b : b + 1, m], batch["attention_mask"][b : b + 1, m], batch["pixel_values"][b : b + 1])
+            ids, am = batch["input_ids"][b : b + 1, m], batch["attention_mask"][b : b + 1, m]
+            one = vlm(ids, am, batch["pixel_values"][b : b + 1])
             assert torch.equal(one[1][0], kept[b])
             torch.testing.assert_close(one[0][0], logits[b], atol=1e-5, rtol=1e-5)
 

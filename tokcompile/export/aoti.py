@@ -5,11 +5,12 @@ Loaded with `torch._inductor.aoti_load_package`; runs without the Python model c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tokcompile.errors import ExportError
-from tokcompile.export.base import EXPORTERS, Artifact, Runner
+from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Runner
 
 
 def _load(file: str, input_names: list[str]) -> Callable[[Path], Runner]:
@@ -30,22 +31,14 @@ def _load(file: str, input_names: list[str]) -> Callable[[Path], Runner]:
 
 
 @EXPORTERS.register("aoti")
-def export_aoti(
-    program: Any,
-    example: dict[str, Any],
-    out_dir: Path,
-    *,
-    graph: str,
-    input_names: list[str],
-    output_names: list[str],
-    opset: int | None,
-    log: Callable[[str], None],
-) -> Artifact:
+def export_aoti(req: ExportRequest) -> Artifact:
     import torch
 
-    path = out_dir / f"{graph}.pt2"
+    path = req.out_dir / f"{req.graph}.pt2"
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        torch._inductor.aoti_compile_and_package(req.program, package_path=str(path))
     except Exception as e:  # inductor raises many types; report one line
-        raise ExportError(f"AOTInductor compile of the {graph} graph failed: {str(e).strip().splitlines()[0]}") from e
-    return Artifact(target="aoti", graph=graph, files=[path.name], backend="aoti", loader=_load(path.name, input_names))
+        first = str(e).strip().splitlines()[0]
+        raise ExportError(f"AOTInductor compile of the {req.graph} graph failed: {first}") from e
+    loader = _load(path.name, req.input_names)
+    return Artifact(target="aoti", graph=req.graph, files=[path.name], backend="aoti", loader=loader)

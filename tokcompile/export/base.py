@@ -7,9 +7,10 @@ a tuple of torch tensors in the graph's output order, so parity treats every bac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from tokcompile.registry import Registry
 
@@ -34,11 +35,20 @@ class Artifact:
         return f"{self.graph}.{self.target}"
 
 
+@dataclass(frozen=True)
+class ExportRequest:
+    """One graph to write: its `torch.export` program, names, and where the files go."""
+
+    program: Any
+    out_dir: Path
+    graph: str
+    input_names: list[str]
+    output_names: list[str]
+    opset: int | None = None
+
+
 class Exporter(Protocol):
-    def __call__(
-        self, program: Any, example: dict[str, Any], out_dir: Path, *, graph: str, input_names: list[str],
-        output_names: list[str], opset: int | None, log: Callable[[str], None],
-    ) -> Artifact: ...
+    def __call__(self, req: ExportRequest) -> Artifact: ...
 
 
 EXPORTERS: Registry[Exporter] = Registry("export target")

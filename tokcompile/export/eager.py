@@ -6,11 +6,12 @@ no compiler, no model code, the same graph the other targets were built from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tokcompile.errors import ExportError
-from tokcompile.export.base import EXPORTERS, Artifact, Runner
+from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Runner
 
 
 def _load(file: str, input_names: list[str]) -> Callable[[Path], Runner]:
@@ -29,22 +30,13 @@ def _load(file: str, input_names: list[str]) -> Callable[[Path], Runner]:
 
 
 @EXPORTERS.register("eager")
-def export_eager(
-    program: Any,
-    example: dict[str, Any],
-    out_dir: Path,
-    *,
-    graph: str,
-    input_names: list[str],
-    output_names: list[str],
-    opset: int | None,
-    log: Callable[[str], None],
-) -> Artifact:
+def export_eager(req: ExportRequest) -> Artifact:
     import torch
 
-    path = out_dir / f"{graph}.ep.pt2"
+    path = req.out_dir / f"{req.graph}.ep.pt2"
     try:
-        torch.export.save(program, str(path))
+        torch.export.save(req.program, str(path))
     except Exception as e:  # serialization raises many types; report one line
-        raise ExportError(f"saving the exported {graph} program failed: {str(e).strip().splitlines()[0]}") from e
-    return Artifact(target="eager", graph=graph, files=[path.name], backend="eager", loader=_load(path.name, input_names))
+        raise ExportError(f"saving the exported {req.graph} program failed: {str(e).strip().splitlines()[0]}") from e
+    loader = _load(path.name, req.input_names)
+    return Artifact(target="eager", graph=req.graph, files=[path.name], backend="eager", loader=loader)

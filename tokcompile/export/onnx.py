@@ -7,16 +7,16 @@ consumes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tokcompile.errors import ExportError
-from tokcompile.export.base import EXPORTERS, Artifact, Runner
+from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Runner
 
 
 def _load(files: list[str], input_names: list[str]) -> Callable[[Path], Runner]:
     def loader(root: Path) -> Runner:
-        import numpy as np
         import torch
 
         try:
@@ -28,7 +28,7 @@ def _load(files: list[str], input_names: list[str]) -> Callable[[Path], Runner]:
         session = ort.InferenceSession(str(root / files[0]), opts, providers=["CPUExecutionProvider"])
 
         def run(inputs: dict[str, Any]) -> tuple:
-            feed = {n: np.asarray(inputs[n].cpu().numpy() if hasattr(inputs[n], "numpy") else inputs[n]) for n in input_names}
+            feed = {n: torch.as_tensor(inputs[n]).cpu().numpy() for n in input_names}
             return tuple(torch.from_numpy(o) for o in session.run(None, feed))
 
         return run
@@ -37,52 +37,42 @@ def _load(files: list[str], input_names: list[str]) -> Callable[[Path], Runner]:
 
 
 @EXPORTERS.register("onnx")
-def export_onnx(
-    program: Any,
-    example: dict[str, Any],
-    out_dir: Path,
-    *,
-    graph: str,
-    input_names: list[str],
-    output_names: list[str],
-    opset: int | None,
-    log: Callable[[str], None],
-) -> Artifact:
+def export_onnx(req: ExportRequest) -> Artifact:
     import contextlib
     import io
 
     import onnx
     import torch
 
-    path = out_dir / f"{graph}.onnx"
-    kwargs = {"opset_version": opset} if opset is not None else {}
+    path = req.out_dir / f"{req.graph}.onnx"
+    kwargs = {"opset_version": req.opset} if req.opset is not None else {}
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink):
             torch.onnx.export(
-                program,
+                req.program,
                 f=str(path),
-                input_names=input_names,
-                output_names=output_names,
+                input_names=req.input_names,
+                output_names=req.output_names,
                 dynamo=True,
                 external_data=True,
                 optimize=True,
                 **kwargs,
             )
     except Exception as e:  # the exporter raises many types; report one line and keep the log
-        raise ExportError(f"ONNX export of the {graph} graph failed: {str(e).strip().splitlines()[0]}") from e
-    files = [path.name] + sorted(p.name for p in out_dir.glob(f"{graph}.onnx.data"))
+        raise ExportError(f"ONNX export of the {req.graph} graph failed: {str(e).strip().splitlines()[0]}") from e
+    files = [path.name] + sorted(p.name for p in req.out_dir.glob(f"{req.graph}.onnx.data"))
     model = onnx.load(str(path), load_external_data=False)
     opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     ops = sorted({n.op_type for n in model.graph.node})
     topk_ks = _topk_constants(model)
     return Artifact(
         target="onnx",
-        graph=graph,
+        graph=req.graph,
         files=files,
         backend="onnxruntime",
         meta={"opset": opset_used, "ops": ops, "topk_k": topk_ks},
-        loader=_load(files, input_names),
+        loader=_load(files, req.input_names),
     )
 
 

@@ -46,7 +46,7 @@ def model_type_of(path: str) -> str:
     try:
         data = json.loads((p / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise RecipeError("model.path", f"{p / 'config.json'} is not valid JSON ({e}); re-save the checkpoint") from None
+        raise RecipeError("model.path", f"{p / 'config.json'} is not valid JSON ({e}); re-save it") from None
     model_type = data.get("model_type")
     if not isinstance(model_type, str):
         raise RecipeError("model.path", f"{p / 'config.json'} has no model_type; is this a transformers checkpoint?")

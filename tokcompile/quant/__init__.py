@@ -19,6 +19,7 @@ from tokcompile.quant.base import (
     replace_weight_,
     select_linears,
 )
+from tokcompile.quant.gptq import GPTQConfig
 from tokcompile.quant.primitives import (
     compute_qparams,
     dequantize,
@@ -29,7 +30,6 @@ from tokcompile.quant.primitives import (
     quantize_column,
     relative_error,
 )
-from tokcompile.quant.gptq import GPTQConfig
 from tokcompile.quant.rtn import RTNConfig
 
 __all__ = [

@@ -17,6 +17,8 @@ import numpy as np
 
 from tokcompile.errors import RecipeError
 
+SOURCES = ("synthetic", "custom_mm", "custom")
+
 SYNTHETIC_QUESTIONS = (
     "What is in this image?",
     "Describe the scene in detail.",
@@ -87,7 +89,8 @@ def calibration_batches(
         pairs = [pairs[i % len(pairs)] for i in range(calib.n_samples)] if len(pairs) < calib.n_samples else pairs[
             : calib.n_samples]
     else:
-        raise RecipeError("quant.calib.name", f"unknown calibration source '{calib.name}'; use synthetic or custom_mm")
+        choices = ", ".join(SOURCES)
+        raise RecipeError("quant.calib.name", f"unknown calibration source '{calib.name}'; use one of {choices}")
     batches = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]

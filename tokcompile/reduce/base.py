@@ -11,8 +11,8 @@ from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from tokcompile.errors import RecipeError
-from tokcompile.registry import Registry, suggest
 from tokcompile.reduce.schedule import Schedule, Site, Step
+from tokcompile.registry import Registry, suggest
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -50,7 +50,7 @@ def _type_ok(value: Any, typ: Any) -> bool:
 def config_from_params(cls: type, params: dict[str, Any], key: str) -> Any:
     """Build a reducer config from recipe parameters, with errors that name `key.<param>`."""
     names = [f.name for f in fields(cls)]
-    for name, value in params.items():
+    for name in params:
         if name not in names:
             raise RecipeError(
                 f"{key}.{name}",

@@ -56,7 +56,7 @@ class FastVConfig:
 
     def plan(self, geom: Geometry, key: str) -> Schedule:
         if not 0.0 <= self.rate < 1.0:
-            raise RecipeError(f"{key}.rate", f"{self.rate} is outside [0, 1); use the fraction of image tokens to prune")
+            raise RecipeError(f"{key}.rate", f"{self.rate} is outside [0, 1); use the fraction of image tokens pruned")
         last = geom.n_layers - 1
         if not 1 <= self.pruning_loc <= last:
             raise RecipeError(
