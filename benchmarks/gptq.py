@@ -73,7 +73,7 @@ def main() -> None:
     calib = calibration_batches(CalibConfig(name="synthetic", n_samples=args.samples), processor, g.image_size, 0)
     held = calibration_batches(CalibConfig(name="synthetic", n_samples=args.held_out), processor, g.image_size, 1000)
     wq = WeightQuantConfig(bit=4, symmetric=True, group_size=args.group_size)
-    include = plan.quant_include
+    include, ignore = plan.adapter.quant_include, plan.adapter.quant_ignore  # the decoder's Linears
 
     def reduced_of(model):
         return ReducedVLM(model, plan.adapter, g, plan.schedule, plan.reducers, plan.image_token_id).eval()
@@ -87,13 +87,13 @@ def main() -> None:
     rows = {}
 
     rtn = copy.deepcopy(fp32)
-    quantize_(rtn, RTNConfig(weight=wq), include=include, ignore=())
+    quantize_(rtn, RTNConfig(weight=wq), include=include, ignore=ignore)
     rows[f"RTN w4 g{args.group_size}"] = (logits(rtn), None)
 
     gptq_reports = {}
     for with_reduction in (False, True):
         model = copy.deepcopy(fp32)
-        linears = select_linears(model, include, ())
+        linears = select_linears(model, include, ignore)
         baseline = _status_mb("VmRSS")
         try:
             Path("/proc/self/clear_refs").write_text("5")
@@ -123,7 +123,7 @@ def main() -> None:
 
     # INT4 ONNX against fp32 ONNX (prefill graph of the GPTQ model)
     model, _, results = gptq_reports[True]
-    linears = select_linears(model, include, ())
+    linears = select_linears(model, include, ignore)
     ints = {n: IntWeight(results[n].codes.numpy().astype(np.int8), results[n].scale.numpy(),
                          results[n].zero.numpy().astype(np.int8), True, args.group_size,
                          linears[n].weight.detach().numpy()) for n in linears}

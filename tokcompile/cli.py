@@ -74,7 +74,7 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
     p.add_argument("--prompt", action="append", required=True, help="question (one per --image)")
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), aoti or eager")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the recipe's inputs.max_new_tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
@@ -95,7 +95,7 @@ def generate_main(argv: list[str] | None = None) -> int:
 
             n_img, n_prompt = len(args.image), len(args.prompt)
             raise RecipeError("--prompt", f"got {n_img} --image and {n_prompt} --prompt; give one each")
-        if args.max_new_tokens < 1:
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
             from tokcompile.errors import RecipeError
 
             raise RecipeError("--max-new-tokens", "must be at least 1")

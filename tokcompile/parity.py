@@ -157,6 +157,21 @@ def check_generation(name: str, result: Any, ref: Any, atol: float, rtol: float,
     return {"tokens": int(result.tokens.shape[1]), "batch": int(result.tokens.shape[0]), "max_abs_logit_diff": worst}
 
 
+def check_no_cache(runs: list, references: list[list[Tensor]], atol: float, rtol: float) -> dict:
+    """Eager generation with the KV cache against the no-cache reference, at every generated step."""
+    worst = 0.0
+    for run, ref in zip(runs, references):
+        for t, ref_logits in enumerate(ref):
+            cmp = _compare_logits(run.step_logits[t], ref_logits, atol, rtol)
+            worst = max(worst, cmp["max_abs_diff"])
+            if not cmp["within_tolerance"]:
+                raise ParityError(
+                    f"parity failed for eager generation: step {t} logits differ from the no-cache reference "
+                    f"by {cmp['max_abs_diff']:.3g}"
+                )
+    return {"passed": True, "steps": len(references[0]), "cases": len(runs), "max_abs_logit_diff": worst}
+
+
 def check_reference(
     reference: Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]],
     eager_outputs: list[tuple],

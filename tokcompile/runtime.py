@@ -129,19 +129,22 @@ class Generator:
         images: list[Any],
         prompts: list[str],
         *,
-        max_new_tokens: int = 32,
+        max_new_tokens: int | None = None,
         stop_at_eos: bool = True,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> Answer:
         """Answer each (image, prompt) pair. Greedy by default; images are resized by the processor to the
-        compiled resolution. Batches larger than the compiled maximum run in chunks."""
+        compiled resolution. Batches larger than the compiled maximum run in chunks. `max_new_tokens` defaults
+        to the recipe's `inputs.max_new_tokens`."""
         from tokcompile.parity import format_prompt
 
         if len(images) != len(prompts):
             raise _fail("prompts", f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
         eos = self.manifest["generation"].get("eos_token_id") if stop_at_eos else None
+        if max_new_tokens is None:
+            max_new_tokens = int(self.manifest["generation"].get("max_new_tokens", 32))
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, temperature=temperature,
                                top_p=top_p, seed=seed)
         imgs = self._images(images)
