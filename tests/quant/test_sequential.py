@@ -48,9 +48,10 @@ def test_layers_are_quantized_on_the_grid_with_progress(tiny_model, adapter, geo
     real_tokens = sum(int(b["attention_mask"].sum()) for b in calib)
     assert all(r["tokens"] == real_tokens for r in report["layers"])  # padding never counted
     for fqn, m in linears.items():
-        res = results[fqn]
-        assert torch.equal(m.weight, res.weight) and torch.equal(res.dequantize(), res.weight)
-        assert int(res.codes.min()) >= -8 and int(res.codes.max()) <= 7
+        grid = results[fqn]
+        assert grid.codes.dtype == torch.int8
+        assert int(grid.codes.min()) >= -8 and int(grid.codes.max()) <= 7
+        assert torch.equal(m.weight, dequantize(grid.codes.int(), grid.scale, grid.zero, 32))
         assert not torch.equal(m.weight, dict(tiny_model.named_modules())[fqn].weight)
 
 

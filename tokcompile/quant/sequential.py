@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,6 +25,16 @@ from torch import Tensor, nn
 from tokcompile.models.base import DecoderSiteContext, KVCache, ReducedVLM, TokenState, causal_mask
 from tokcompile.quant.base import replace_weight_
 from tokcompile.quant.gptq import GPTQConfig, add_to_hessian, gptq_quantize
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """A quantized weight's integers: codes (O, I) int8, scale and zero (O, G), in original column order."""
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+
 
 # Sub-layer order for true_sequential, by the Linear's last name component.
 SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
@@ -55,7 +65,7 @@ def gptq_sequential(
     results: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Quantize `linears` (decoder Linears, by qualified name) in place. Returns a per-layer report; each
-    layer's `GPTQResult` (integer codes and scales) goes to `results[fqn]` when a dict is given."""
+    Linear's integer codes and grid go to `results[fqn]` (a `QuantGrid`) when a dict is given."""
     a, model = reduced.adapter, reduced.model
     layers = a.decoder_layers(model)
     names_of = {id(m): n for n, m in model.named_modules()}
@@ -114,8 +124,8 @@ def gptq_sequential(
                 if res.retries:
                     report.setdefault("damping_raised", {})[n] = res.retries
                 replace_weight_(linears[n], res.weight)
-                if results is not None:
-                    results[n] = res
+                if results is not None:  # compact: int8 codes and the grid, not the dequantized copy
+                    results[n] = QuantGrid(res.codes.to(torch.int8), res.scale, res.zero)
         caches = [KVCache() for _ in states]
         outputs = [run(b, caches[b]) for b in range(len(states))]
         num = sum(float(((o - r)[s.valid] ** 2).sum()) for o, r, s in zip(outputs, reference, states))
