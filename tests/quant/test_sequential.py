@@ -86,3 +86,16 @@ def test_rtn_grid_is_what_int4_export_stores(tiny_model):
     model = copy.deepcopy(tiny_model)
     quantize_(model, RTNConfig(weight=W4), include=("model.language_model",), ignore=())
     assert torch.equal(model.model.language_model.layers[0].mlp.down_proj.weight, dequantize(codes, scale, zero, 32))
+
+
+def test_true_sequential_feeds_quantized_sublayers_forward(tiny_model, adapter, geometry, calib):
+    """q/k/v come first either way; o_proj then sees q/k/v's quantized output only with true_sequential."""
+    models = {flag: copy.deepcopy(tiny_model) for flag in (True, False)}
+    for flag, model in models.items():
+        linears = select_linears(model, ("model.language_model",), ())
+        gptq_sequential(_reduced(model, adapter, geometry), calib, GPTQConfig(weight=W4, true_sequential=flag),
+                        linears, with_reduction=False, log=lambda m: None)
+    attn = "model.language_model.layers.0.self_attn"
+    on, off = models[True].get_submodule(attn), models[False].get_submodule(attn)
+    assert torch.equal(on.q_proj.weight, off.q_proj.weight)
+    assert not torch.equal(on.o_proj.weight, off.o_proj.weight)
