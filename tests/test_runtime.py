@@ -117,3 +117,9 @@ def test_not_an_export_and_unknown_backend(demo_export, tmp_path):
         load(tmp_path)
     with pytest.raises(RecipeError, match="unknown backend 'tensorrt'"):
         load(demo_export, "tensorrt")
+
+
+def test_prompt_longer_than_compiled(demo_export, image_files):
+    gen = load(demo_export, "eager")
+    with pytest.raises(RecipeError, match="more than the 320 this export was compiled for"):
+        gen.generate(image_files[:1], ["word " * 100], max_new_tokens=2)

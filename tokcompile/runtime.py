@@ -153,6 +153,10 @@ class Generator:
             chunk = slice(start, start + self.batch_max)
             text = [format_prompt(self.processor, p) for p in prompts[chunk]]
             batch = self.processor(images=imgs[chunk], text=text, return_tensors="pt", padding=True)
+            limit = self.manifest["graphs"]["prefill"].get("prompt_len", {}).get("max")
+            if limit is not None and batch["input_ids"].shape[1] > limit:
+                raise _fail("prompts", f"a prompt needs {batch['input_ids'].shape[1]} tokens, more than the {limit} "
+                                       "this export was compiled for; shorten it or raise inputs.max_prompt_len")
             result = generate(self.prefill, self.decode, dict(batch), n_steps=self.n_steps, n_groups=self.n_groups,
                               cfg=cfg)
             for seq in result.sequences():
