@@ -14,6 +14,14 @@ import warnings
 from tokcompile.errors import TokcompileError
 
 
+def _report(e: TokcompileError, debug: bool) -> int:
+    """One line on stderr and the error's exit code; the traceback only with TOKCOMPILE_DEBUG=1."""
+    if debug:
+        raise e
+    print(f"error: {e}", file=sys.stderr)
+    return e.exit_code
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="compile.py",
@@ -56,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_recipe(args.recipe, out=args.out, targets=targets, force=args.force, log=log)
         return 0
     except TokcompileError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _report(e, debug)
     except KeyboardInterrupt:
         print("error: interrupted; nothing was published", file=sys.stderr)
         return 130
@@ -113,7 +118,4 @@ def generate_main(argv: list[str] | None = None) -> int:
                     print(f"  kept_{j}: {kept[i]}")
         return 0
     except TokcompileError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _report(e, debug)

@@ -44,30 +44,26 @@ def io_spec(names: list[str], tensors: list[Any], labels: dict[str, dict[int, st
 
 
 def build_manifest(
-    plan: Any, specs: list, artifacts: list, reduced: Any, prefill_out: list, quantization: dict | None,
+    plan: Any, specs: list, artifacts: list, reduced: Any, outputs: dict[str, tuple], quantization: dict | None,
     timings: dict, root: Path,
 ) -> dict:
     recipe = plan.recipe
-    out_labels = {}
     dyn_b = {0: "batch"} if "batch" in specs[0].labels.get("input_ids", {}).values() else {}
-    for name in reduced.output_names:
-        if name.startswith("present_"):
-            layer = int(name.rsplit("_", 1)[1])
-            group = next(g for g, (s, e) in enumerate(reduced.groups) if s <= layer < e)
-            out_labels[name] = {**dyn_b, 2: f"cache_len_{group}"}
-        elif name.startswith("cache_mask_"):
-            out_labels[name] = {**dyn_b, 1: f"cache_len_{name.rsplit('_', 1)[1]}"}
-        else:
-            out_labels[name] = dict(dyn_b)
+
+    def label(name: str, graph: str) -> dict[int, str]:
+        if name.startswith("present_"):  # (B, Hkv, length, d): the cache grows by one entry per decode step
+            g = _group(reduced, name)
+            return {**dyn_b, 2: f"cache_len_{g}" if graph == "prefill" else f"past_len_{g} + 1"}
+        if name.startswith("cache_mask_"):
+            return {**dyn_b, 1: f"cache_len_{name.rsplit('_', 1)[1]}"}
+        return dict(dyn_b)
+
     graphs: dict[str, Any] = {}
     for spec in specs:
-        outputs = prefill_out[0] if spec.name == "prefill" else spec.module(*spec.example)
         graphs[spec.name] = {
             "inputs": io_spec(spec.input_names, list(spec.example), spec.labels),
-            "outputs": io_spec(spec.output_names, list(outputs), out_labels if spec.name == "prefill" else {
-                n: ({**dyn_b, 2: f"past_len_{_group(reduced, n)} + 1"} if n.startswith("present_") else dict(dyn_b))
-                for n in spec.output_names
-            }),
+            "outputs": io_spec(spec.output_names, list(outputs[spec.name]),
+                               {n: label(n, spec.name) for n in spec.output_names}),
             "artifacts": {a.target: {"files": a.files, "backend": a.backend, **a.meta} for a in artifacts
                           if a.graph == spec.name},
         }

@@ -239,7 +239,8 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     from tokcompile.manifest import build_manifest
 
     quant = {**quant_report.to_dict(), "layerwise": quant_layers} if quant_report else None
-    manifest = build_manifest(plan, specs, artifacts, reduced, eager_prefill_out, quant, stage.timings, tmp)
+    example_outputs = {name: cases_[0][1] for name, cases_ in graph_cases.items()}  # eager, already computed
+    manifest = build_manifest(plan, specs, artifacts, reduced, example_outputs, quant, stage.timings, tmp)
     if int4 is not None:
         manifest["int4_onnx"] = {k: v for k, v in int4.items() if k != "parity"}
     _write_json(tmp / "manifest.json", manifest)
