@@ -67,6 +67,18 @@ def _run_bad(tmp_path: Path, capsys, recipe: Path, *extra: str) -> str:
         (_edit(("quant", "weight", "group_size"), 48), ["quant.weight.group_size", "does not divide", "128"]),
         (_edit(("inputs", "image_size"), [64, 64]), ["inputs.image_size", "32x32"]),
         (_edit(("export", "targets"), ["onxx"]), ["export.targets", "did you mean 'onnx'"]),
+        (_edit(("export", "weight_format"), "int3"), ["export.weight_format", "int4"]),
+        ({**_edit(("export", "weight_format"), "int4"), "quant": None}, ["export.weight_format", "bit of 4"]),
+        ({**_edit(("export", "weight_format"), "int4"), "export": {"targets": ["eager"], "weight_format": "int4"}},
+         ["export.weight_format", "add onnx"]),
+        ({**_edit(("export", "weight_format"), "int4"),
+          "quant": {"method": "GPTQ", "weight": {"bit": 4, "granularity": "per_group", "group_size": 32},
+                    "special": {"actorder": True, "static_groups": False}}},
+         ["quant.special.static_groups", "static_groups: true"]),
+        ({**GOOD, "quant": {"method": "GPTQ", "weight": {"bit": 4}, "calib": {"name": "pileval"}}},
+         ["quant.calib.name", "synthetic, custom_mm, custom"]),
+        ({**GOOD, "quant": {"method": "GPTQ", "weight": {"bit": 4}, "calib": {"name": "custom_mm"}}},
+         ["quant.calib.path", "needs a folder"]),
     ],
 )
 def test_bad_recipe_values(tmp_path, capsys, data, expect):
