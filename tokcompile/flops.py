@@ -104,7 +104,7 @@ def prefill_flops(geom: Geometry, schedule: Schedule, n_text: int) -> dict:
             n_prev = reduced_tokens[step.layer - 1] if step.layer >= 1 else n_text + step.n_in
             overhead += 2 * d * dq + 2 * n_prev * dq
 
-    vision_dense = geom.vision_layers * vision_layer_flops(geom.vision_tokens, geom)
+    vision_dense = geom.vision_images * geom.vision_layers * vision_layer_flops(geom.vision_tokens, geom)
     vision = {"dense": vision_dense, "reduced": vision_dense}
 
     lm_head = 2 * d * geom.vocab_size

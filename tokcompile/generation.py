@@ -4,8 +4,9 @@ A backend is two callables that take a dict of named inputs and return a tuple o
 order (see `ReducedVLM.output_names` and `DecodeStep.input_names`/`output_names`). The same loop serves the
 eager modules, onnxruntime, AOTInductor and the exported programs, so their parity is token for token.
 
-Positions follow policy P1: the t-th generated token (0-based) sits at (real prompt length + t) in every
-layer, even though layers after a pruning step cache fewer entries.
+Positions follow policy P1: the t-th generated token (0-based) sits at (prefill's `next_position` + t) in
+every layer, even though layers after a pruning step cache fewer entries. For 1-D RoPE `next_position` is
+the real prompt length; for M-RoPE it is one past the largest position of the prompt, as in HF.
 """
 
 from __future__ import annotations
@@ -74,20 +75,22 @@ def generate(
     """Run prefill once, then decode one token at a time.
 
     Args:
-        prefill: inputs (input_ids, attention_mask, pixel_values) -> (logits, kept_0.., cache_mask_g.., kv..).
+        prefill: the processor's outputs by name (each runner takes the inputs it was compiled with) ->
+            (logits, kept_0.., cache_mask_g.., next_position, kv..).
         decode: inputs (input_ids, position_ids, attention_mask_g.., past kv..) -> (logits, kv..).
         batch: the processor's output.
         n_steps: reduction steps in the prefill graph (number of kept outputs).
         n_groups: cache groups (number of cache masks).
     """
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    out = prefill({k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    out = prefill(dict(batch))
     logits = out[0]
     kept = list(out[1 : 1 + n_steps])
-    masks = [torch.as_tensor(m).long() for m in out[1 + n_steps : 1 + n_steps + n_groups]]
-    past = list(out[1 + n_steps + n_groups :])
+    first = 1 + n_steps + n_groups
+    masks = [torch.as_tensor(m).long() for m in out[1 + n_steps : first]]
+    next_position = torch.as_tensor(out[first]).long()  # (B, 1)
+    past = list(out[first + 1 :])
     B = logits.shape[0]
-    prompt_len = batch["attention_mask"].long().sum(1, keepdim=True)  # (B, 1) real tokens
     tokens: list[Tensor] = []
     step_logits: list[Tensor] = []
     done = torch.zeros(B, dtype=torch.bool)
@@ -108,7 +111,7 @@ def generate(
             break
         ones = torch.ones(B, 1, dtype=torch.long)
         masks = [torch.cat([m, ones], dim=1) for m in masks]  # (B, P_g + 1): cache plus the new token
-        feed = {"input_ids": tok[:, None].long(), "position_ids": prompt_len + t}
+        feed = {"input_ids": tok[:, None].long(), "position_ids": next_position + t}
         feed.update({f"attention_mask_{g}": m for g, m in enumerate(masks)})
         feed.update({f"past_{kind}_{i // 2}": p for i, (kind, p) in enumerate(zip(_kinds(len(past)), past))})
         out = decode(feed)
@@ -125,12 +128,10 @@ def no_cache_logits(reduced: Any, batch: dict[str, Tensor], result: Generated) -
     """Reference logits for each generated step: the whole reduced prefill re-run on the prompt plus the
     tokens generated so far, with the prefill's kept tokens replayed (FastV with a cache keeps its first
     selection). Step t's logits must match the cached decode's."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    inner = getattr(reduced, "reduced", reduced)
     out = []
     for t in range(result.tokens.shape[1]):
-        extra = result.tokens[:, :t]
-        ids_t = torch.cat([ids, extra], dim=1)
-        mask_t = torch.cat([mask, torch.ones_like(extra)], dim=1)
-        logits = reduced(ids_t, mask_t, batch["pixel_values"], forced_kept=tuple(result.kept))[0]
+        feed = inner.adapter.extend_text(batch, result.tokens[:, :t], inner.geometry)
+        logits = reduced(*[feed[n] for n in inner.input_names], forced_kept=tuple(result.kept))[0]
         out.append(logits.float())
     return out

@@ -48,14 +48,15 @@ def decode_example(reduced: ReducedVLM, batch: dict[str, Tensor]) -> tuple[Tenso
     """Decode inputs for the first generated token after prefilling `batch` (eager)."""
     n_steps, n_groups = len(reduced.schedule), len(reduced.groups)
     with torch.no_grad():
-        out = reduced(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        out = reduced(*[batch[n] for n in reduced.input_names])
     B = out[0].shape[0]
     token = out[0].argmax(-1, keepdim=True)  # (B, 1)
-    position = batch["attention_mask"].long().sum(1, keepdim=True)  # (B, 1)
+    first = 1 + n_steps + n_groups
+    position = out[first]  # (B, 1) next_position
     ones = torch.ones(B, 1, dtype=torch.long)
-    masks = [torch.cat([m, ones], 1) for m in out[1 + n_steps : 1 + n_steps + n_groups]]
+    masks = [torch.cat([m, ones], 1) for m in out[1 + n_steps : first]]
     # Contiguous, as every runner feeds them: AOTInductor compiles for the example's strides.
-    return tuple(t.contiguous() for t in (token, position, *masks, *out[1 + n_steps + n_groups :]))
+    return tuple(t.contiguous() for t in (token, position, *masks, *out[first + 1 :]))
 
 
 def graph_specs(plan: Plan, reduced: ReducedVLM, decode: DecodeStep, batch: dict[str, Tensor]) -> list[GraphSpec]:
@@ -69,13 +70,25 @@ def graph_specs(plan: Plan, reduced: ReducedVLM, decode: DecodeStep, batch: dict
         d.update({int(k[1:]): v for k, v in named.items()})
         return d
 
-    names = list(plan.adapter.input_names)
-    prefill_dyn = {"input_ids": axes(a1=t_dim), "attention_mask": axes(a1=t_dim), "pixel_values": axes() or None}
+    names = list(reduced.input_names)
+    prefill_dyn: dict[str, Any] = {}
+    prefill_labels: dict[str, dict[int, str]] = {}
+    for name in names:
+        dims: dict[int, Any] = {}
+        labels_n: dict[int, str] = {}
+        for axis, kind in plan.adapter.input_axes(plan.geometry).get(name, {}).items():
+            if kind == "prompt_len":
+                dims[axis], labels_n[axis] = t_dim, "prompt_len"
+            elif kind == "batch" and dyn_batch:
+                dims[axis], labels_n[axis] = b_dim, "batch"
+            elif isinstance(kind, tuple) and dyn_batch:  # ("batch", m): images flattened into m rows each
+                dims[axis], labels_n[axis] = kind[1] * b_dim, f"batch * {kind[1]}"
+        prefill_dyn[name] = dims or None
+        prefill_labels[name] = labels_n
     batch_label = {0: "batch"} if dyn_batch else {}
     prefill = GraphSpec(
-        PREFILL, reduced, names, reduced.output_names, tuple(batch[n] for n in names), prefill_dyn,
-        labels={"input_ids": {**batch_label, 1: "prompt_len"}, "attention_mask": {**batch_label, 1: "prompt_len"},
-                "pixel_values": dict(batch_label)},
+        PREFILL, reduced, names, reduced.output_names, tuple(batch[n] for n in names),
+        {"inputs": tuple(prefill_dyn[n] for n in names)}, labels=prefill_labels,
     )
     n_groups = len(decode.groups)
     group_of = [g for g, (s, e) in enumerate(decode.groups) for _ in range(s, e)]

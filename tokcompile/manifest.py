@@ -77,7 +77,9 @@ def build_manifest(
         "plan": plan.to_dict(),
         "schedule": [s.to_dict() for s in plan.schedule],
         "cache_groups": [list(g) for g in reduced.groups],
-        "position_policy": "P1: kept tokens keep their original positions; token t is generated at prompt_len + t",
+        "position_policy": "P1: kept tokens keep their original positions; generated token t sits at the prefill's "
+                           "next_position + t",
+        "media": _media(plan, specs[0]),
         "generation": {
             "eos_token_id": _eos(plan),
             "max_new_tokens": recipe.inputs.max_new_tokens,
@@ -99,6 +101,21 @@ def build_manifest(
         if p.is_file()
     }
     return manifest
+
+
+def _media(plan: Any, prefill: Any) -> dict:
+    """What one prompt carries and how inputs reach the compiled resolution, for the runtime."""
+    g, a = plan.geometry, plan.adapter
+    example = prefill.example_dict()
+    return {
+        "kind": g.media,
+        "size": list(g.image_size),
+        "resize": ("the runtime resizes every image to the compiled size before the processor"
+                   if a.resize_to_compiled else "the processor resizes and crops to the compiled size"),
+        "resize_to_compiled": bool(a.resize_to_compiled),
+        # Per-sample values of inputs that the graph bakes in (checked by the runtime before it runs).
+        "fixed_inputs": {n: example[n][0].tolist() for n in a.fixed_value_inputs},
+    }
 
 
 def _group(reduced: Any, name: str) -> int:

@@ -31,24 +31,25 @@ PROMPTS = (
 
 @dataclass
 class ParityInputs:
-    """One batch as the processor returns it, plus each sample's unpadded ids for per-sample references."""
+    """One batch as the processor returns it (the prefill graph's inputs), and its prompts."""
 
     batch: dict[str, Tensor]
     prompts: list[str]
+    adapter: Any = None
+    geometry: Any = None
 
-    def sample(self, b: int) -> tuple[Tensor, Tensor]:
-        mask = self.batch["attention_mask"][b].bool()
-        ids = self.batch["input_ids"][b][mask][None]  # (1, T_b) without padding
-        return ids, self.batch["pixel_values"][b : b + 1]
+    def sample(self, b: int) -> dict[str, Tensor]:
+        """Sample `b` alone and unpadded, as a batch of one (the family adapter knows how to slice)."""
+        return self.adapter.sample_inputs(self.batch, b, self.geometry)
 
 
-def format_prompt(processor: Any, question: str) -> str:
-    """The model's chat template with one image and one question, or LLaVA-1.5's plain template."""
+def format_prompt(processor: Any, question: str, media: str = "image") -> str:
+    """The model's chat template with one image (or video) and one question, or LLaVA-1.5's plain template."""
     template = getattr(processor, "chat_template", None)
     if template:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        messages = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: <image>\n{question} ASSISTANT:"
+    return f"USER: <{media}>\n{question} ASSISTANT:"
 
 
 def random_images(rng: np.random.Generator, n: int, size: tuple[int, int]) -> list:
@@ -65,21 +66,32 @@ def random_images(rng: np.random.Generator, n: int, size: tuple[int, int]) -> li
     return images
 
 
+def process(processor: Any, adapter: Any, geometry: Any, images: list, questions: list[str]) -> dict[str, Tensor]:
+    """(images, questions) -> the prefill graph's inputs, as the processor returns them for the compiled
+    resolution (images resized first where the family's processor output depends on the image size)."""
+    prompts = [format_prompt(processor, q, geometry.media) for q in questions]
+    media = adapter.prepare_images(images, geometry)
+    out = adapter.process(processor, media, prompts, geometry)
+    missing = [n for n in adapter.input_names if n not in out]
+    if missing:
+        raise ValueError(f"the processor returned no {', '.join(missing)}")
+    return {n: out[n] for n in adapter.input_names}
+
+
 def make_inputs(
-    processor: Any, batch_size: int, samples: int, image_size: tuple[int, int], seed: int, max_len: int
+    processor: Any, adapter: Any, geometry: Any, batch_size: int, samples: int, seed: int, max_len: int
 ) -> list[ParityInputs]:
     """`samples` batches with prompts of different lengths (so batches > 1 carry padding)."""
     rng = np.random.default_rng(seed)
     out = []
     for s in range(samples):
-        prompts = [format_prompt(processor, PROMPTS[(s * batch_size + b) % len(PROMPTS)]) for b in range(batch_size)]
-        images = random_images(rng, batch_size, image_size)
-        batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        questions = [PROMPTS[(s * batch_size + b) % len(PROMPTS)] for b in range(batch_size)]
+        images = adapter.random_media(rng, batch_size, geometry)
+        batch = process(processor, adapter, geometry, images, questions)
         if batch["input_ids"].shape[1] > max_len:
             n = batch["input_ids"].shape[1]
             raise ValueError(f"a parity prompt needs {n} tokens, above the {max_len} compiled")
-        out.append(ParityInputs(batch, prompts))
+        out.append(ParityInputs(batch, questions, adapter, geometry))
     return out
 
 
@@ -173,7 +185,7 @@ def check_no_cache(runs: list, references: list[list[Tensor]], atol: float, rtol
 
 
 def check_reference(
-    reference: Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]],
+    reference: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor | None]],
     eager_outputs: list[tuple],
     inputs: list[ParityInputs],
     atol: float,
@@ -183,8 +195,7 @@ def check_reference(
     rows = []
     for i, (inp, ref) in enumerate(zip(inputs, eager_outputs)):
         for b in range(inp.batch["input_ids"].shape[0]):
-            ids, pix = inp.sample(b)
-            logits, kept = reference(ids, pix)
+            logits, kept = reference(inp.sample(b))
             row = {"input": i, "row": b, **_compare_logits(logits[None], ref[0][b : b + 1], atol, rtol)}
             if kept is not None:
                 row["kept_equal"] = bool(torch.equal(kept, ref[1][b]))

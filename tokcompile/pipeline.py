@@ -121,7 +121,8 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     model = load_model(recipe.model.path, plan.config, recipe.base.seed, recipe.model.trust_remote_code)
     try:
         inputs = parity.make_inputs(
-            processor, plan.batch_size, recipe.parity.samples, g.image_size, recipe.base.seed, plan.text_len_range[1]
+            processor, plan.adapter, g, plan.batch_size, recipe.parity.samples, recipe.base.seed,
+            plan.text_len_range[1],
         )
     except ValueError as e:
         raise RecipeError("inputs.max_prompt_len", f"{e}; raise it or remove it") from None
@@ -129,7 +130,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         baseline = []
         for inp in inputs:
             samples = [inp.sample(b) for b in range(len(inp.prompts))]
-            baseline.append(torch.cat([model(input_ids=i, pixel_values=p).logits[:, -1] for i, p in samples]))
+            baseline.append(torch.cat([model(**smp).logits[:, -1] for smp in samples]))
     done()
 
     quant_report, quant_layers, int_weights = None, None, None
@@ -156,9 +157,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     # Generation cases: every parity batch (padded when batch > 1) and its first sample alone (batch 1).
     cases = [inp.batch for inp in inputs]
     if plan.batch_size > 1:
-        for inp in inputs:
-            ids, pix = inp.sample(0)
-            cases.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix})
+        cases += [inp.sample(0) for inp in inputs]
     gcfg = GenerationConfig(max_new_tokens=GREEDY_TOKENS)
 
     def eager_prefill(feed: dict) -> tuple:
@@ -283,7 +282,7 @@ def _quantize(plan: Plan, model: Any, processor: Any, log: Log) -> tuple[Any, di
             ints.update({fqn: int_weight(fqn, *grid) for fqn, grid in grids.items()})
         return report, None, ints
     calib = plan.recipe.quant.calib
-    batches = calibration_batches(calib, processor, plan.geometry.image_size, plan.recipe.base.seed,
+    batches = calibration_batches(calib, processor, plan.adapter, plan.geometry, plan.recipe.base.seed,
                                   batch_size=calib.bs if calib.bs > 0 else calib.n_samples)
     original = {n: m.weight.detach().clone() for n, m in linears.items()}
     reduced = ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id)
@@ -374,9 +373,9 @@ def _independent_reference(plan: Plan, model: Any, eager_out: list, inputs: list
     if not (step is None or (len(plan.schedule) == 1 and step.method == "fastv")):
         return {"passed": None, "note": "no independent reference for this schedule"}
 
-    def ref(ids: Any, pix: Any) -> Any:
+    def ref(sample: Any) -> Any:
         return fastv_reference(
-            model, ids, pix, image_token_id=plan.image_token_id,
+            model, plan.adapter, sample, image_token_id=plan.image_token_id,
             pruning_loc=step.layer if step else None, keep=step.n_out if step else None,
         )
 

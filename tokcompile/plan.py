@@ -178,10 +178,14 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
         check_weights_present(path)
     adapter: VLMAdapter = ADAPTERS.get(model_type)()
     config = load_config(path, recipe.model.trust_remote_code)
+    frames = recipe.inputs.video_frames
+    if frames is not None and not adapter.supports_video:
+        raise RecipeError("inputs.video_frames", f"{model_type} takes images only; remove inputs.video_frames")
     try:
-        geom = adapter.geometry(config, recipe.inputs.image_size)
+        geom = adapter.geometry(config, recipe.inputs.image_size, video_frames=frames)
     except ValueError as e:
-        raise RecipeError("inputs.image_size", str(e)) from None
+        key = "inputs.video_frames" if frames is not None and "frame" in str(e) else "inputs.image_size"
+        raise RecipeError(key, str(e)) from None
     schedule, reducers = _reduction(recipe, adapter, geom)
     quant, include, ignore = _quant(recipe, adapter, geom)
 
@@ -211,7 +215,7 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
         geometry=geom,
         schedule=schedule,
         reducers=reducers,
-        image_token_id=adapter.image_token_id(config),
+        image_token_id=adapter.image_token_id(config, geom),
         quant=quant,
         quant_include=include,
         quant_ignore=ignore,
@@ -222,6 +226,11 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
     )
 
 
+def _media_line(g: Geometry) -> str:
+    size = f"{g.image_size[0]}x{g.image_size[1]}"
+    return f"video of {g.vision_images} frames at {size}" if g.media == "video" else f"image {size}"
+
+
 def format_plan(plan: Plan) -> str:
     """The human summary printed by `compile.py --plan`."""
     g = plan.geometry
@@ -229,7 +238,7 @@ def format_plan(plan: Plan) -> str:
         f"recipe      {plan.recipe.name}  ({plan.recipe.source})",
         f"model       {plan.recipe.model.path}  [{plan.model_type}]  {g.n_layers} decoder layers, d={g.hidden_size}, "
         f"heads {g.n_heads}/{g.n_kv_heads} kv",
-        f"inputs      batch {plan.batch_size}, image {g.image_size[0]}x{g.image_size[1]} -> {g.n_image_tokens} image "
+        f"inputs      batch {plan.batch_size}, {_media_line(g)} -> {g.n_image_tokens} image "
         f"tokens, prompt length {plan.text_len_range[0]}..{plan.text_len_range[1]} (dynamic)",
     ]
     if plan.quant is not None:

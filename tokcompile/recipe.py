@@ -194,9 +194,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class InputsConfig:
-    """`inputs:` fixed geometry; `max_prompt_len` counts text tokens only (None = dynamic)."""
+    """`inputs:` fixed geometry; `max_prompt_len` counts text tokens only (None = dynamic); `video_frames`
+    makes every prompt carry one video of that many frames instead of one image (families with video)."""
     batch_size: int = _opt(1, _int(1))
     image_size: tuple[int, int] | None = _opt(None, _nullable(_image_size))
+    video_frames: int | None = _opt(None, _nullable(_int(1, fix="use at least 1 frame, or null for images")))
     max_prompt_len: int | None = _opt(None, _nullable(_int(2, fix="use at least 2, or null for dynamic")))
     max_new_tokens: int = _opt(32, _int(1))
 

@@ -37,8 +37,8 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def fastv_reference(
     model: nn.Module,
-    input_ids: Tensor,
-    pixel_values: Tensor,
+    adapter: Any,
+    sample: dict[str, Tensor],
     *,
     image_token_id: int,
     pruning_loc: int | None,
@@ -47,25 +47,20 @@ def fastv_reference(
     """Next-token logits (V,) and kept image indices (k,) for ONE unpadded sample.
 
     Args:
-        model: an HF LLaVA-style model (`model.model.language_model`, `model.lm_head`).
-        input_ids: (1, T) without padding.
-        pixel_values: (1, 3, H, W).
-        image_token_id: the image placeholder id.
+        model: the HF model.
+        adapter: its family adapter, used only to find the HF text model (`language_model`) and HF's own
+            position ids (`hf_position_ids`: 1-D, or M-RoPE's 3 rows from HF's `get_rope_index`).
+        sample: the processor's outputs for one sample without padding (batch of one).
+        image_token_id: the image (or video) placeholder id.
         pruning_loc: K; None runs the unreduced model.
         keep: image tokens kept at K.
     """
     with eager_attention(model):
-        out = model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            output_attentions=True,
-            output_hidden_states=True,
-            use_cache=False,
-        )
+        out = model(**sample, output_attentions=True, output_hidden_states=True, use_cache=False)
     if pruning_loc is None:
         return out.logits[0, -1], None
     K = pruning_loc
-    ids = input_ids[0].tolist()
+    ids = sample["input_ids"][0].tolist()
     start = ids.index(image_token_id)
     n_image = ids.count(image_token_id)
     T = len(ids)
@@ -77,9 +72,9 @@ def fastv_reference(
     kept = torch.tensor(sorted(order[:keep]), dtype=torch.long)
     keep_idx = torch.cat([torch.arange(start), start + kept, torch.arange(start + n_image, T)])  # (T',)
 
-    lm = model.model.language_model
+    lm = adapter.language_model(model)
     h = out.hidden_states[K][:, keep_idx]  # (1, T', D): the input of layer K
-    position_ids = keep_idx[None]  # (1, T'): original positions
+    position_ids = adapter.hf_position_ids(model, sample)[..., keep_idx]  # (1, T') or (R, 1, T'): original
     rope = lm.rotary_emb(h, position_ids)
     n = h.shape[1]
     mask = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]  # (1, 1, T', T') additive causal
@@ -87,5 +82,5 @@ def fastv_reference(
         for layer in lm.layers[K:]:
             o = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
             h = o[0] if isinstance(o, tuple) else o
-    logits = model.lm_head(lm.norm(h))[0, -1]  # (V,)
+    logits = adapter.lm_head(model)(lm.norm(h))[0, -1]  # (V,)
     return logits, kept

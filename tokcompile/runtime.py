@@ -107,6 +107,17 @@ class Generator:
         if not proc_dir.is_dir():
             raise _fail(str(proc_dir), "is missing; the export is incomplete, recompile it")
         self.processor = AutoProcessor.from_pretrained(str(proc_dir), local_files_only=True)
+        from tokcompile.models import ADAPTERS, Geometry
+
+        plan = self.manifest["plan"]
+        if plan["model_type"] not in ADAPTERS:
+            raise _fail(str(self.dir / "manifest.json"), f"needs model family '{plan['model_type']}', which this "
+                                                         "tokcompile does not know; upgrade tokcompile")
+        self.adapter = ADAPTERS.get(plan["model_type"])()
+        geom = dict(plan["geometry"])
+        geom["image_size"], geom["layout"] = tuple(geom["image_size"]), tuple(geom.get("layout", ()))
+        self.geometry = Geometry(**geom)
+        self.fixed_inputs = self.manifest.get("media", {}).get("fixed_inputs", {})
 
     def _images(self, images: list[Any]) -> list[Any]:
         from PIL import Image
@@ -138,7 +149,7 @@ class Generator:
         """Answer each (image, prompt) pair. Greedy by default; images are resized by the processor to the
         compiled resolution. Batches larger than the compiled maximum run in chunks. `max_new_tokens` defaults
         to the recipe's `inputs.max_new_tokens`."""
-        from tokcompile.parity import format_prompt
+        from tokcompile.parity import process
 
         if len(images) != len(prompts):
             raise _fail("prompts", f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
@@ -151,8 +162,12 @@ class Generator:
         texts, ids, kept = [], [], [[] for _ in range(self.n_steps)]
         for start in range(0, len(imgs), self.batch_max):
             chunk = slice(start, start + self.batch_max)
-            text = [format_prompt(self.processor, p) for p in prompts[chunk]]
-            batch = self.processor(images=imgs[chunk], text=text, return_tensors="pt", padding=True)
+            batch = process(self.processor, self.adapter, self.geometry, imgs[chunk], list(prompts[chunk]))
+            for name, want in self.fixed_inputs.items():
+                got = [row.tolist() for row in batch[name]]
+                if any(row != want for row in got):
+                    raise _fail("--image", f"the processor produced {name} {got[0]}, but this export is compiled "
+                                           f"for {want}; recompile with inputs.image_size for that resolution")
             limit = self.manifest["graphs"]["prefill"].get("prompt_len", {}).get("max")
             if limit is not None and batch["input_ids"].shape[1] > limit:
                 raise _fail("prompts", f"a prompt needs {batch['input_ids'].shape[1]} tokens, more than the {limit} "

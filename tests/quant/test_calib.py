@@ -19,29 +19,31 @@ def _images(folder, n):
         Image.fromarray((rng.random((40, 30 + 10 * i, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
 
 
-def test_synthetic_is_seeded_and_batched(processor):
-    a = calibration_batches(CalibConfig(n_samples=5), processor, (32, 32), seed=0, batch_size=2)
-    b = calibration_batches(CalibConfig(n_samples=5), processor, (32, 32), seed=0, batch_size=2)
+def test_synthetic_is_seeded_and_batched(processor, adapter, geometry):
+    a = calibration_batches(CalibConfig(n_samples=5), processor, adapter, geometry, seed=0, batch_size=2)
+    b = calibration_batches(CalibConfig(n_samples=5), processor, adapter, geometry, seed=0, batch_size=2)
     assert [x["input_ids"].shape[0] for x in a] == [2, 2, 1]
     assert all((x["input_ids"] == y["input_ids"]).all() for x, y in zip(a, b))
     assert all(x["pixel_values"].shape[1:] == (3, 32, 32) for x in a)
 
 
-def test_folder_with_img_qa_json(processor, tmp_path):
+def test_folder_with_img_qa_json(processor, adapter, geometry, tmp_path):
     _images(tmp_path, 2)
     (tmp_path / "img_qa.json").write_text(json.dumps([{"image": "0.png", "question": "What is it?"},
                                                       {"image": "1.png", "question": "Colour?"}]))
-    out = calibration_batches(CalibConfig(name="custom_mm", n_samples=3, path=str(tmp_path)), processor, (32, 32), 0)
+    out = calibration_batches(CalibConfig(name="custom_mm", n_samples=3, path=str(tmp_path)),
+        processor, adapter, geometry, 0)
     assert len(out) == 3  # cycles through the two samples
     text = processor.tokenizer.decode(out[1]["input_ids"][0], skip_special_tokens=True)
     assert "Colour?" in text
 
 
-def test_jsonl_file(processor, tmp_path):
+def test_jsonl_file(processor, adapter, geometry, tmp_path):
     _images(tmp_path, 1)
     path = tmp_path / "calib.jsonl"
     path.write_text(json.dumps({"image": "0.png", "prompt": "Describe it."}) + "\n")
-    (batch,) = calibration_batches(CalibConfig(name="custom", n_samples=1, path=str(path)), processor, (32, 32), 0)
+    (batch,) = calibration_batches(CalibConfig(name="custom", n_samples=1, path=str(path)),
+        processor, adapter, geometry, 0)
     assert "Describe it." in processor.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
 
 
@@ -53,13 +55,14 @@ def test_jsonl_file(processor, tmp_path):
         (lambda d: (d / "img_qa.json").write_text('[{"image": "nope.png", "question": "q"}]'), "cannot read image"),
     ],
 )
-def test_bad_calibration_folders(processor, tmp_path, setup, match):
+def test_bad_calibration_folders(processor, adapter, geometry, tmp_path, setup, match):
     setup(tmp_path)
     with pytest.raises(RecipeError, match=match) as e:
-        calibration_batches(CalibConfig(name="custom_mm", n_samples=1, path=str(tmp_path)), processor, (32, 32), 0)
+        calibration_batches(CalibConfig(name="custom_mm", n_samples=1, path=str(tmp_path)),
+            processor, adapter, geometry, 0)
     assert e.value.key == "quant.calib.path"
 
 
-def test_unknown_source(processor):
+def test_unknown_source(processor, adapter, geometry):
     with pytest.raises(RecipeError, match="use one of synthetic, custom_mm, custom"):
-        calibration_batches(CalibConfig(name="pileval", n_samples=1), processor, (32, 32), 0)
+        calibration_batches(CalibConfig(name="pileval", n_samples=1), processor, adapter, geometry, 0)

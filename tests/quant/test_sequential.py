@@ -33,8 +33,9 @@ def _gptq(model, adapter, geometry, batches, with_reduction, results=None, log=l
 
 
 @pytest.fixture(scope="module")
-def calib(processor):
-    return calibration_batches(CalibConfig(name="synthetic", n_samples=6), processor, (32, 32), seed=0, batch_size=3)
+def calib(processor, adapter, geometry):
+    return calibration_batches(CalibConfig(name="synthetic", n_samples=6),
+        processor, adapter, geometry, seed=0, batch_size=3)
 
 
 def test_layers_are_quantized_on_the_grid_with_progress(tiny_model, adapter, geometry, calib):

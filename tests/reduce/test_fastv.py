@@ -25,10 +25,9 @@ def test_static_fastv_matches_official_style_reference(tiny_model, adapter, geom
     k = keep_count(64, rate)
     assert kept.shape == (2, k)
     for b in range(2):
-        m = batch["attention_mask"][b].bool()
+        sample = adapter.sample_inputs(batch, b, geometry)
         ref_logits, ref_kept = fastv_reference(
-            tiny_model, batch["input_ids"][b : b + 1, m], batch["pixel_values"][b : b + 1],
-            image_token_id=4, pruning_loc=K, keep=k,
+            tiny_model, adapter, sample, image_token_id=4, pruning_loc=K, keep=k,
         )
         assert torch.equal(kept[b], ref_kept)
         torch.testing.assert_close(logits[b], ref_logits, atol=1e-5, rtol=1e-5)

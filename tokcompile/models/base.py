@@ -29,7 +29,9 @@ class TokenState:
 
     Args:
         hidden: (B, T, D) residual stream.
-        positions: (B, T) RoPE position ids (original ids of surviving tokens under policy P1).
+        positions: (B, T) RoPE position ids, or (B, T, R) for R-row RoPE such as M-RoPE (R=3): the original
+            ids of surviving tokens under policy P1. Reducers gather along the token axis only, so every row
+            follows its token.
         valid: (B, T) bool, False for padding; padded keys are never attended.
         image_start: (B,) index of the first image token in the current sequence.
         n_image: image tokens in the current sequence (a Python int: static).
@@ -91,13 +93,24 @@ class DecoderSiteContext:
 
         st = self.prev_state
         h_last = st.hidden.gather(1, st.last[:, None, None].expand(-1, 1, st.hidden.shape[-1]))  # (B, 1, D)
-        pos_last = st.positions.gather(1, st.last[:, None])  # (B, 1)
+        from tokcompile.reduce.ops import gather_tokens
+
+        pos_last = gather_tokens(st.positions, st.last[:, None])  # (B, 1) or (B, 1, R)
         q = self.adapter.last_query(self.model, self.prev_layer, h_last, pos_last)  # (B, H, 1, d)
         return attention_row(q, self.prev_keys, st.valid).mean(1)  # (B, H, T) -> (B, T)
 
 
+Inputs = dict[str, Tensor]
+
+
 class VLMAdapter:
-    """Per-family knowledge. Subclasses live in `models/<family>.py`, keyed by HF `config.model_type`."""
+    """Per-family knowledge. Subclasses live in `models/<family>.py`, keyed by HF `config.model_type`.
+
+    An adapter answers three kinds of questions: sizes from the config alone (`geometry`), where the HF
+    modules live (`decoder_layers`, `embed_tokens`, ...), and how the prefill inputs become the decoder's
+    first `TokenState` (`encode_images`, `initial_positions`). `ReducedVLM`, `DecodeStep`, the reducers and
+    the exporters only call these methods; nothing outside `models/` branches on the family.
+    """
 
     model_types: ClassVar[tuple[str, ...]] = ()
     lightcompress_types: ClassVar[tuple[str, ...]] = ()
@@ -111,18 +124,39 @@ class VLMAdapter:
     parity_tolerance: ClassVar[tuple[float, float]] = (1e-4, 1e-3)
     # Names of the prefill graph's inputs, exactly as the processor returns them.
     input_names: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "pixel_values")
+    # Inputs whose values (not only shapes) are fixed by the compiled resolution; the runtime checks them
+    # against the values recorded at compile time.
+    fixed_value_inputs: ClassVar[tuple[str, ...]] = ()
+    # True when the processor's output shape depends on the image size (anyres tiling, native resolution):
+    # images are then resized to the compiled resolution before the processor sees them.
+    resize_to_compiled: ClassVar[bool] = False
+    # True when a recipe may set inputs.video_frames (each prompt then carries one video, not one image).
+    supports_video: ClassVar[bool] = False
+    model_class_name: ClassVar[str] = ""
 
     # --- resolved without weights --------------------------------------------------------------------
-    def geometry(self, config: Any, image_size: tuple[int, int] | None) -> Geometry:
+    def geometry(self, config: Any, image_size: tuple[int, int] | None, video_frames: int | None = None) -> Geometry:
+        """Sizes at the compiled resolution. Raises ValueError (one line naming the fix) for a resolution or
+        frame count this family cannot compile."""
         raise NotImplementedError
 
     def default_image_size(self, config: Any, processor: Any | None) -> tuple[int, int]:
         raise NotImplementedError
 
-    def image_token_id(self, config: Any) -> int:
+    def image_token_id(self, config: Any, geom: Geometry) -> int:
+        """The placeholder token id of the media span (the video token when geom.media is "video")."""
         raise NotImplementedError
 
-    # --- module access ---------------------------------------------------------------------------------
+    def input_axes(self, geom: Geometry) -> dict[str, dict[int, str | tuple[str, int]]]:
+        """The prefill inputs' variable axes: "batch", "prompt_len", or ("batch", m) for an axis of length
+        batch·m (images flattened into patches). Every other axis is fixed by the compiled resolution."""
+        axes: dict[str, dict[int, str | tuple[str, int]]] = {n: {0: "batch"} for n in self.input_names}
+        for n in self.input_names:
+            if n in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                axes[n] = {0: "batch", 1: "prompt_len"}
+        return axes
+
+    # --- modules --------------------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
 
@@ -135,12 +169,27 @@ class VLMAdapter:
     def lm_head(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
 
-    def encode_images(self, model: nn.Module, pixel_values: Tensor) -> Tensor:
-        """pixel_values -> projected image features (B, N, D)."""
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The HF text model (with `layers`, `norm`, `rotary_emb`): used by the independent reference."""
         raise NotImplementedError
 
+    # --- prefill inputs -> first TokenState -------------------------------------------------------------
+    def encode_images(self, model: nn.Module, inputs: Inputs, geom: Geometry) -> Tensor:
+        """The prefill inputs -> projected image features (B, N, D), N = geom.n_image_tokens."""
+        raise NotImplementedError
+
+    def initial_positions(self, inputs: Inputs, image_start: Tensor, geom: Geometry) -> Tensor:
+        """RoPE positions of the full prompt: (B, T) for 1-D RoPE (0, 1, ... over real tokens; left or right
+        padding). Families with multi-row RoPE return (B, T, R)."""
+        mask = inputs["attention_mask"]
+        return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+    def decode_positions(self, position_ids: Tensor) -> Tensor:
+        """Decode graph's position input (B, 1) -> positions in this family's layout."""
+        return position_ids
+
     def rotary(self, model: nn.Module, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """(cos, sin) for `positions` (B, T)."""
+        """(cos, sin) for `positions` ((B, T) or (B, T, R)), in the form the decoder layers take."""
         raise NotImplementedError
 
     def last_query(self, model: nn.Module, layer: nn.Module, h_last: Tensor, pos_last: Tensor) -> Tensor:
@@ -154,11 +203,64 @@ class VLMAdapter:
             hidden,
             attention_mask=mask,
             position_embeddings=rope,
-            position_ids=positions,
+            position_ids=None,
             past_key_values=cache,
             use_cache=cache is not None,
         )
         return out[0] if isinstance(out, tuple) else out
+
+    # --- host side: processor inputs, per-sample slices, HF references ------------------------------------
+    def prepare_images(self, images: list[Any], geom: Geometry) -> list[Any]:
+        """PIL images as the processor should see them: resized to the compiled resolution when the
+        processor's output shape would otherwise depend on the image size."""
+        if not self.resize_to_compiled:
+            return list(images)
+        h, w = geom.image_size
+        return [im.convert("RGB").resize((w, h)) if im.size != (w, h) else im.convert("RGB") for im in images]
+
+    def random_media(self, rng: Any, n: int, geom: Geometry) -> list[Any]:
+        """`n` random inputs of the compiled media kind for parity and synthetic calibration: PIL images of
+        varying sizes (the processor or `prepare_images` brings them to the compiled resolution)."""
+        from tokcompile.parity import random_images
+
+        return random_images(rng, n, geom.image_size)
+
+    def process(self, processor: Any, media: list[Any], prompts: list[str], geom: Geometry) -> dict[str, Any]:
+        """Run the processor on prepared media and formatted prompts (left padding): its raw output."""
+        return processor(**{geom.media + "s": media}, text=prompts, return_tensors="pt", padding=True)
+
+    def sample_inputs(self, batch: Inputs, b: int, geom: Geometry) -> Inputs:
+        """Sample `b` of a processor batch, unpadded, as a batch of one (for per-sample HF references)."""
+        keep = batch["attention_mask"][b].bool()
+        out: Inputs = {}
+        for name in self.input_names:
+            t = batch[name]
+            if "prompt_len" in self.input_axes(geom).get(name, {}).values():
+                out[name] = t[b][keep][None]
+            else:
+                out[name] = t[b : b + 1]
+        return out
+
+    def extend_text(self, batch: Inputs, tokens: Tensor, geom: Geometry) -> Inputs:
+        """`batch` with `tokens` (B, n) appended to the prompt (for no-cache references of generation)."""
+        out = dict(batch)
+        n = tokens.shape[1]
+        for name, axes in self.input_axes(geom).items():
+            if "prompt_len" not in axes.values():
+                continue
+            t = batch[name]
+            if name == "input_ids":
+                out[name] = torch.cat([t, tokens.to(t.dtype)], dim=1)
+            elif name == "attention_mask":
+                out[name] = torch.cat([t, torch.ones(t.shape[0], n, dtype=t.dtype)], dim=1)
+            else:  # token-type ids and the like: appended tokens are text (0)
+                out[name] = torch.cat([t, torch.zeros(t.shape[0], n, dtype=t.dtype)], dim=1)
+        return out
+
+    def hf_position_ids(self, model: nn.Module, sample: Inputs) -> Tensor:
+        """HF's own position ids for one unpadded sample, in HF's layout: (1, T), or (R, 1, T) for R-row RoPE.
+        The independent reference gathers them along the last axis."""
+        return torch.arange(sample["input_ids"].shape[1])[None]
 
 
 def splice_image_features(text_embeds: Tensor, image_feats: Tensor, image_start: Tensor) -> Tensor:
@@ -206,8 +308,9 @@ def cache_groups(n_layers: int, schedule: Schedule) -> list[tuple[int, int]]:
 class ReducedVLM(nn.Module):
     """A VLM prefill with a static reduction schedule.
 
-    (input_ids, attention_mask, pixel_values) -> (logits (B, V), kept_i (B, n_out_i)... and, with
-    `with_cache`, cache_mask_g (B, T_g) for each cache group g and present_key_l / present_value_l
+    The adapter's prefill inputs (the processor's outputs, `input_names`) -> (logits (B, V),
+    kept_i (B, n_out_i)... and, with `with_cache`, cache_mask_g (B, T_g) for each cache group g,
+    next_position (B, 1), the position of the first generated token, and present_key_l / present_value_l
     (B, Hkv, T_l, d) for each decoder layer l).
 
     Args:
@@ -249,36 +352,42 @@ class ReducedVLM(nn.Module):
             self._steps_at.setdefault(step.layer, []).append((j, step, red))
 
     @property
+    def input_names(self) -> list[str]:
+        return list(self.adapter.input_names)
+
+    @property
     def output_names(self) -> list[str]:
         names = ["logits"] + [f"kept_{i}" for i in range(len(self.schedule))]
         if self.with_cache:
             names += [f"cache_mask_{g}" for g in range(len(self.groups))]
+            names += ["next_position"]
             names += [f"present_{kind}_{i}" for i in range(self.geometry.n_layers) for kind in ("key", "value")]
         return names
 
-    def initial_state(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> TokenState:
-        a = self.adapter
-        image_feats = a.encode_images(self.model, pixel_values)  # (B, N, D)
+    def initial_state(self, inputs: dict[str, Tensor]) -> TokenState:
+        """The prefill inputs (by name) -> the token sequence entering decoder layer 0."""
+        a, g = self.adapter, self.geometry
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        image_feats = a.encode_images(self.model, inputs, g)  # (B, N, D)
         text = a.embed_tokens(self.model)(input_ids)  # (B, T, D)
         is_image = input_ids == self.image_token_id  # (B, T)
         image_start = is_image.int().argmax(dim=1)  # (B,) first placeholder
         hidden = splice_image_features(text, image_feats, image_start)
         valid = attention_mask.bool()
-        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T), left or right padding
+        positions = a.initial_positions(inputs, image_start, g)  # (B, T) or (B, T, R)
         T = input_ids.shape[1]
         last = (valid.long() * torch.arange(T, device=input_ids.device)[None]).amax(1)  # (B,)
         return TokenState(hidden, positions, valid, image_start, image_feats.shape[1], last)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        pixel_values: Tensor,
-        forced_kept: tuple[Tensor, ...] | None = None,
-    ) -> tuple[Tensor, ...]:
-        """`forced_kept` (eager only) replaces each step's selection, for no-cache generation references."""
+    def forward(self, *inputs: Tensor, forced_kept: tuple[Tensor, ...] | None = None) -> tuple[Tensor, ...]:
+        """Inputs in `input_names` order. `forced_kept` (eager only) replaces each step's selection, for
+        no-cache generation references."""
         a, model = self.adapter, self.model
-        state = self.initial_state(input_ids, attention_mask, pixel_values)
+        state = self.initial_state(dict(zip(self.input_names, inputs)))
+        # Decode continues after the largest position of each sample (M-RoPE: over all rows), as HF does.
+        B, T = state.valid.shape
+        flat = state.positions.reshape(B, T, -1).amax(-1)  # (B, T)
+        next_position = (flat.masked_fill(~state.valid, -1).amax(1, keepdim=True) + 1).long()  # (B, 1)
         cache = KVCache()
         kept: list[Tensor] = []
         masks: list[Tensor] = []
@@ -306,7 +415,7 @@ class ReducedVLM(nn.Module):
         if not self.with_cache:
             return (logits, *kept)
         present = [t for i in range(len(cache.keys)) for t in (cache.keys[i], cache.values[i])]
-        return (logits, *kept, *[m.long() for m in masks], *present)
+        return (logits, *kept, *[m.long() for m in masks], next_position, *present)
 
 
 class DecodeStep(nn.Module):
@@ -317,8 +426,8 @@ class DecodeStep(nn.Module):
     present_value_l (B, Hkv, P_l + 1, d)).
 
     Each group's mask covers its cached entries plus the new token (padding stays hidden). Positions follow
-    the prefill's policy: under P1 the new token sits at (real prompt length + t) in every layer, whatever
-    each layer caches.
+    the prefill's policy: under P1 the t-th new token sits at (prefill's `next_position` + t) in every layer,
+    whatever each layer caches.
     """
 
     def __init__(self, model: nn.Module, adapter: VLMAdapter, geometry: Geometry, groups: list[tuple[int, int]]):
@@ -348,12 +457,13 @@ class DecodeStep(nn.Module):
         group_masks, past = rest[:n_groups], rest[n_groups:]
         cache = KVCache({i: (past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)})
         h = a.embed_tokens(model)(input_ids)  # (B, 1, D)
-        rope = a.rotary(model, h, position_ids)
+        positions = a.decode_positions(position_ids)  # (B, 1) or (B, 1, R)
+        rope = a.rotary(model, h, positions)
         layers = a.decoder_layers(model)
         for g, (start, end) in enumerate(self.groups):
             mask = group_masks[g].bool()[:, None, None, :]  # (B, 1, 1, P_g + 1)
             for i in range(start, end):
-                h = a.run_decoder_layer(layers[i], h, mask, rope, position_ids, cache)
+                h = a.run_decoder_layer(layers[i], h, mask, rope, positions, cache)
         logits = a.lm_head(model)(a.final_norm(model)(h)[:, 0])  # (B, V)
         present = [t for i in range(len(cache.keys)) for t in (cache.keys[i], cache.values[i])]
         return (logits, *present)

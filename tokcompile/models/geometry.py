@@ -26,6 +26,10 @@ class Geometry:
         vision_heads: vision-tower heads.
         vision_tokens: tokens inside the vision tower (patches plus CLS).
         rope: "1d" or "mrope".
+        media: "image" or "video": what one prompt carries (its tokens form one contiguous span).
+        vision_images: vision-tower passes per sample (anyres tiles or video frames), for FLOPs.
+        layout: family-specific static layout of the image span (e.g. Qwen's (t, h, w) patch grid or
+            LLaVA-NeXT's tile grid), recorded in the manifest.
     """
 
     family: str
@@ -44,8 +48,12 @@ class Geometry:
     vision_heads: int
     vision_tokens: int
     rope: str = "1d"
+    media: str = "image"
+    vision_images: int = 1
+    layout: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["image_size"] = list(self.image_size)
+        d["layout"] = list(self.layout)
         return d

@@ -61,10 +61,10 @@ class LlavaAdapter(VLMAdapter):
         s = config.vision_config.image_size
         return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
-    def image_token_id(self, config: Any) -> int:
+    def image_token_id(self, config: Any, geom: Geometry) -> int:
         return int(config.image_token_id)
 
-    def geometry(self, config: Any, image_size: tuple[int, int] | None) -> Geometry:
+    def geometry(self, config: Any, image_size: tuple[int, int] | None, video_frames: int | None = None) -> Geometry:
         vc, tc = config.vision_config, config.text_config
         native = self.default_image_size(config, None)
         size = image_size or native
@@ -108,7 +108,14 @@ class LlavaAdapter(VLMAdapter):
     def lm_head(self, model: nn.Module) -> nn.Module:
         return model.lm_head
 
-    def encode_images(self, model: nn.Module, pixel_values: Tensor) -> Tensor:
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def encode_images(self, model: nn.Module, inputs: dict[str, Tensor], geom: Geometry) -> Tensor:
+        return self.project_features(model, self.vision_features(model, inputs["pixel_values"]))
+
+    def vision_features(self, model: nn.Module, pixel_values: Tensor) -> Tensor:
+        """pixel_values (B, 3, H, W) -> selected vision-tower features (B, P, Dv·n_layers) before the projector."""
         cfg = model.config
         tower = model.model.vision_tower
         vm = getattr(tower, "vision_model", tower)  # transformers 5 flattens CLIPVisionModel
@@ -127,7 +134,9 @@ class LlavaAdapter(VLMAdapter):
         picked = [hidden_states[n + 1 + f if f < 0 else f] for f in layers]
         if cfg.vision_feature_select_strategy == "default":
             picked = [p[:, 1:] for p in picked]  # drop CLS
-        feats = torch.cat(picked, dim=-1)  # (B, N, Dv·len(layers))
+        return torch.cat(picked, dim=-1)  # (B, N, Dv·len(layers))
+
+    def project_features(self, model: nn.Module, feats: Tensor) -> Tensor:
         return model.model.multi_modal_projector(feats)  # (B, N, D)
 
     def rotary(self, model: nn.Module, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -35,11 +35,12 @@ def model_type_of(path: str) -> str:
     """The checkpoint's `model_type`, read from config.json as plain JSON (or the tiny family)."""
     if tiny.is_tiny(path):
         family = tiny.tiny_family(path)
-        if family not in tiny.FAMILIES or tiny.tiny_size(path) not in tiny.SIZES:
+        if family not in tiny.FAMILIES or tiny.tiny_size(path) not in tiny.sizes(family):
+            sizes = tiny.sizes(family) if family in tiny.FAMILIES else ("medium",)
             raise RecipeError(
                 "model.path", f"unknown built-in model '{path}'; use one of: "
                 + ", ".join(tiny.TINY_PREFIX + f for f in tiny.FAMILIES)
-                + f" (optionally with a size: @{', @'.join(tiny.SIZES)})"
+                + f" (optionally with a size: @{', @'.join(sizes)})"
             )
         return family
     p = _dir(path)

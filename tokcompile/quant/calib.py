@@ -71,15 +71,19 @@ def _pairs_from_path(path: str) -> list[tuple[Any, str]]:
 
 
 def calibration_batches(
-    calib: Any, processor: Any, image_size: tuple[int, int], seed: int, batch_size: int = 1
+    calib: Any, processor: Any, adapter: Any, geometry: Any, seed: int, batch_size: int = 1
 ) -> list[dict[str, Any]]:
-    """`calib.n_samples` samples as processor batches of `batch_size` (prompts left-padded)."""
-    from tokcompile.parity import format_prompt, random_images
+    """`calib.n_samples` samples as processor batches of `batch_size` (prompts left-padded), holding the
+    prefill graph's inputs (`adapter.input_names`)."""
+    from tokcompile.parity import process
 
     name = calib.name.lower()
+    if name != "synthetic" and geometry.media != "image":
+        raise RecipeError("quant.calib.name", f"calibration from files takes images; for {geometry.media} "
+                                              "prompts use name: synthetic")
     if name == "synthetic":
         rng = np.random.default_rng(seed + 1)
-        images = random_images(rng, calib.n_samples, image_size)
+        images = adapter.random_media(rng, calib.n_samples, geometry)
         questions = [SYNTHETIC_QUESTIONS[int(i)] for i in rng.integers(0, len(SYNTHETIC_QUESTIONS), calib.n_samples)]
         pairs = list(zip(images, questions))
     elif name in ("custom_mm", "custom"):
@@ -94,13 +98,12 @@ def calibration_batches(
     batches = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        text = [format_prompt(processor, q) for _, q in chunk]
-        out = processor(images=[im for im, _ in chunk], text=text, return_tensors="pt", padding=True)
+        out = process(processor, adapter, geometry, [im for im, _ in chunk], [q for _, q in chunk])
         if calib.seq_len is not None and out["input_ids"].shape[1] > calib.seq_len:
             raise RecipeError(
                 "quant.calib.seq_len",
                 f"a calibration prompt needs {out['input_ids'].shape[1]} tokens (image tokens included), more than "
                 f"{calib.seq_len}; raise it or remove it",
             )
-        batches.append({k: out[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+        batches.append(out)
     return batches

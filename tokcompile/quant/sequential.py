@@ -69,7 +69,7 @@ def gptq_sequential(
     a, model = reduced.adapter, reduced.model
     layers = a.decoder_layers(model)
     names_of = {id(m): n for n, m in model.named_modules()}
-    states = [reduced.initial_state(b["input_ids"], b["attention_mask"], b["pixel_values"]) for b in batches]
+    states = [reduced.initial_state(b) for b in batches]
     prev: list[tuple[TokenState, Tensor]] | None = None
     report: dict[str, Any] = {"layers": [], "n_batches": len(batches)}
     wq = config.weight

@@ -1,15 +1,10 @@
-"""Built-in random-weight models for demos and tests: `model.path: tiny-random:<family>`.
-
-Everything is built in code (config, tokenizer, image processor), so nothing is downloaded. The tokenizer
-is a byte-level BPE with the 256 byte symbols as its vocabulary, so any text round-trips. The same configs
-serve the tests, the demo recipe and the benchmarks ("medium" size).
-"""
+"""Tiny and medium random LLaVA-1.5 (`tiny-random:llava`): CLIP tower, Llama decoder, built in code."""
 
 from __future__ import annotations
 
 from typing import Any
 
-TINY_PREFIX = "tiny-random:"
+from tokcompile.models.tiny.tokenizer import byte_bpe_tokenizer
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 UNK, BOS, EOS, PAD, IMAGE = range(len(SPECIAL_TOKENS))
@@ -32,48 +27,13 @@ SIZES: dict[str, tuple[int, ...]] = {
 }
 
 
-def is_tiny(path: str) -> bool:
-    return path.startswith(TINY_PREFIX)
-
-
-def tiny_family(path: str) -> str:
-    """"tiny-random:llava" -> "llava"; a size suffix ("tiny-random:llava@medium") is dropped."""
-    return path[len(TINY_PREFIX) :].split("@", 1)[0]
-
-
-def tiny_size(path: str) -> str:
-    """"tiny-random:llava@medium" -> "medium" (benchmark size); default "tiny"."""
-    rest = path[len(TINY_PREFIX) :]
-    return rest.split("@", 1)[1] if "@" in rest else "tiny"
-
-
 def build_tokenizer() -> Any:
-    """A byte-level BPE tokenizer (no merges) with LLaVA-style special tokens, left padding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        padding_side="left",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    """Byte-level BPE with LLaVA-style special tokens, BOS prepended, left padding."""
+    return byte_bpe_tokenizer(SPECIAL_TOKENS, bos="<s>", eos="</s>", unk="<unk>", pad="<pad>",
+                              extra_special={"image_token": "<image>"})
 
 
 def build_config(family: str, size: str = "tiny") -> Any:
-    if family != "llava":
-        raise KeyError(family)
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     d, n_layers, heads, kv, ffn, dv, nv, hv, fv, img, patch = SIZES[size]
@@ -114,8 +74,6 @@ def build_config(family: str, size: str = "tiny") -> Any:
 
 
 def build_processor(family: str, size: str = "tiny") -> Any:
-    if family != "llava":
-        raise KeyError(family)
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     img, patch = SIZES[size][9], SIZES[size][10]
@@ -134,17 +92,7 @@ def build_processor(family: str, size: str = "tiny") -> Any:
     )
 
 
-def build_model(family: str, seed: int = 0, size: str = "tiny") -> Any:
-    """A random-weight model, deterministic for a given seed."""
-    import torch
+def model_class(family: str) -> Any:
     from transformers import LlavaForConditionalGeneration
 
-    config = build_config(family, size)
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    return model.eval()
-
-
-FAMILIES = ("llava",)
+    return LlavaForConditionalGeneration
