@@ -101,12 +101,9 @@ class Generator:
         self.n_groups = len(self.manifest["cache_groups"])
         self.batch_max = int(self.manifest["generation"]["batch_max"])
         self.image_size = tuple(self.manifest["plan"]["geometry"]["image_size"])
-        from transformers import AutoProcessor
-
         proc_dir = self.dir / self.manifest.get("processor", "processor")
         if not proc_dir.is_dir():
             raise _fail(str(proc_dir), "is missing; the export is incomplete, recompile it")
-        self.processor = AutoProcessor.from_pretrained(str(proc_dir), local_files_only=True)
         from tokcompile.models import ADAPTERS, Geometry
 
         plan = self.manifest["plan"]
@@ -114,6 +111,7 @@ class Generator:
             raise _fail(str(self.dir / "manifest.json"), f"needs model family '{plan['model_type']}', which this "
                                                          "tokcompile does not know; upgrade tokcompile")
         self.adapter = ADAPTERS.get(plan["model_type"])()
+        self.processor = self.adapter.load_processor(str(proc_dir))
         geom = dict(plan["geometry"])
         geom["image_size"], geom["layout"] = tuple(geom["image_size"]), tuple(geom.get("layout", ()))
         self.geometry = Geometry(**geom)

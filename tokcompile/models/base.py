@@ -210,6 +210,13 @@ class VLMAdapter:
         return out[0] if isinstance(out, tuple) else out
 
     # --- host side: processor inputs, per-sample slices, HF references ------------------------------------
+    def load_processor(self, path: str, trust_remote_code: bool = False) -> Any:
+        """The processor saved in a local directory (tokenizer and preprocessor files). Families whose
+        `AutoProcessor` needs optional packages (torchvision) override this with a fallback."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+
     def prepare_images(self, images: list[Any], geom: Geometry) -> list[Any]:
         """PIL images as the processor should see them: resized to the compiled resolution when the
         processor's output shape would otherwise depend on the image size."""

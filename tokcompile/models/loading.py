@@ -76,16 +76,13 @@ def load_config(path: str, trust_remote_code: bool) -> Any:
 
 
 def load_processor(path: str, trust_remote_code: bool) -> Any:
-    """The model's processor (tokenizer and image processor). PIL image processors are used when torchvision
-    is missing, which is how transformers falls back by itself."""
+    """The model's processor (tokenizer and image processor), through the family adapter. PIL image
+    processors are used when torchvision is missing."""
     if tiny.is_tiny(path):
         return tiny.build_processor(tiny.tiny_family(path), tiny.tiny_size(path))
-    from transformers import AutoProcessor
-
+    adapter = ADAPTERS.get(model_type_of(path))()
     try:
-        return AutoProcessor.from_pretrained(
-            str(_dir(path)), trust_remote_code=trust_remote_code, local_files_only=True
-        )
+        return adapter.load_processor(str(_dir(path)), trust_remote_code)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise RecipeError(
             "model.path",
