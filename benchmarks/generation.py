@@ -44,14 +44,17 @@ def _recipe(size: str, pruning_loc: int, rate: float, targets: list[str]) -> dic
     }
 
 
-def _inputs(processor, image_size):
+def _inputs(processor, manifest):
     import numpy as np
 
-    from tokcompile.parity import format_prompt, random_images
+    from tokcompile.models import ADAPTERS, Geometry
+    from tokcompile.parity import process
 
-    image = random_images(np.random.default_rng(0), 1, image_size)
-    batch = processor(images=image, text=[format_prompt(processor, QUESTION)], return_tensors="pt")
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    adapter = ADAPTERS.get(manifest["plan"]["model_type"])()
+    geom = dict(manifest["plan"]["geometry"])
+    geom["image_size"], geom["layout"] = tuple(geom["image_size"]), tuple(geom.get("layout", ()))
+    g = Geometry(**geom)
+    return process(processor, adapter, g, adapter.random_media(np.random.default_rng(0), 1, g), [QUESTION])
 
 
 def _timed(fn, times):
@@ -86,7 +89,6 @@ def worker(variant: str, export_dir: Path, recipe: Path, size: str, new_tokens: 
         pass
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
-    image_size = tuple(manifest["plan"]["geometry"]["image_size"])
     n_steps, n_groups = len(manifest["schedule"]), len(manifest["cache_groups"])
     cfg = GenerationConfig(max_new_tokens=new_tokens)
 
@@ -95,7 +97,7 @@ def worker(variant: str, export_dir: Path, recipe: Path, size: str, new_tokens: 
 
         processor = build_processor("llava", size)
         model = build_model("llava", seed=42, size=size)
-        batch = _inputs(processor, image_size)
+        batch = _inputs(processor, manifest)
         if variant == "hf_full":
 
             def prefill(feed):
@@ -130,7 +132,7 @@ def worker(variant: str, export_dir: Path, recipe: Path, size: str, new_tokens: 
 
             def prefill(feed):
                 with torch.no_grad():
-                    return reduced(feed["input_ids"], feed["attention_mask"], feed["pixel_values"])
+                    return reduced(*[feed[n] for n in reduced.input_names])
 
             def decode_graph(feed):
                 with torch.no_grad():
@@ -145,7 +147,7 @@ def worker(variant: str, export_dir: Path, recipe: Path, size: str, new_tokens: 
         from tokcompile.runtime import load
 
         gen = load(export_dir, variant)
-        batch = _inputs(gen.processor, image_size)
+        batch = _inputs(gen.processor, manifest)
 
         def run_once():
             pre, dec = [], []

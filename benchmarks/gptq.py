@@ -70,8 +70,8 @@ def main() -> None:
     processor = load_processor(plan.recipe.model.path, False)
     fp32 = load_model(plan.recipe.model.path, plan.config, 42, False)
     g = plan.geometry
-    calib = calibration_batches(CalibConfig(name="synthetic", n_samples=args.samples), processor, g.image_size, 0)
-    held = calibration_batches(CalibConfig(name="synthetic", n_samples=args.held_out), processor, g.image_size, 1000)
+    calib = calibration_batches(CalibConfig(name="synthetic", n_samples=args.samples), processor, plan.adapter, g, 0)
+    held = calibration_batches(CalibConfig(name="synthetic", n_samples=args.held_out), processor, plan.adapter, g, 1000)
     wq = WeightQuantConfig(bit=4, symmetric=True, group_size=args.group_size)
     include, ignore = plan.adapter.quant_include, plan.adapter.quant_ignore  # the decoder's Linears
 
