@@ -114,7 +114,7 @@ def _media(plan: Any, prefill: Any) -> dict:
                    if a.resize_to_compiled else "the processor resizes and crops to the compiled size"),
         "resize_to_compiled": bool(a.resize_to_compiled),
         # Per-sample values of inputs that the graph bakes in (checked by the runtime before it runs).
-        "fixed_inputs": {n: example[n][0].tolist() for n in a.fixed_value_inputs},
+        "fixed_inputs": {n: example[n][0].tolist() for n in a.fixed_value_inputs if n in example},
     }
 
 

@@ -72,10 +72,11 @@ def process(processor: Any, adapter: Any, geometry: Any, images: list, questions
     prompts = [format_prompt(processor, q, geometry.media) for q in questions]
     media = adapter.prepare_images(images, geometry)
     out = adapter.process(processor, media, prompts, geometry)
-    missing = [n for n in adapter.input_names if n not in out]
+    names = adapter.input_names_for(geometry)
+    missing = [n for n in names if n not in out]
     if missing:
         raise ValueError(f"the processor returned no {', '.join(missing)}")
-    return {n: out[n] for n in adapter.input_names}
+    return {n: out[n] for n in names}
 
 
 def make_inputs(

@@ -150,7 +150,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
 
     reduced, decode = build_modules(plan, model)
     n_steps, n_groups = len(plan.schedule), len(reduced.groups)
-    names = list(plan.adapter.input_names)
+    names = list(reduced.input_names)
     report: dict[str, Any] = {"atol": atol, "rtol": rtol, "greedy_tokens": GREEDY_TOKENS, "artifacts": {}}
 
     done = stage("eager check")

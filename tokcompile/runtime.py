@@ -1,4 +1,4 @@
-"""Answer image questions from an export directory: `load(export_dir, backend).generate(images, prompts)`.
+"""Answer image (or video) questions from an export directory: `load(export_dir, backend).generate(images, prompts)`.
 
 The runtime reads only the export directory: `manifest.json`, the processor files and the graph files of
 one backend. It needs neither the recipe nor the original checkpoint, and no model code runs: the
@@ -117,20 +117,40 @@ class Generator:
         self.geometry = Geometry(**geom)
         self.fixed_inputs = self.manifest.get("media", {}).get("fixed_inputs", {})
 
+    def _image(self, im: Any) -> Any:
+        from PIL import Image
+
+        if isinstance(im, (str, Path)):
+            p = Path(im)
+            if not p.is_file():
+                raise _fail("--image", f"{p} does not exist; give the path of an image file")
+            try:
+                im = Image.open(p).convert("RGB")
+            except OSError as e:
+                raise _fail("--image", f"{p} is not a readable image ({e})") from None
+        return im.convert("RGB")
+
     def _images(self, images: list[Any]) -> list[Any]:
+        return [self._image(im) for im in images]
+
+    def _videos(self, videos: list[Any]) -> list[list[Any]]:
+        """Each video as a list of RGB PIL frames; a video is a sequence of frames (PIL images or paths) or a
+        (F, H, W, 3) uint8 array."""
+        import numpy as np
         from PIL import Image
 
         out = []
-        for im in images:
-            if isinstance(im, (str, Path)):
-                p = Path(im)
-                if not p.is_file():
-                    raise _fail("--image", f"{p} does not exist; give the path of an image file")
-                try:
-                    im = Image.open(p).convert("RGB")
-                except OSError as e:
-                    raise _fail("--image", f"{p} is not a readable image ({e})") from None
-            out.append(im.convert("RGB"))
+        for v in videos:
+            if isinstance(v, np.ndarray):
+                if v.ndim != 4 or v.shape[-1] != 3 or v.dtype != np.uint8:
+                    raise _fail("videos", f"a video array must be (frames, height, width, 3) uint8, got {v.shape} "
+                                          f"{v.dtype}")
+                out.append([Image.fromarray(f) for f in v])
+            elif isinstance(v, (list, tuple)):
+                out.append([self._image(f) for f in v])
+            else:
+                raise _fail("videos", f"got a {type(v).__name__} where a video was expected; give a list of frames "
+                                      "or a (frames, height, width, 3) uint8 array per prompt")
         return out
 
     def generate(
@@ -144,23 +164,29 @@ class Generator:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> Answer:
-        """Answer each (image, prompt) pair. Greedy by default; images are resized by the processor to the
-        compiled resolution. Batches larger than the compiled maximum run in chunks. `max_new_tokens` defaults
-        to the recipe's `inputs.max_new_tokens`."""
+        """Answer each (image, prompt) pair, or each (video, prompt) pair for an export compiled for video
+        (`images` then holds one video per prompt: a list of frames or a (F, H, W, 3) uint8 array). Greedy by
+        default; images are resized by the processor to the compiled resolution. Batches larger than the compiled
+        maximum run in chunks. `max_new_tokens` defaults to the recipe's `inputs.max_new_tokens`."""
         from tokcompile.parity import process
 
+        media = self.geometry.media
         if len(images) != len(prompts):
-            raise _fail("prompts", f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
+            raise _fail("prompts",
+                        f"got {len(images)} {media}s and {len(prompts)} prompts; give one {media} per prompt")
         eos = self.manifest["generation"].get("eos_token_id") if stop_at_eos else None
         if max_new_tokens is None:
             max_new_tokens = int(self.manifest["generation"].get("max_new_tokens", 32))
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, temperature=temperature,
                                top_p=top_p, seed=seed)
-        imgs = self._images(images)
+        imgs = self._videos(images) if media == "video" else self._images(images)
         texts, ids, kept = [], [], [[] for _ in range(self.n_steps)]
         for start in range(0, len(imgs), self.batch_max):
             chunk = slice(start, start + self.batch_max)
-            batch = process(self.processor, self.adapter, self.geometry, imgs[chunk], list(prompts[chunk]))
+            try:
+                batch = process(self.processor, self.adapter, self.geometry, imgs[chunk], list(prompts[chunk]))
+            except ValueError as e:  # media the compiled geometry cannot take (e.g. a video's frame count)
+                raise _fail(f"--{media}", str(e)) from None
             for name, want in self.fixed_inputs.items():
                 got = [row.tolist() for row in batch[name]]
                 if any(row != want for row in got):

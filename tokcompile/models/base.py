@@ -135,6 +135,11 @@ class VLMAdapter:
     model_class_name: ClassVar[str] = ""
 
     # --- resolved without weights --------------------------------------------------------------------
+    def input_names_for(self, geom: Geometry) -> tuple[str, ...]:
+        """The prefill inputs for this geometry (`input_names` unless the media kind changes them, e.g. a video
+        export takes the video's pixels instead of the image's)."""
+        return self.input_names
+
     def geometry(self, config: Any, image_size: tuple[int, int] | None, video_frames: int | None = None) -> Geometry:
         """Sizes at the compiled resolution. Raises ValueError (one line naming the fix) for a resolution or
         frame count this family cannot compile."""
@@ -150,8 +155,9 @@ class VLMAdapter:
     def input_axes(self, geom: Geometry) -> dict[str, dict[int, str | tuple[str, int]]]:
         """The prefill inputs' variable axes: "batch", "prompt_len", or ("batch", m) for an axis of length
         batch·m (images flattened into patches). Every other axis is fixed by the compiled resolution."""
-        axes: dict[str, dict[int, str | tuple[str, int]]] = {n: {0: "batch"} for n in self.input_names}
-        for n in self.input_names:
+        names = self.input_names_for(geom)
+        axes: dict[str, dict[int, str | tuple[str, int]]] = {n: {0: "batch"} for n in names}
+        for n in names:
             if n in ("input_ids", "attention_mask", "mm_token_type_ids"):
                 axes[n] = {0: "batch", 1: "prompt_len"}
         return axes
@@ -240,7 +246,7 @@ class VLMAdapter:
         """Sample `b` of a processor batch, unpadded, as a batch of one (for per-sample HF references)."""
         keep = batch["attention_mask"][b].bool()
         out: Inputs = {}
-        for name in self.input_names:
+        for name in self.input_names_for(geom):
             t = batch[name]
             if "prompt_len" in self.input_axes(geom).get(name, {}).values():
                 out[name] = t[b][keep][None]
@@ -360,7 +366,7 @@ class ReducedVLM(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        return list(self.adapter.input_names)
+        return list(self.adapter.input_names_for(self.geometry))
 
     @property
     def output_names(self) -> list[str]:

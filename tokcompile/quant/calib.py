@@ -74,7 +74,7 @@ def calibration_batches(
     calib: Any, processor: Any, adapter: Any, geometry: Any, seed: int, batch_size: int = 1
 ) -> list[dict[str, Any]]:
     """`calib.n_samples` samples as processor batches of `batch_size` (prompts left-padded), holding the
-    prefill graph's inputs (`adapter.input_names`)."""
+    prefill graph's inputs (`adapter.input_names_for(geometry)`)."""
     from tokcompile.parity import process
 
     name = calib.name.lower()
