@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tokcompile.models import llava  # noqa: F401  (registers the "llava" adapter)
+# Importing a family module registers its adapter under its HF model_type.
+from tokcompile.models import llava, llava_next, llava_onevision, qwen2_vl  # noqa: F401
 from tokcompile.models.base import ReducedVLM, TokenState, VLMAdapter
 from tokcompile.models.geometry import Geometry
 from tokcompile.models.registry import ADAPTERS
