@@ -363,3 +363,23 @@ def test_export_errors() -> None:
 
 def test_non_string_keys() -> None:
     assert error({"model": MODEL, True: 1}).startswith("True: keys must be strings")
+
+
+def test_prompts_beyond_an_active_sliding_window_are_a_plan_error(tmp_path, monkeypatch):
+    from tokcompile.models import tiny
+    from tokcompile.pipeline import plan_recipe
+
+    real = tiny.build_config
+
+    def windowed(family, size="tiny"):
+        config = real(family, size)
+        config.text_config.sliding_window = 128
+        return config
+
+    monkeypatch.setattr(tiny, "build_config", windowed)
+    path = tmp_path / "r.yml"
+    path.write_text("model: {path: 'tiny-random:llava_next'}\ninputs: {image_size: [40, 64], max_prompt_len: 64}\n")
+    with pytest.raises(RecipeError, match=r"inputs.max_prompt_len.*sliding window of 128"):
+        plan_recipe(path)
+    path.write_text("model: {path: 'tiny-random:llava'}\ninputs: {max_prompt_len: 32}\n")
+    assert plan_recipe(path).text_len_range == (66, 96)  # 64 image tokens + 32 fit in a window of 128

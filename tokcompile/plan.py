@@ -204,6 +204,15 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
             "inputs.max_prompt_len",
             f"{max_text} text tokens plus {N} image tokens exceed the model's {max_pos} positions; lower it",
         )
+    tc = getattr(config, "text_config", config)
+    window = getattr(tc, "sliding_window", None)
+    if window and getattr(tc, "use_sliding_window", True) is not False and t_max > window:
+        # The graphs attend over the whole prompt; beyond the window that would differ from the model.
+        fix = f"set inputs.max_prompt_len to at most {window - N}" if window > N + 2 else "this model cannot compile"
+        raise RecipeError(
+            "inputs.max_prompt_len",
+            f"prompts of up to {t_max} tokens exceed the decoder's sliding window of {window}; {fix}",
+        )
     _check_weight_format(recipe, chosen)
     n_text = max_text if max_text is not None else DEFAULT_FLOPS_TEXT_TOKENS
     out_dir = Path(out) if out is not None else Path(recipe.save.save_path or Path("exported") / recipe.name)
