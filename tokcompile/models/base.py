@@ -23,6 +23,17 @@ if TYPE_CHECKING:
     from tokcompile.reduce.base import Reducer
 
 
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, T, d); cos/sin (B, T, d)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d)
+    return x * cos + rotate_half(x) * sin
+
+
 @dataclass(frozen=True)
 class TokenState:
     """The decoder's token sequence between layers.
@@ -162,22 +173,22 @@ class VLMAdapter:
                 axes[n] = {0: "batch", 1: "prompt_len"}
         return axes
 
-    # --- modules --------------------------------------------------------------------------------------
+    # --- modules (transformers 5 layout: `model.model.language_model`, `model.lm_head`) ---------------------
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The HF text model (with `embed_tokens`, `layers`, `norm`, `rotary_emb`)."""
+        return model.model.language_model
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        raise NotImplementedError
+        return self.language_model(model).layers
 
     def embed_tokens(self, model: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        return self.language_model(model).embed_tokens
 
     def final_norm(self, model: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        return self.language_model(model).norm
 
     def lm_head(self, model: nn.Module) -> nn.Module:
-        raise NotImplementedError
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        """The HF text model (with `layers`, `norm`, `rotary_emb`): used by the independent reference."""
-        raise NotImplementedError
+        return model.lm_head
 
     # --- prefill inputs -> first TokenState -------------------------------------------------------------
     def encode_images(self, model: nn.Module, inputs: Inputs, geom: Geometry) -> Tensor:
@@ -195,12 +206,21 @@ class VLMAdapter:
         return position_ids
 
     def rotary(self, model: nn.Module, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """(cos, sin) for `positions` ((B, T) or (B, T, R)), in the form the decoder layers take."""
-        raise NotImplementedError
+        """(cos, sin) for `positions` ((B, T) or (B, T, R)), in the form the decoder layers take: (B, T, d)."""
+        return self.language_model(model).rotary_emb(hidden, positions)
 
     def last_query(self, model: nn.Module, layer: nn.Module, h_last: Tensor, pos_last: Tensor) -> Tensor:
-        """Query of one token after the layer's input norm, q projection and RoPE: (B, H, 1, d)."""
-        raise NotImplementedError
+        """Query of one token after the layer's input norm, q projection (and q norm, where the layer has one)
+        and rotate-half RoPE with this family's `rotary`: (B, H, 1, d)."""
+        attn = layer.self_attn
+        B = h_last.shape[0]
+        x = layer.input_layernorm(h_last)  # (B, 1, D)
+        q = attn.q_proj(x).view(B, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, d)
+        q_norm = getattr(attn, "q_norm", None)
+        if q_norm is not None:
+            q = q_norm(q)
+        cos, sin = self.rotary(model, h_last, pos_last)  # (B, 1, d)
+        return apply_rope(q, cos, sin)
 
     def run_decoder_layer(
         self, layer: nn.Module, hidden: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor, cache: Any

@@ -18,17 +18,6 @@ from tokcompile.models.registry import ADAPTERS
 from tokcompile.reduce.schedule import Site
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, T, d); cos/sin (B, T, d)."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d)
-    return x * cos + rotate_half(x) * sin
-
-
 def _text_dims(tc: Any) -> tuple[int, int, int]:
     heads = tc.num_attention_heads
     kv = getattr(tc, "num_key_value_heads", None) or heads
@@ -65,7 +54,7 @@ class LlavaAdapter(VLMAdapter):
         return int(config.image_token_id)
 
     def geometry(self, config: Any, image_size: tuple[int, int] | None, video_frames: int | None = None) -> Geometry:
-        vc, tc = config.vision_config, config.text_config
+        vc = config.vision_config
         native = self.default_image_size(config, None)
         size = image_size or native
         if tuple(size) != native:
@@ -75,9 +64,17 @@ class LlavaAdapter(VLMAdapter):
             )
         patches = (size[0] // vc.patch_size) * (size[1] // vc.patch_size)
         n_image = patches + (0 if config.vision_feature_select_strategy == "default" else 1)
+        return self._geometry(config, size, n_image, patches + 1)
+
+    def _geometry(
+        self, config: Any, size: tuple[int, int], n_image_tokens: int, vision_tokens: int, **extra: Any
+    ) -> Geometry:
+        """Geometry of a LLaVA-style model (vision tower, projector, 1-D RoPE decoder) at `size`: the decoder's
+        and the tower's sizes from the config; `extra` sets media, vision_images and layout."""
+        vc, tc = config.vision_config, config.text_config
         heads, kv, head_dim = _text_dims(tc)
         return Geometry(
-            family="llava",
+            family=self.model_types[0],
             n_layers=tc.num_hidden_layers,
             hidden_size=tc.hidden_size,
             intermediate_size=tc.intermediate_size,
@@ -86,31 +83,17 @@ class LlavaAdapter(VLMAdapter):
             head_dim=head_dim,
             vocab_size=tc.vocab_size,
             image_size=(int(size[0]), int(size[1])),
-            n_image_tokens=n_image,
+            n_image_tokens=n_image_tokens,
             vision_layers=self._vision_run_layers(config),
             vision_hidden_size=vc.hidden_size,
             vision_intermediate_size=vc.intermediate_size,
             vision_heads=vc.num_attention_heads,
-            vision_tokens=patches + 1,
+            vision_tokens=vision_tokens,
             rope="1d",
+            **extra,
         )
 
-    # --- modules --------------------------------------------------------------------------------------
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.language_model.layers
-
-    def embed_tokens(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model.embed_tokens
-
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model.norm
-
-    def lm_head(self, model: nn.Module) -> nn.Module:
-        return model.lm_head
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
+    # --- image features -----------------------------------------------------------------------------------
     def encode_images(self, model: nn.Module, inputs: dict[str, Tensor], geom: Geometry) -> Tensor:
         return self.project_features(model, self.vision_features(model, inputs["pixel_values"]))
 
@@ -138,17 +121,3 @@ class LlavaAdapter(VLMAdapter):
 
     def project_features(self, model: nn.Module, feats: Tensor) -> Tensor:
         return model.model.multi_modal_projector(feats)  # (B, N, D)
-
-    def rotary(self, model: nn.Module, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return model.model.language_model.rotary_emb(hidden, positions)
-
-    def last_query(self, model: nn.Module, layer: nn.Module, h_last: Tensor, pos_last: Tensor) -> Tensor:
-        attn = layer.self_attn
-        B = h_last.shape[0]
-        x = layer.input_layernorm(h_last)  # (B, 1, D)
-        q = attn.q_proj(x).view(B, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, d)
-        q_norm = getattr(attn, "q_norm", None)
-        if q_norm is not None:
-            q = q_norm(q)
-        cos, sin = self.rotary(model, h_last, pos_last)  # (B, 1, d)
-        return apply_rope(q, cos, sin)

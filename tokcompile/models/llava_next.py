@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tokcompile.models.geometry import Geometry
-from tokcompile.models.llava import LlavaAdapter, _text_dims
+from tokcompile.models.llava import LlavaAdapter
 from tokcompile.models.registry import ADAPTERS
 
 Pinpoints = tuple[tuple[int, int], ...]
@@ -204,7 +204,6 @@ class LlavaNextAdapter(LlavaAdapter):
         return max(squares) if squares else pins[0]
 
     def geometry(self, config: Any, image_size: tuple[int, int] | None, video_frames: int | None = None) -> Geometry:
-        vc, tc = config.vision_config, config.text_config
         if config.vision_feature_select_strategy != "default":
             raise ValueError(
                 f"vision_feature_select_strategy '{config.vision_feature_select_strategy}' is not supported for "
@@ -212,24 +211,8 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         size = tuple(image_size) if image_size is not None else self.default_image_size(config, None)
         layout = layout_of(config, size)
-        heads, kv, head_dim = _text_dims(tc)
-        return Geometry(
-            family="llava_next",
-            n_layers=tc.num_hidden_layers,
-            hidden_size=tc.hidden_size,
-            intermediate_size=tc.intermediate_size,
-            n_heads=heads,
-            n_kv_heads=kv,
-            head_dim=head_dim,
-            vocab_size=tc.vocab_size,
-            image_size=layout.image_size,
-            n_image_tokens=layout.n_tokens,
-            vision_layers=self._vision_run_layers(config),
-            vision_hidden_size=vc.hidden_size,
-            vision_intermediate_size=vc.intermediate_size,
-            vision_heads=vc.num_attention_heads,
-            vision_tokens=layout.side * layout.side + 1,
-            rope="1d",
+        return self._geometry(
+            config, layout.image_size, layout.n_tokens, layout.side * layout.side + 1,
             vision_images=layout.n_tiles,
             # tile grid (rows, cols), then the unpadded feature map (rows, cols) read with a newline per row
             layout=(*layout.grid, *layout.kept),

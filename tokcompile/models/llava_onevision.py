@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tokcompile.models.geometry import Geometry
-from tokcompile.models.llava import LlavaAdapter, _text_dims
+from tokcompile.models.llava import LlavaAdapter
 from tokcompile.models.registry import ADAPTERS
 from tokcompile.reduce.schedule import Site
 
@@ -245,7 +245,6 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return int(config.video_token_id if geom.media == "video" else config.image_token_id)
 
     def geometry(self, config: Any, image_size: tuple[int, int] | None, video_frames: int | None = None) -> Geometry:
-        vc, tc = config.vision_config, config.text_config
         if config.vision_feature_select_strategy != "full":
             raise ValueError(f"vision_feature_select_strategy '{config.vision_feature_select_strategy}' drops a SigLIP "
                              "patch, which OneVision's packing cannot take; only 'full' checkpoints compile")
@@ -262,28 +261,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             lay = anyres_layout(config, size)
             media, n_image, vision_images = "image", lay.n_tokens, lay.n_tiles
             layout = lay.grid
-        heads, kv, head_dim = _text_dims(tc)
-        return Geometry(
-            family="llava_onevision",
-            n_layers=tc.num_hidden_layers,
-            hidden_size=tc.hidden_size,
-            intermediate_size=tc.intermediate_size,
-            n_heads=heads,
-            n_kv_heads=kv,
-            head_dim=head_dim,
-            vocab_size=tc.vocab_size,
-            image_size=(int(size[0]), int(size[1])),
-            n_image_tokens=n_image,
-            vision_layers=self._vision_run_layers(config),
-            vision_hidden_size=vc.hidden_size,
-            vision_intermediate_size=vc.intermediate_size,
-            vision_heads=vc.num_attention_heads,
-            vision_tokens=p * p,
-            rope="1d",
-            media=media,
-            vision_images=vision_images,
-            layout=tuple(int(v) for v in layout),
-        )
+        return self._geometry(config, size, n_image, p * p, media=media, vision_images=vision_images,
+                              layout=tuple(int(v) for v in layout))
 
     # --- prefill inputs -> features ----------------------------------------------------------------------
     def encode_images(self, model: nn.Module, inputs: dict[str, Tensor], geom: Geometry) -> Tensor:

@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from tokcompile.errors import RecipeError
 from tokcompile.models.base import Inputs, VLMAdapter
 from tokcompile.models.geometry import Geometry
-from tokcompile.models.llava import apply_rope
 from tokcompile.models.registry import ADAPTERS
 from tokcompile.reduce.schedule import Site
 
@@ -297,22 +296,6 @@ class Qwen2VLAdapter(VLMAdapter):
             "mm_token_type_ids": {0: "batch", 1: "prompt_len"},
         }
 
-    # --- modules --------------------------------------------------------------------------------------
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.language_model.layers
-
-    def embed_tokens(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model.embed_tokens
-
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model.norm
-
-    def lm_head(self, model: nn.Module) -> nn.Module:
-        return model.lm_head
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
     # --- vision tower -------------------------------------------------------------------------------------
     def _window_mask(self, config: Any, geom: Geometry) -> tuple[np.ndarray, np.ndarray] | None:
         """(permutation of merged tokens, (S, S) bool window mask in that order), or None without windows."""
@@ -383,17 +366,8 @@ class Qwen2VLAdapter(VLMAdapter):
     def rotary(self, model: nn.Module, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """HF's text rotary embedding for positions (B, T, 3): it takes (3, B, T) and interleaves the rows by
         `mrope_section`, so (cos, sin) come back (B, T, d) as the decoder layers take them."""
-        return model.model.language_model.rotary_emb(hidden, positions.permute(2, 0, 1))
-
-    def last_query(self, model: nn.Module, layer: nn.Module, h_last: Tensor, pos_last: Tensor) -> Tensor:
-        """The layer's q projection plus M-RoPE: HF's attention applies plain rotate-half RoPE with the (cos, sin)
-        that the rotary module already composed from the three rows."""
-        attn = layer.self_attn
-        B = h_last.shape[0]
-        x = layer.input_layernorm(h_last)  # (B, 1, D)
-        q = attn.q_proj(x).view(B, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, d)
-        cos, sin = self.rotary(model, h_last, pos_last)  # (B, 1, d)
-        return apply_rope(q, cos, sin)
+        # HF's attention then applies plain rotate-half RoPE with these, so the base `last_query` fits as is.
+        return self.language_model(model).rotary_emb(hidden, positions.permute(2, 0, 1))
 
     # --- host side ------------------------------------------------------------------------------------
     def load_processor(self, path: str, trust_remote_code: bool = False) -> Any:
