@@ -1,4 +1,4 @@
-"""Prefill speedup of the exported reduced graph over the eager HF full model, for every family, in one run.
+"""Prefill speedup of the exported reduced graphs over the eager HF full model, for every family, in one run.
 
     python benchmarks/families.py                                  # every family, medium size, rates 0.75 and 0.5
     python benchmarks/families.py --families qwen2_vl --size tiny --repeats 3
@@ -8,10 +8,11 @@ For each family it builds the built-in random model (`tiny-random:<family>@<size
 at "medium", with the family's real image-token count at a common resolution), one image (or video) prompt at
 the compiled resolution, and times the prefill (time to first token, batch 1) of:
   hf_full         the HF model's own forward, eager, without compression
-  <backend>_full  the exported prefill graph without reduction (what export alone buys)
-  <backend>_r<R>  the exported prefill graph with static FastV at K=2, rate R
-Each graph is exported with the compiler's own exporters and checked against eager ReducedVLM before it is
-timed (kept indices equal, logits within 1e-3). The table prints the speedups over hf_full and, beside them,
+  <backend>_full  the exported vision graph then prefill graph, without reduction (what export alone buys)
+  <backend>_r<R>  the exported vision then prefill graph with static FastV at K=2, rate R
+Both graphs are exported at the prompt's static shapes with the compiler's own exporters and checked against
+eager before they are timed as one chain (benchmarks/common.py: kept indices, cache masks, image sources and
+next positions equal, logits within 1e-3). The table prints the speedups over hf_full and, beside them,
 the ideal speedup from the analytic FLOPs (exact convention: vision tower + decoder + lm_head).
 Machines are noisy: read the ratios of one run, and run nothing else meanwhile.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -55,50 +55,11 @@ def _plan(family: str, size: str, rate: float | None, pruning_loc: int, tmp: Pat
     return plan_recipe(f, out=tmp / "unused")
 
 
-def _median_time(fn, feed, repeats: int) -> float:
-    fn(feed)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(feed)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def _export(plan, model, batch, backend: str, tmp: Path):
-    """Export the reduced prefill (with its cache outputs, as deployed) and load it with `backend`."""
-    import torch
-
-    from tokcompile.export import EXPORTERS
-    from tokcompile.export.base import ExportRequest
-    from tokcompile.models import ReducedVLM
-
-    reduced = ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id,
-                         with_cache=True).eval()
-    names = reduced.input_names
-    example = tuple(batch[n].contiguous() for n in names)
-    with torch.no_grad():
-        program = torch.export.export(reduced, example, strict=False)
-        eager = reduced(*example)
-    out = tmp / f"{plan.model_type}-{len(plan.schedule)}-{plan.schedule[0].n_out if plan.schedule else 0}-{backend}"
-    out.mkdir(parents=True, exist_ok=True)
-    art = EXPORTERS.get(backend)(ExportRequest(program, out, "prefill", names, reduced.output_names, 18))
-    runner = art.load(out)
-    got = runner(batch)
-    for name, g, r in zip(reduced.output_names, got, eager):
-        g, r = torch.as_tensor(g), torch.as_tensor(r)
-        if name.startswith(("kept_", "cache_mask_", "next_position")):
-            assert torch.equal(g.long(), r.long()), f"{backend} {name} differs from eager"
-        elif name == "logits":
-            diff = float((g.float() - r.float()).abs().max())
-            assert diff < 1e-3, f"{backend} logits differ from eager by {diff}"
-    return runner
-
-
 def bench_family(family: str, size: str, rates: list[float], backends: list[str], repeats: int, tmp: Path) -> dict:
     import numpy as np
     import torch
 
+    from benchmarks.common import export_chain, median_time
     from tokcompile import flops
     from tokcompile.models.tiny import build_model, build_processor
     from tokcompile.parity import process
@@ -117,7 +78,7 @@ def bench_family(family: str, size: str, rates: list[float], backends: list[str]
 
     row: dict = {"family": family, "params_m": round(params / 1e6, 1), "image_tokens": g.n_image_tokens,
                  "prompt_len": int(batch["input_ids"].shape[1]), "media": g.media, "times_ms": {}, "flops": {}}
-    row["times_ms"]["hf_full"] = 1e3 * _median_time(hf, batch, repeats)
+    row["times_ms"]["hf_full"] = 1e3 * median_time(hf, batch, repeats)
     print(f"[{family}] {row['params_m']}M params, {g.n_image_tokens} image tokens, prompt {row['prompt_len']}: "
           f"hf_full {row['times_ms']['hf_full']:.0f} ms", flush=True)
     for rate in [None, *rates]:
@@ -128,9 +89,10 @@ def bench_family(family: str, size: str, rates: list[float], backends: list[str]
             row["flops"][tag] = flops.prefill_flops(g, plan.schedule, n_text)["total_exact"]["ratio"]
         for backend in backends:
             t0 = time.perf_counter()
-            runner = _export(plan, model, batch, backend, tmp)
+            out = tmp / f"{family}-{tag}-{backend}"
+            runner = export_chain(plan, model, batch, backend, out)
             export_s = time.perf_counter() - t0
-            row["times_ms"][f"{backend}_{tag}"] = 1e3 * _median_time(runner, batch, repeats)
+            row["times_ms"][f"{backend}_{tag}"] = 1e3 * median_time(runner, batch, repeats)
             print(f"[{family}] {backend}_{tag}: {row['times_ms'][f'{backend}_{tag}']:.0f} ms "
                   f"(exported and checked in {export_s:.0f}s)", flush=True)
             del runner

@@ -141,6 +141,8 @@ def test_parity_failure_publishes_nothing(tmp_path, capsys, monkeypatch):
         def loader(root):
             def run(inputs):
                 out = module(*[inputs[n] for n in req.input_names])
+                if req.graph != "prefill":  # only the prefill's logits drift
+                    return tuple(out)
                 return (out[0] + 1e-2, *out[1:])
 
             return run

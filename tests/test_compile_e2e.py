@@ -31,15 +31,21 @@ def demo_eager():
 
 def test_manifest_describes_the_export(demo_export):
     m = json.loads((demo_export / "manifest.json").read_text())
-    assert m["format_version"] == 1
+    assert m["format_version"] == 2
     assert m["recipe"]["sparse"]["special"]["method"] == "FastV"
-    assert m["schedule"] == [{"method": "fastv", "site": "decoder_layer", "layer": 2, "n_in": 64, "n_out": 32}]
+    assert m["schedule"] == [{"method": "fastv", "site": "decoder_layer", "layer": 2, "n_in": 64, "n_out": 32,
+                              "output": "kept", "positions": "keep", "sizes": False}]
     assert m["plan"]["image_tokens_per_layer"] == [64, 64, 32, 32]
     assert m["cache_groups"] == [[0, 2], [2, 4]]
+    v = m["graphs"]["vision"]
+    assert [i["name"] for i in v["inputs"]] == ["pixel_values"] and v["inputs"][0]["shape"] == ["batch", 3, 32, 32]
+    assert [(o["name"], o["shape"]) for o in v["outputs"]] == [("image_embeds", ["batch", 64, 128]),
+                                                               ("image_source", ["batch", 64])]
     p = m["graphs"]["prefill"]
-    assert [i["name"] for i in p["inputs"]] == ["input_ids", "attention_mask", "pixel_values"]
+    assert [i["name"] for i in p["inputs"]] == ["input_ids", "attention_mask", "image_embeds", "image_source"]
     assert p["inputs"][0]["shape"] == ["batch", "prompt_len"] and p["inputs"][0]["dtype"] == "int64"
-    assert p["inputs"][2]["shape"] == ["batch", 3, 32, 32]
+    assert p["inputs"][2]["shape"] == ["batch", 64, 128]
+    assert m["layout"]["prefill"]["outputs"] == [o["name"] for o in p["outputs"]]
     out = {o["name"]: o for o in p["outputs"]}
     assert list(out)[:4] == ["logits", "kept_0", "cache_mask_0", "cache_mask_1"]
     assert out["kept_0"]["shape"] == ["batch", 32]
@@ -48,7 +54,7 @@ def test_manifest_describes_the_export(demo_export):
     d = m["graphs"]["decode"]
     assert [i["name"] for i in d["inputs"]][:4] == ["input_ids", "position_ids", "attention_mask_0", "attention_mask_1"]
     assert {i["name"]: i["shape"] for i in d["inputs"]}["past_value_3"] == ["batch", 2, "past_len_1", 32]
-    for g in (p, d):
+    for g in (v, p, d):
         assert set(g["artifacts"]) == {"onnx", "aoti", "eager"}
     assert m["backends"] == ["aoti", "eager", "onnxruntime"]
     assert all(k <= 3840 for k in p["artifacts"]["onnx"]["topk_k"] if k is not None)
@@ -57,14 +63,16 @@ def test_manifest_describes_the_export(demo_export):
     for rel, info in m["files"].items():  # every file is hashed, and the hashes hold
         data = (demo_export / rel).read_bytes()
         assert hashlib.sha256(data).hexdigest() == info["sha256"] and len(data) == info["bytes"]
-    expected = {f"{g}.{ext}" for g in ("prefill", "decode") for ext in ("onnx", "onnx.data", "pt2", "ep.pt2")}
+    expected = {f"{g}.{ext}" for g in ("vision", "prefill", "decode")
+                for ext in ("onnx", "onnx.data", "pt2", "ep.pt2")}
     assert expected | {"parity.json", "flops.json"} <= set(m["files"])
 
 
 def test_parity_and_flops_reports(demo_export):
     p = json.loads((demo_export / "parity.json").read_text())
     assert p["passed"] and p["reference"]["passed"]
-    assert set(p["artifacts"]) == {f"{g}.{t}" for g in ("prefill", "decode") for t in ("onnx", "aoti", "eager")}
+    assert set(p["artifacts"]) == {f"{g}.{t}" for g in ("vision", "prefill", "decode")
+                                   for t in ("onnx", "aoti", "eager")}
     for name, rep in p["artifacts"].items():
         assert rep["max_abs_diff"] < 1e-4, name
     assert len({r["batch"] for r in p["artifacts"]["prefill.onnx"]["inputs"]}) == 1
@@ -79,19 +87,26 @@ def test_parity_and_flops_reports(demo_export):
 
 @pytest.mark.parametrize("backend", ["onnx", "aoti"])
 def test_artifacts_at_new_text_lengths(demo_export, demo_eager, processor, backend):
-    """Inputs the compile never saw, at two prompt lengths: same kept tokens, same logits."""
+    """Inputs the compile never saw, at two prompt lengths, through the vision then the prefill artifact:
+    same kept tokens, same logits."""
     if backend == "onnx":
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(str(demo_export / "prefill.onnx"), providers=["CPUExecutionProvider"])
+        vision, prefill = (ort.InferenceSession(str(demo_export / f"{g}.onnx"), providers=["CPUExecutionProvider"])
+                           for g in ("vision", "prefill"))
 
         def run(b):
-            return [torch.from_numpy(o) for o in sess.run(["logits", "kept_0"], {k: v.numpy() for k, v in b.items()})]
+            embeds, source = vision.run(["image_embeds", "image_source"], {"pixel_values": b["pixel_values"].numpy()})
+            feed = {"input_ids": b["input_ids"].numpy(), "attention_mask": b["attention_mask"].numpy(),
+                    "image_embeds": embeds, "image_source": source}
+            return [torch.from_numpy(o) for o in prefill.run(["logits", "kept_0"], feed)]
     else:
-        runner = torch._inductor.aoti_load_package(str(demo_export / "prefill.pt2"))
+        vision, prefill = (torch._inductor.aoti_load_package(str(demo_export / f"{g}.pt2"))
+                           for g in ("vision", "prefill"))
 
         def run(b):
-            return runner(b["input_ids"], b["attention_mask"], b["pixel_values"])
+            embeds, source = vision(b["pixel_values"])
+            return prefill(b["input_ids"], b["attention_mask"], embeds, source)
 
     lengths = set()
     for seed, qs in enumerate([["Tell me a story about it?", "Why?"], ["x" * 90 + "?", "Colour of the sky here?"]]):

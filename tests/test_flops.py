@@ -109,7 +109,8 @@ def test_total_exact_composition() -> None:
     res = prefill_flops(TINY, (), 3)
     n = 3 + 6
     vision = 2 * vision_layer_flops(7, TINY)
-    assert res["vision"] == {"dense": vision, "reduced": vision}
+    assert {k: res["vision"][k] for k in ("dense", "reduced", "ratio")} == {"dense": vision, "reduced": vision,
+                                                                            "ratio": 1.0}
     assert res["lm_head"] == 2 * 8 * 50
     assert res["total_exact"]["dense"] == vision + 4 * exact_layer_flops(n, TINY) + 2 * 8 * 50
     assert res["total_exact"]["reduced"] == res["total_exact"]["dense"]
@@ -131,10 +132,17 @@ def test_gqa_saves_exactly_kv_projections() -> None:
     assert exact_layer_flops(651, LLAVA_7B) - exact_layer_flops(651, gqa7b) == kv_diff
 
 
-def test_vision_block_step_not_implemented() -> None:
+def test_vision_block_step_shrinks_the_tower_and_the_decoder() -> None:
     step = Step(method="tome", site=Site.VISION_BLOCK, layer=4, n_in=577, n_out=400)
-    with pytest.raises(NotImplementedError, match="vision-side FLOPs"):
-        prefill_flops(LLAVA_7B, (step,), N_TEXT)
+    res = prefill_flops(LLAVA_7B, (step,), N_TEXT)
+    g = LLAVA_7B
+    dv, mv = g.vision_hidden_size, g.vision_intermediate_size
+    block = 8 * 577 * dv * dv + 4 * 577 * 577 * dv + 4 * 400 * dv * mv  # attention on 577, MLP on 400
+    want = 4 * vision_layer_flops(577, g) + block + (g.vision_layers - 5) * vision_layer_flops(400, g)
+    assert res["vision"]["reduced"] == want
+    assert res["vision"]["tokens_per_block"][4] == [577, 400] and res["vision"]["tokens_per_block"][5] == [400, 400]
+    # CLS is dropped by LLaVA's feature selection: 399 image tokens reach every decoder layer.
+    assert res["tokens_per_layer"]["reduced"] == [N_TEXT + 399] * 32
 
 
 def test_json_serialisable() -> None:

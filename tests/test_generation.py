@@ -6,8 +6,8 @@ import torch
 
 from tests.conftest import ROOT
 from tokcompile.generation import GenerationConfig, choose, generate, no_cache_logits
-from tokcompile.graphs import build_modules
-from tokcompile.pipeline import ReducedVLMNoCache, plan_recipe
+from tokcompile.graphs import build_modules, eager_runners
+from tokcompile.pipeline import plan_recipe
 
 
 def test_greedy_and_seeded_sampling():
@@ -25,46 +25,38 @@ def test_greedy_and_seeded_sampling():
 def _modules(tiny_model):
     plan = plan_recipe(ROOT / "recipes" / "demo.yml")
     reduced, decode = build_modules(plan, tiny_model)
-
-    def pre(f):
-        with torch.no_grad():
-            return reduced(f["input_ids"], f["attention_mask"], f["pixel_values"])
-
-    def dec(f):
-        with torch.no_grad():
-            return decode(*[f[n] for n in decode.input_names])
-
-    return plan, reduced, pre, dec
+    return plan, reduced, eager_runners(reduced, decode)
 
 
 def test_cached_decode_equals_no_cache_reference(tiny_model, batch):
-    plan, reduced, pre, dec = _modules(tiny_model)
-    run = generate(pre, dec, batch, n_steps=1, n_groups=2, cfg=GenerationConfig(max_new_tokens=8), keep_logits=True)
+    plan, reduced, graphs = _modules(tiny_model)
+    run = generate(*graphs, batch, layout=reduced.layout, cfg=GenerationConfig(max_new_tokens=8), keep_logits=True)
     assert run.tokens.shape == (2, 8)
-    ref = no_cache_logits(ReducedVLMNoCache(reduced), batch, run)
+    ref = no_cache_logits(reduced, batch, run)
     for t in range(8):
         torch.testing.assert_close(run.step_logits[t], ref[t], atol=1e-5, rtol=1e-5)
 
 
 def test_padding_never_changes_a_sample(tiny_model, batch):
-    _, _, pre, dec = _modules(tiny_model)
+    _, reduced, graphs = _modules(tiny_model)
     cfg = GenerationConfig(max_new_tokens=8)
-    both = generate(pre, dec, batch, n_steps=1, n_groups=2, cfg=cfg, keep_logits=True)
+    both = generate(*graphs, batch, layout=reduced.layout, cfg=cfg, keep_logits=True)
     for b in range(2):
         m = batch["attention_mask"][b].bool()
         one = {"input_ids": batch["input_ids"][b : b + 1, m], "attention_mask": batch["attention_mask"][b : b + 1, m],
                "pixel_values": batch["pixel_values"][b : b + 1]}
-        alone = generate(pre, dec, one, n_steps=1, n_groups=2, cfg=cfg, keep_logits=True)
-        assert torch.equal(alone.tokens[0], both.tokens[b]) and torch.equal(alone.kept[0][0], both.kept[0][b])
+        alone = generate(*graphs, one, layout=reduced.layout, cfg=cfg, keep_logits=True)
+        assert torch.equal(alone.tokens[0], both.tokens[b])
+        assert torch.equal(alone.kept["kept_0"][0], both.kept["kept_0"][b])
         for t in range(8):
             torch.testing.assert_close(alone.step_logits[t][0], both.step_logits[t][b], atol=1e-5, rtol=1e-5)
 
 
 def test_eos_stops_a_sample(tiny_model, batch):
-    _, _, pre, dec = _modules(tiny_model)
-    free = generate(pre, dec, batch, n_steps=1, n_groups=2, cfg=GenerationConfig(max_new_tokens=6))
+    _, reduced, graphs = _modules(tiny_model)
+    free = generate(*graphs, batch, layout=reduced.layout, cfg=GenerationConfig(max_new_tokens=6))
     eos = int(free.tokens[0, 2])  # pretend sample 0's third token is EOS
-    run = generate(pre, dec, batch, n_steps=1, n_groups=2, cfg=GenerationConfig(max_new_tokens=6, eos_token_id=eos))
+    run = generate(*graphs, batch, layout=reduced.layout, cfg=GenerationConfig(max_new_tokens=6, eos_token_id=eos))
     first = free.tokens[0].tolist().index(eos)
     assert run.lengths[0] == first + 1 and run.sequences()[0] == free.tokens[0, : first + 1].tolist()
     assert all(int(t) == eos for t in run.tokens[0, first:])

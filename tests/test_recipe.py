@@ -339,7 +339,11 @@ def test_unsupported_quant_features() -> None:
 
 def test_sparse_errors() -> None:
     message = error({"model": MODEL, "sparse": {"method": "TokenReduction", "vision": {"method": "ToMe"}}})
-    assert message.startswith("sparse.vision: vision-side reductions are not supported yet")
+    assert message.startswith("sparse.vision.method: 'ToMe' is not supported; choose one of TokenReduction")
+    message = error({"model": MODEL, "sparse": {"vision": {"method": "TokenReduction"}}})
+    assert message.startswith("sparse.vision.special: missing; add special:")
+    both = {"special": {"method": "FastV"}, "language": {"special": {"method": "FastV"}}}
+    assert error({"model": MODEL, "sparse": both}).startswith("sparse.language: give the decoder-side method once")
     assert error({"model": MODEL, "sparse": {"special": {"rate": 0.5}}}).startswith(
         "sparse.special.method: missing; add")
     assert "choose one of TokenReduction" in error({"model": MODEL, "sparse": {"method": "Quant"}})

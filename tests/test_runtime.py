@@ -43,7 +43,7 @@ def test_backends_agree_and_batching_changes_nothing(demo_export, image_files):
     gen = load(demo_export, "onnxruntime")
     for i in range(2):
         alone = gen.generate([image_files[i]], [prompts[i]], max_new_tokens=16, stop_at_eos=False)
-        assert alone.token_ids[0] == ref.token_ids[i] and alone.kept[0][0] == ref.kept[0][i]
+        assert alone.token_ids[0] == ref.token_ids[i] and alone.kept["kept_0"][0] == ref.kept["kept_0"][i]
     # larger batches than compiled run in chunks
     three = gen.generate(image_files + image_files[:1], prompts + prompts[:1], max_new_tokens=4, stop_at_eos=False)
     assert three.token_ids[2] == three.token_ids[0]
@@ -110,6 +110,10 @@ def test_newer_format_version(broken):
     (broken / "manifest.json").write_text(json.dumps(m))
     err = _cli_error(str(broken), "--image", "x.png", "--prompt", "hi")
     assert "format 99" in err and "upgrade tokcompile" in err
+    m["format_version"] = 1  # written before the vision graph was split out
+    (broken / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RecipeError, match="export format 1, which this tokcompile no longer reads .* recompile"):
+        load(broken, "onnxruntime")
 
 
 def test_not_an_export_and_unknown_backend(demo_export, tmp_path):

@@ -114,8 +114,8 @@ def generate_main(argv: list[str] | None = None) -> int:
         for i, text in enumerate(ans.texts):
             print(text)
             if args.show_kept:
-                for j, kept in enumerate(ans.kept):
-                    print(f"  kept_{j}: {kept[i]}")
+                for name, kept in ans.kept.items():
+                    print(f"  {name}: {kept[i]}")
         return 0
     except TokcompileError as e:
         return _report(e, debug)

@@ -17,7 +17,7 @@ Only compare ratios computed under one convention.
 from __future__ import annotations
 
 from tokcompile.models.geometry import Geometry
-from tokcompile.reduce.schedule import Schedule, Site, image_tokens_per_decoder_layer
+from tokcompile.reduce.schedule import Schedule, Step, image_tokens_per_decoder_layer, vision_tokens_per_block
 
 FASTV_FORMULA = "4nd^2+2n^2d+2ndm per layer"
 EXACT_FORMULA = (
@@ -54,37 +54,46 @@ def exact_layer_flops(n: int, geom: Geometry) -> int:
     return proj + attn + ffn
 
 
-def vision_layer_flops(n: int, geom: Geometry) -> int:
+def vision_layer_flops(n: int, geom: Geometry, n_mlp: int | None = None) -> int:
     """Exact FLOPs of one vision-tower block (2 FLOPs/MAC): ``8*n*dv^2`` for q, k, v, o,
-    ``4*n^2*dv`` for QK^T and PV (full square), ``4*n*dv*mv`` for the 2-matrix GELU MLP (fc1, fc2)."""
-    _check_nonneg(n=n)
+    ``4*n^2*dv`` for QK^T and PV (full square), ``4*n*dv*mv`` for the 2-matrix GELU MLP (fc1, fc2).
+
+    ``n_mlp`` is the token count of the MLP when a merge between attention and MLP shrank it (ToMe)."""
+    n_mlp = n if n_mlp is None else n_mlp
+    _check_nonneg(n=n, n_mlp=n_mlp)
     dv, mv = geom.vision_hidden_size, geom.vision_intermediate_size
-    return 8 * n * dv * dv + 4 * n * n * dv + 4 * n * dv * mv
+    return 8 * n * dv * dv + 4 * n * n * dv + 4 * n_mlp * dv * mv
 
 
-def prefill_flops(geom: Geometry, schedule: Schedule, n_text: int) -> dict:
+def default_scoring_flops(step: Step, geom: Geometry, n_tokens: int) -> int:
+    """A decoder step that scores with one attention row (FastV-style): the last token's q projection
+    ``2*d*dq`` and its scores against every key ``2*n*dq``; other sites: 0."""
+    if step.site.in_vision_graph:
+        return 0
+    dq = geom.n_heads * geom.head_dim
+    return 2 * geom.hidden_size * dq + 2 * n_tokens * dq
+
+
+def prefill_flops(geom: Geometry, schedule: Schedule, n_text: int, reducers: tuple = ()) -> dict:
     """Prefill FLOPs of the dense model and of the model reduced by ``schedule`` (JSON-serialisable).
 
     Decoder layer ``l`` sees ``n_text + image_tokens_per_decoder_layer(...)[l]`` tokens when reduced and
     ``n_text + geom.n_image_tokens`` when dense. ``conventions`` holds decoder-layer sums only, so with
     nothing pruned both ratios are exactly 1.
 
-    ``scoring_overhead`` (exact convention) is the extra attention row a FastV-style step computes at
-    each DECODER_LAYER step: the q projection of the last token ``2*d*dq`` plus its scores against every
-    key of the previous layer ``2*n_prev*dq``, where ``n_prev`` is the reduced token count entering layer
-    ``step.layer - 1`` (for a step at layer 0: ``n_text + step.n_in``). It is added to
-    ``total_exact["reduced"]`` only.
+    ``scoring_overhead`` (exact convention) is what the steps compute to decide, beyond the model itself:
+    each reducer's ``scoring_flops(step, geom, n_tokens)`` when it has one (``n_tokens``: the tokens
+    entering the step, text included at decoder sites), else ``default_scoring_flops`` (one FastV-style
+    attention row). It is added to ``total_exact["reduced"]`` only.
 
     ``total_exact`` = vision tower + exact decoder + lm_head for one token (``2*d*V``), with the scoring
-    overhead in the reduced side. Vision-side steps (Site.VISION_BLOCK) raise NotImplementedError.
+    overhead in the reduced side. Vision-block steps shrink the tower's blocks after them (a block whose merge
+    runs between attention and MLP counts its MLP at the merged size).
     """
     _check_nonneg(n_text=n_text)
-    if any(step.site is Site.VISION_BLOCK for step in schedule):
-        raise NotImplementedError("vision-side FLOPs")
     L, d, m = geom.n_layers, geom.hidden_size, geom.intermediate_size
-    dq = geom.n_heads * geom.head_dim
     n_img = geom.n_image_tokens
-    img_per_layer = image_tokens_per_decoder_layer(n_img, L, schedule)
+    img_per_layer = image_tokens_per_decoder_layer(n_img, L, schedule, geom.vision_tokens)
     dense_tokens = [n_text + n_img] * L
     reduced_tokens = [n_text + k for k in img_per_layer]
 
@@ -99,13 +108,18 @@ def prefill_flops(geom: Geometry, schedule: Schedule, n_text: int) -> dict:
         conventions[name]["formula"] = formula
 
     overhead = 0
-    for step in schedule:
-        if step.site is Site.DECODER_LAYER:
-            n_prev = reduced_tokens[step.layer - 1] if step.layer >= 1 else n_text + step.n_in
-            overhead += 2 * d * dq + 2 * n_prev * dq
+    for j, step in enumerate(schedule):
+        n_tokens = step.n_in + (0 if step.site.in_vision_graph else n_text)
+        fn = getattr(reducers[j], "scoring_flops", None) if j < len(reducers) else None
+        overhead += (fn or default_scoring_flops)(step, geom, n_tokens) * (
+            geom.vision_images if step.site.in_vision_tower else 1)
 
     vision_dense = geom.vision_images * geom.vision_layers * vision_layer_flops(geom.vision_tokens, geom)
-    vision = {"dense": vision_dense, "reduced": vision_dense}
+    blocks = vision_tokens_per_block(geom.vision_tokens, geom.vision_layers, schedule)
+    vision_reduced = geom.vision_images * sum(vision_layer_flops(a, geom, b) for a, b in blocks)
+    vision = {"dense": vision_dense, "reduced": vision_reduced,
+              "ratio": vision_reduced / vision_dense if vision_dense else 1.0,
+              "tokens_per_block": [list(b) for b in blocks]}
 
     lm_head = 2 * d * geom.vocab_size
     total_dense = vision["dense"] + conventions["exact"]["dense"] + lm_head
@@ -157,6 +171,8 @@ def format_table(result: dict) -> str:
     for name, entry in result["conventions"].items():
         rows.append(row(labels.get(name, name), entry))
     rows.append(f"{'scoring overhead':<22}{'':>16}{format_flops(result['scoring_overhead']):>16}")
+    vision = result["vision"]
+    rows.append(row("vision tower", {**vision, "ratio": vision.get("ratio", 1.0)}))
     rows.append(row("total exact", result["total_exact"]))
     rows.append("total exact = vision + exact decoder + lm_head (1 token) [+ scoring overhead]")
     return "\n".join(rows)

@@ -1,12 +1,13 @@
-"""Generation over a prefill graph and a decode graph, whatever runs them.
+"""Generation over a vision graph, a prefill graph and a decode graph, whatever runs them.
 
-A backend is two callables that take a dict of named inputs and return a tuple of outputs in the graph's
-order (see `ReducedVLM.output_names` and `DecodeStep.input_names`/`output_names`). The same loop serves the
-eager modules, onnxruntime, AOTInductor and the exported programs, so their parity is token for token.
+A backend is three callables that take a dict of named inputs and return a dict of named outputs (names from
+the plan's `GraphLayout`). The same loop serves the eager modules, onnxruntime, AOTInductor and the exported
+programs, so their parity is token for token.
 
-Positions follow policy P1: the t-th generated token (0-based) sits at (prefill's `next_position` + t) in
-every layer, even though layers after a pruning step cache fewer entries. For 1-D RoPE `next_position` is
-the real prompt length; for M-RoPE it is one past the largest position of the prompt, as in HF.
+Positions: the t-th generated token (0-based) sits at (prefill's `next_position` + t) in every layer, even
+though layers after a pruning step cache fewer entries (and under P2 the prefill renumbered its survivors),
+exactly as HF `generate` continues. For 1-D RoPE `next_position` is the real prompt length; for M-RoPE it is
+one past the largest position of the prompt, as in HF.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-Graph = Callable[[dict[str, Any]], tuple]
+from tokcompile.graphs import decode_feed
+from tokcompile.layout import IMAGE_OUTPUTS, GraphLayout
+
+Graph = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Generated:
     tokens: Tensor  # (B, n) generated ids; after a sample's EOS, eos_token_id repeats
     lengths: list[int]  # per sample, tokens up to and including EOS
     step_logits: list[Tensor] = field(default_factory=list)  # (B, V) per step
-    kept: list[Tensor] = field(default_factory=list)  # prefill's kept indices per step
+    kept: dict[str, Tensor] = field(default_factory=dict)  # every step's parity output, by layout name
 
     def sequences(self) -> list[list[int]]:
         return [self.tokens[b, : n].tolist() for b, n in enumerate(self.lengths)]
@@ -62,35 +66,38 @@ def choose(logits: Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen)[:, 0]
 
 
+def run_prompt(vision: Graph, prefill: Graph, layout: GraphLayout, batch: dict[str, Any]) -> dict[str, Any]:
+    """The vision graph on the media inputs, then the prefill graph on the text inputs and image embeddings:
+    every output of both, by name."""
+    seen = vision({n: batch[n] for n in layout.vision.inputs})
+    feed = {n: batch[n] for n in layout.prefill.inputs if n not in IMAGE_OUTPUTS}
+    feed.update({n: seen[n] for n in IMAGE_OUTPUTS})
+    return {**seen, **prefill(feed)}
+
+
 def generate(
+    vision: Graph,
     prefill: Graph,
     decode: Graph,
     batch: dict[str, Tensor],
     *,
-    n_steps: int,
-    n_groups: int,
+    layout: GraphLayout,
     cfg: GenerationConfig,
     keep_logits: bool = False,
 ) -> Generated:
-    """Run prefill once, then decode one token at a time.
+    """Run vision and prefill once, then decode one token at a time.
 
     Args:
-        prefill: the processor's outputs by name (each runner takes the inputs it was compiled with) ->
-            (logits, kept_0.., cache_mask_g.., next_position, kv..).
-        decode: inputs (input_ids, position_ids, attention_mask_g.., past kv..) -> (logits, kv..).
+        vision, prefill, decode: the three graphs (named inputs -> named outputs).
         batch: the processor's output.
-        n_steps: reduction steps in the prefill graph (number of kept outputs).
-        n_groups: cache groups (number of cache masks).
+        layout: the graphs' names.
     """
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    out = prefill(dict(batch))
-    logits = out[0]
-    kept = list(out[1 : 1 + n_steps])
-    first = 1 + n_steps + n_groups
-    masks = [torch.as_tensor(m).long() for m in out[1 + n_steps : first]]
-    next_position = torch.as_tensor(out[first]).long()  # (B, 1)
-    past = list(out[first + 1 :])
-    B = logits.shape[0]
+    out = run_prompt(vision, prefill, layout, batch)
+    kept = {n: torch.as_tensor(out[n]) for n in layout.step_outputs}
+    logits = out["logits"]
+    past = {f"past_{n[len('present_'):]}": out[n] for n in layout.present}
+    B = torch.as_tensor(logits).shape[0]
     tokens: list[Tensor] = []
     step_logits: list[Tensor] = []
     done = torch.zeros(B, dtype=torch.bool)
@@ -109,29 +116,19 @@ def generate(
         tokens.append(tok)
         if t + 1 == cfg.max_new_tokens or bool(done.all()):
             break
-        ones = torch.ones(B, 1, dtype=torch.long)
-        masks = [torch.cat([m, ones], dim=1) for m in masks]  # (B, P_g + 1): cache plus the new token
-        feed = {"input_ids": tok[:, None].long(), "position_ids": next_position + t}
-        feed.update({f"attention_mask_{g}": m for g, m in enumerate(masks)})
-        feed.update({f"past_{kind}_{i // 2}": p for i, (kind, p) in enumerate(zip(_kinds(len(past)), past))})
-        out = decode(feed)
-        logits, past = out[0], list(out[1:])
+        step = decode({**decode_feed(layout, out, tok, t), **past})
+        logits = step["logits"]
+        past = {f"past_{n[len('present_'):]}": step[n] for n in layout.present}
     return Generated(torch.stack(tokens, dim=1), lengths, step_logits, kept)
-
-
-def _kinds(n: int) -> list[str]:
-    return ["key", "value"] * (n // 2)
 
 
 @torch.no_grad()
 def no_cache_logits(reduced: Any, batch: dict[str, Tensor], result: Generated) -> list[Tensor]:
-    """Reference logits for each generated step: the whole reduced prefill re-run on the prompt plus the
-    tokens generated so far, with the prefill's kept tokens replayed (FastV with a cache keeps its first
-    selection). Step t's logits must match the cached decode's."""
-    inner = getattr(reduced, "reduced", reduced)
+    """Reference logits for each generated step: the whole reduced model (`ReducedVLM`) re-run on the prompt
+    plus the tokens generated so far, with the prefill's selections replayed (a method with a cache keeps its
+    first selection). Step t's logits must match the cached decode's."""
     out = []
     for t in range(result.tokens.shape[1]):
-        feed = inner.adapter.extend_text(batch, result.tokens[:, :t], inner.geometry)
-        logits = reduced(*[feed[n] for n in inner.input_names], forced_kept=tuple(result.kept))[0]
-        out.append(logits.float())
+        feed = reduced.adapter.extend_text(batch, result.tokens[:, :t], reduced.geometry)
+        out.append(reduced.run(feed, forced=dict(result.kept), n_appended=t)["logits"].float())
     return out

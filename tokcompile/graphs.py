@@ -1,12 +1,15 @@
 """The graphs a compile exports, each with its example inputs and dynamic dimensions.
 
-- prefill: `ReducedVLM(with_cache=True)`: the processor's outputs -> logits, kept indices, the KV cache
-  (shaped by the schedule) and one validity mask per cache group.
+- vision: `VisionEncoder`: the processor's media inputs -> image embeddings after every vision-side and
+  projector-side step, their source indices, and those steps' parity outputs.
+- prefill: `Prefill(with_cache=True)`: the prompt's text inputs and the image embeddings -> logits, every
+  decoder step's parity output, the KV cache (shaped by the schedule) and one validity mask per cache group.
 - decode: `DecodeStep`: one token per sample, its position, the masks and the cache -> logits and the
   updated cache.
 
-The prompt length and the cache lengths are dynamic. The batch is dynamic up to `inputs.batch_size` when
-that is 2 or more (an example batch of 1 would specialise), else fixed at 1.
+Names come from the plan's `GraphLayout`. The prompt length and the cache lengths are dynamic. The batch is
+dynamic up to `inputs.batch_size` when that is 2 or more (an example batch of 1 would specialise), else
+fixed at 1.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokcompile.models.base import DecodeStep, ReducedVLM
+from tokcompile.layout import DECODE, PREFILL, VISION
+from tokcompile.models.reduced import DecodeStep, ReducedVLM
 from tokcompile.plan import Plan
 
-PREFILL, DECODE = "prefill", "decode"
+__all__ = ["DECODE", "PREFILL", "VISION", "GraphSpec", "build_modules", "decode_feed", "eager_runners", "graph_specs"]
 
 
 @dataclass
@@ -41,22 +45,49 @@ def build_modules(plan: Plan, model: nn.Module) -> tuple[ReducedVLM, DecodeStep]
     reduced = ReducedVLM(
         model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id, with_cache=True
     ).eval()
-    return reduced, DecodeStep(model, plan.adapter, plan.geometry, reduced.groups).eval()
+    return reduced, DecodeStep(model, plan.adapter, plan.geometry, reduced.layout).eval()
+
+
+def eager_runners(reduced: ReducedVLM, decode: DecodeStep) -> tuple[Any, Any, Any]:
+    """The vision, prefill and decode modules as named-input -> named-output callables (no autograd)."""
+
+    def runner(module: Any) -> Any:
+        def run(feed: dict[str, Tensor]) -> dict[str, Tensor]:
+            with torch.no_grad():
+                return module.run(feed)
+        return run
+
+    def run_decode(feed: dict[str, Tensor]) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return reduced.layout.decode.named(decode(*[feed[n] for n in decode.input_names]))
+
+    return runner(reduced.vision), runner(reduced.prefill), run_decode
+
+
+def decode_feed(layout: Any, prefill_out: dict[str, Tensor], token: Tensor, step: int) -> dict[str, Tensor]:
+    """Decode inputs for generated token `step` (0-based) from the prefill's outputs: cache masks extended by
+    one entry per token so far, the token's position, and (at step 0) the prefill's cache."""
+    B = token.shape[0]
+    ones = torch.ones(B, step + 1, dtype=torch.long)
+    feed = {"input_ids": token.reshape(B, 1).long(),
+            "position_ids": torch.as_tensor(prefill_out["next_position"]).long() + step}
+    for g, name in enumerate(layout.decode_masks):
+        feed[name] = torch.cat([torch.as_tensor(prefill_out[f"cache_mask_{g}"]).long(), ones], dim=1)
+    for g in layout.biased_groups:  # generated tokens are unmerged: size 1, bias 0
+        bias = torch.as_tensor(prefill_out[f"cache_bias_{g}"]).float()
+        feed[f"attention_bias_{g}"] = torch.cat([bias, torch.zeros(B, step + 1)], dim=1)
+    return feed
 
 
 def decode_example(reduced: ReducedVLM, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
     """Decode inputs for the first generated token after prefilling `batch` (eager)."""
-    n_steps, n_groups = len(reduced.schedule), len(reduced.groups)
     with torch.no_grad():
-        out = reduced(*[batch[n] for n in reduced.input_names])
-    B = out[0].shape[0]
-    token = out[0].argmax(-1, keepdim=True)  # (B, 1)
-    first = 1 + n_steps + n_groups
-    position = out[first]  # (B, 1) next_position
-    ones = torch.ones(B, 1, dtype=torch.long)
-    masks = [torch.cat([m, ones], 1) for m in out[1 + n_steps : first]]
+        out = reduced.run(batch)
+    feed = decode_feed(reduced.layout, out, out["logits"].argmax(-1), 0)
+    for i in range(reduced.geometry.n_layers):
+        feed[f"past_key_{i}"], feed[f"past_value_{i}"] = out[f"present_key_{i}"], out[f"present_value_{i}"]
     # Contiguous, as every runner feeds them: AOTInductor compiles for the example's strides.
-    return tuple(t.contiguous() for t in (token, position, *masks, *out[first + 1 :]))
+    return tuple(feed[n].contiguous() for n in reduced.layout.decode.inputs)
 
 
 def graph_specs(plan: Plan, reduced: ReducedVLM, decode: DecodeStep, batch: dict[str, Tensor]) -> list[GraphSpec]:
@@ -64,44 +95,57 @@ def graph_specs(plan: Plan, reduced: ReducedVLM, decode: DecodeStep, batch: dict
     dyn_batch = B >= 2
     b_dim = torch.export.Dim("batch", min=1, max=B) if dyn_batch else None
     t_dim = torch.export.Dim("prompt_len", min=plan.text_len_range[0], max=plan.text_len_range[1])
+    layout = reduced.layout
+    axes_of = plan.adapter.input_axes(plan.geometry)
+
+    def processor_dims(name: str) -> tuple[dict[int, Any], dict[int, str]]:
+        dims: dict[int, Any] = {}
+        labels: dict[int, str] = {}
+        for axis, kind in axes_of.get(name, {}).items():
+            if kind == "prompt_len":
+                dims[axis], labels[axis] = t_dim, "prompt_len"
+            elif kind == "batch" and dyn_batch:
+                dims[axis], labels[axis] = b_dim, "batch"
+            elif isinstance(kind, tuple) and dyn_batch:  # ("batch", m): images flattened into m rows each
+                dims[axis], labels[axis] = kind[1] * b_dim, f"batch * {kind[1]}"
+        return dims, labels
+
+    batch_label = {0: "batch"} if dyn_batch else {}
+    with torch.no_grad():
+        vision_out = reduced.vision.run({n: batch[n] for n in layout.vision.inputs})
+
+    def spec(name: str, module: nn.Module, io: Any, feed: dict[str, Tensor]) -> GraphSpec:
+        dyn, labels = {}, {}
+        for n in io.inputs:
+            if n in axes_of:
+                dims, lab = processor_dims(n)
+            else:  # image_embeds, image_source: (B, N', ...)
+                dims, lab = ({0: b_dim}, dict(batch_label)) if dyn_batch else ({}, {})
+            dyn[n], labels[n] = dims or None, lab
+        example = tuple(feed[n] for n in io.inputs)
+        return GraphSpec(name, module, list(io.inputs), list(io.outputs), example,
+                         {"inputs": tuple(dyn[n] for n in io.inputs)}, labels)
+
+    vision = spec(VISION, reduced.vision, layout.vision, batch)
+    prefill = spec(PREFILL, reduced.prefill, layout.prefill, {**batch, **vision_out})
 
     def axes(**named: Any) -> dict[int, Any]:
         d = {0: b_dim} if dyn_batch else {}
         d.update({int(k[1:]): v for k, v in named.items()})
         return d
 
-    names = list(reduced.input_names)
-    prefill_dyn: dict[str, Any] = {}
-    prefill_labels: dict[str, dict[int, str]] = {}
-    for name in names:
-        dims: dict[int, Any] = {}
-        labels_n: dict[int, str] = {}
-        for axis, kind in plan.adapter.input_axes(plan.geometry).get(name, {}).items():
-            if kind == "prompt_len":
-                dims[axis], labels_n[axis] = t_dim, "prompt_len"
-            elif kind == "batch" and dyn_batch:
-                dims[axis], labels_n[axis] = b_dim, "batch"
-            elif isinstance(kind, tuple) and dyn_batch:  # ("batch", m): images flattened into m rows each
-                dims[axis], labels_n[axis] = kind[1] * b_dim, f"batch * {kind[1]}"
-        prefill_dyn[name] = dims or None
-        prefill_labels[name] = labels_n
-    batch_label = {0: "batch"} if dyn_batch else {}
-    prefill = GraphSpec(
-        PREFILL, reduced, names, reduced.output_names, tuple(batch[n] for n in names),
-        {"inputs": tuple(prefill_dyn[n] for n in names)}, labels=prefill_labels,
-    )
-    n_groups = len(decode.groups)
-    group_of = [g for g, (s, e) in enumerate(decode.groups) for _ in range(s, e)]
+    n_groups = len(layout.groups) + len(layout.biased_groups)
     rest = [axes(a1=torch.export.Dim.DYNAMIC) for _ in range(n_groups)]
     rest += [axes(a2=torch.export.Dim.DYNAMIC) for _ in range(2 * plan.geometry.n_layers)]
-    decode_dyn = {"input_ids": axes(), "position_ids": axes(), "rest": tuple(rest)}
+    decode_dyn = {"inputs": (axes(), axes(), *rest)}
     labels: dict[str, dict[int, str]] = {"input_ids": dict(batch_label), "position_ids": dict(batch_label)}
-    for g in range(n_groups):
+    for g in range(len(layout.groups)):
         labels[f"attention_mask_{g}"] = {**batch_label, 1: f"past_len_{g} + 1"}
-    for i, g in enumerate(group_of):
+    for g in layout.biased_groups:
+        labels[f"attention_bias_{g}"] = {**batch_label, 1: f"past_len_{g} + 1"}
+    for i in range(plan.geometry.n_layers):
         for kind in ("key", "value"):
-            labels[f"past_{kind}_{i}"] = {**batch_label, 2: f"past_len_{g}"}
-    decode_spec = GraphSpec(
-        DECODE, decode, decode.input_names, decode.output_names, decode_example(reduced, batch), decode_dyn, labels
-    )
-    return [prefill, decode_spec]
+            labels[f"past_{kind}_{i}"] = {**batch_label, 2: f"past_len_{layout.group_of(i)}"}
+    decode_spec = GraphSpec(DECODE, decode, decode.input_names, decode.output_names,
+                            decode_example(reduced, batch), decode_dyn, labels)
+    return [vision, prefill, decode_spec]

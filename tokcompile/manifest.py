@@ -10,7 +10,7 @@ from typing import Any
 
 from tokcompile import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a separate vision graph; graph I/O named by the layout
 
 
 def sha256(path: Path) -> str:
@@ -44,17 +44,18 @@ def io_spec(names: list[str], tensors: list[Any], labels: dict[str, dict[int, st
 
 
 def build_manifest(
-    plan: Any, specs: list, artifacts: list, reduced: Any, outputs: dict[str, tuple], quantization: dict | None,
+    plan: Any, specs: list, artifacts: list, layout: Any, outputs: dict[str, tuple], quantization: dict | None,
     timings: dict, root: Path,
 ) -> dict:
     recipe = plan.recipe
-    dyn_b = {0: "batch"} if "batch" in specs[0].labels.get("input_ids", {}).values() else {}
+    prefill = next(s for s in specs if s.name == "prefill")
+    dyn_b = {0: "batch"} if "batch" in prefill.labels.get("input_ids", {}).values() else {}
 
     def label(name: str, graph: str) -> dict[int, str]:
         if name.startswith("present_"):  # (B, Hkv, length, d): the cache grows by one entry per decode step
-            g = _group(reduced, name)
+            g = layout.group_of(int(name.rsplit("_", 1)[1]))
             return {**dyn_b, 2: f"cache_len_{g}" if graph == "prefill" else f"past_len_{g} + 1"}
-        if name.startswith("cache_mask_"):
+        if name.startswith(("cache_mask_", "cache_bias_")):
             return {**dyn_b, 1: f"cache_len_{name.rsplit('_', 1)[1]}"}
         return dict(dyn_b)
 
@@ -76,10 +77,12 @@ def build_manifest(
         "warnings": list(recipe.warnings),
         "plan": plan.to_dict(),
         "schedule": [s.to_dict() for s in plan.schedule],
-        "cache_groups": [list(g) for g in reduced.groups],
-        "position_policy": "P1: kept tokens keep their original positions; generated token t sits at the prefill's "
-                           "next_position + t",
-        "media": _media(plan, specs[0]),
+        "cache_groups": [list(g) for g in layout.groups],
+        "layout": layout.to_dict(),
+        "position_policy": "before the decoder: contiguous 1-D positions over the shorter prompt, or the kept "
+                           "tokens' original multi-row ids; decoder steps keep original ids (P1) or renumber "
+                           "(P2) as each step records; generated token t sits at the prefill's next_position + t",
+        "media": _media(plan, next(s for s in specs if s.name == "vision")),
         "generation": {
             "eos_token_id": _eos(plan),
             "max_new_tokens": recipe.inputs.max_new_tokens,
@@ -116,11 +119,6 @@ def _media(plan: Any, prefill: Any) -> dict:
         # Per-sample values of inputs that the graph bakes in (checked by the runtime before it runs).
         "fixed_inputs": {n: example[n][0].tolist() for n in a.fixed_value_inputs if n in example},
     }
-
-
-def _group(reduced: Any, name: str) -> int:
-    layer = int(name.rsplit("_", 1)[1])
-    return next(g for g, (s, e) in enumerate(reduced.groups) if s <= layer < e)
 
 
 def _eos(plan: Any) -> int | None:

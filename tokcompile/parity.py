@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from tokcompile.errors import ParityError
+from tokcompile.layout import EXACT_PREFIXES  # indices and masks compare exactly
 
 PROMPTS = (
     "What is shown in this image?",
@@ -107,7 +108,6 @@ def _compare_logits(got: Tensor, ref: Tensor, atol: float, rtol: float) -> dict:
     }
 
 
-EXACT_PREFIXES = ("kept_", "cache_mask_")
 
 
 def compare_outputs(
@@ -187,7 +187,7 @@ def check_no_cache(runs: list, references: list[list[Tensor]], atol: float, rtol
 
 def check_reference(
     reference: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor | None]],
-    eager_outputs: list[tuple],
+    eager_outputs: list[dict],
     inputs: list[ParityInputs],
     atol: float,
     rtol: float,
@@ -197,9 +197,9 @@ def check_reference(
     for i, (inp, ref) in enumerate(zip(inputs, eager_outputs)):
         for b in range(inp.batch["input_ids"].shape[0]):
             logits, kept = reference(inp.sample(b))
-            row = {"input": i, "row": b, **_compare_logits(logits[None], ref[0][b : b + 1], atol, rtol)}
+            row = {"input": i, "row": b, **_compare_logits(logits[None], ref["logits"][b : b + 1], atol, rtol)}
             if kept is not None:
-                row["kept_equal"] = bool(torch.equal(kept, ref[1][b]))
+                row["kept_equal"] = bool(torch.equal(kept, ref["kept_0"][b]))
                 if not row["kept_equal"]:
                     raise ParityError(
                         f"parity failed for eager ReducedVLM: kept indices differ from the independent FastV reference "
@@ -214,9 +214,9 @@ def check_reference(
     return {"passed": True, "max_abs_diff": max(r["max_abs_diff"] for r in rows), "samples": rows}
 
 
-def drift(eager_outputs: list[tuple], baseline: list[Tensor]) -> dict:
+def drift(eager_outputs: list[dict], baseline: list[Tensor]) -> dict:
     """Compressed (quantized + reduced) logits against the uncompressed model's. Information only."""
-    got = torch.cat([o[0] for o in eager_outputs]).float()
+    got = torch.cat([o["logits"] for o in eager_outputs]).float()
     ref = torch.cat(baseline).float()
     return {
         "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),

@@ -107,8 +107,8 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     from tokcompile import parity
     from tokcompile.export import EXPORTERS
     from tokcompile.export.base import ExportRequest
-    from tokcompile.generation import GenerationConfig, generate, no_cache_logits
-    from tokcompile.graphs import build_modules, graph_specs
+    from tokcompile.generation import GenerationConfig, generate, no_cache_logits, run_prompt
+    from tokcompile.graphs import DECODE, PREFILL, VISION, build_modules, eager_runners, graph_specs
     from tokcompile.models.loading import load_model, load_processor
 
     recipe, g = plan.recipe, plan.geometry
@@ -149,8 +149,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         done()
 
     reduced, decode = build_modules(plan, model)
-    n_steps, n_groups = len(plan.schedule), len(reduced.groups)
-    names = list(reduced.input_names)
+    layout = reduced.layout
     report: dict[str, Any] = {"atol": atol, "rtol": rtol, "greedy_tokens": GREEDY_TOKENS, "artifacts": {}}
 
     done = stage("eager check")
@@ -160,28 +159,20 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         cases += [inp.sample(0) for inp in inputs]
     gcfg = GenerationConfig(max_new_tokens=GREEDY_TOKENS)
 
-    def eager_prefill(feed: dict) -> tuple:
-        with torch.no_grad():
-            return reduced(*[feed[n] for n in names])
-
-    def eager_decode(feed: dict) -> tuple:
-        with torch.no_grad():
-            return decode(*[feed[n] for n in decode.input_names])
-
-    eager_runs = [generate(eager_prefill, eager_decode, c, n_steps=n_steps, n_groups=n_groups, cfg=gcfg,
-                           keep_logits=True) for c in cases]
-    no_cache = ReducedVLMNoCache(reduced)
-    references = [no_cache_logits(no_cache, c, run) for c, run in zip(cases, eager_runs)]
+    eager_graphs = dict(zip((VISION, PREFILL, DECODE), eager_runners(reduced, decode)))
+    eager_decode = eager_graphs[DECODE]
+    eager_runs = [generate(*eager_graphs.values(), c, layout=layout, cfg=gcfg, keep_logits=True) for c in cases]
+    references = [no_cache_logits(reduced, c, run) for c, run in zip(cases, eager_runs)]
     report["eager_vs_no_cache"] = parity.check_no_cache(eager_runs, references, atol, rtol)
     log(f"  eager generation with KV cache equals the no-cache reference over {GREEDY_TOKENS} tokens "
         f"(max |Δlogit| {report['eager_vs_no_cache']['max_abs_logit_diff']:.2e})")
-    eager_prefill_out = [eager_prefill(inp.batch) for inp in inputs]
+    eager_prompt_out = [run_prompt(eager_graphs[VISION], eager_graphs[PREFILL], layout, inp.batch) for inp in inputs]
     done()
 
     done = stage("reference")
     if recipe.parity.reference:
-        report["reference"] = _independent_reference(plan, model, eager_prefill_out, inputs, atol, rtol, log)
-    report["drift_vs_uncompressed"] = parity.drift(eager_prefill_out, baseline)
+        report["reference"] = _independent_reference(plan, model, eager_prompt_out, inputs, atol, rtol, log)
+    report["drift_vs_uncompressed"] = parity.drift(eager_prompt_out, baseline)
     done()
 
     done = stage("export")
@@ -194,9 +185,14 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
             )
     done()
 
+    def as_case(io: Any, batch: dict, out: dict) -> tuple[dict, tuple]:
+        feed = {n: batch[n] if n in batch else out[n] for n in io.inputs}
+        return feed, tuple(out[n] for n in io.outputs)
+
     graph_cases = {
-        specs[0].name: [(inp.batch, out) for inp, out in zip(inputs, eager_prefill_out)],
-        specs[1].name: [(specs[1].example_dict(), eager_decode(specs[1].example_dict()))],
+        VISION: [as_case(layout.vision, inp.batch, out) for inp, out in zip(inputs, eager_prompt_out)],
+        PREFILL: [as_case(layout.prefill, inp.batch, out) for inp, out in zip(inputs, eager_prompt_out)],
+        DECODE: [as_case(layout.decode, specs[2].example_dict(), eager_decode(specs[2].example_dict()))],
     }
     artifacts = []
     for target in plan.targets:
@@ -213,22 +209,21 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
                                         atol, rtol),
             }
             artifacts.append(art)
+        named = [layout.graph(g).wrap(runners[g]) for g in layout.graphs]
         gen_rows = []
         for i, (c, ref) in enumerate(zip(cases, eager_runs)):
-            run = generate(runners[specs[0].name], runners[specs[1].name], c, n_steps=n_steps, n_groups=n_groups,
-                           cfg=gcfg, keep_logits=True)
+            run = generate(*named, c, layout=layout, cfg=gcfg, keep_logits=True)
             gen_rows.append(parity.check_generation(f"{target} generation", run, ref, atol, rtol, f"on case {i}"))
         report["generation"] = report.get("generation", {})
         report["generation"][target] = {"passed": True, "cases": gen_rows}
-        log(f"  {target}: prefill and decode parity passed; greedy generation equals eager token for token "
+        log(f"  {target}: vision, prefill and decode parity passed; greedy generation equals eager token for token "
             f"({GREEDY_TOKENS} tokens, {len(cases)} cases, batch sizes {sorted({r['batch'] for r in gen_rows})})")
         done()
 
     int4 = None
     if int_weights:
         done = stage("int4")
-        int4 = _int4_onnx(specs, graph_cases, cases, eager_runs, int_weights, tmp, n_steps, n_groups, gcfg,
-                          atol, rtol, log)
+        int4 = _int4_onnx(specs, graph_cases, cases, eager_runs, int_weights, tmp, layout, gcfg, atol, rtol, log)
         report["int4"] = int4["parity"]
         done()
 
@@ -239,7 +234,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
 
     quant = {**quant_report.to_dict(), "layerwise": quant_layers} if quant_report else None
     example_outputs = {name: cases_[0][1] for name, cases_ in graph_cases.items()}  # eager, already computed
-    manifest = build_manifest(plan, specs, artifacts, reduced, example_outputs, quant, stage.timings, tmp)
+    manifest = build_manifest(plan, specs, artifacts, layout, example_outputs, quant, stage.timings, tmp)
     if int4 is not None:
         manifest["int4_onnx"] = {k: v for k, v in int4.items() if k != "parity"}
     _write_json(tmp / "manifest.json", manifest)
@@ -305,10 +300,11 @@ def _quantize(plan: Plan, model: Any, processor: Any, log: Log) -> tuple[Any, di
 
 
 def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, int_weights: dict, tmp: Path,
-               n_steps: int, n_groups: int, gcfg: Any, atol: float, rtol: float, log: Log) -> dict:
-    """Write `<graph>.int4.onnx` next to each fake-quant ONNX graph and check it in onnxruntime: with
-    MatMulNBits at accuracy level 0 and with optimisations off it must pass parity (and generate the same
-    tokens); at onnxruntime's default accuracy level the drift is reported."""
+               layout: Any, gcfg: Any, atol: float, rtol: float, log: Log) -> dict:
+    """Write `<graph>.int4.onnx` next to each fake-quant ONNX graph that holds quantized weights (prefill and
+    decode; the vision graph has none and serves as it is) and check it in onnxruntime: with MatMulNBits at
+    accuracy level 0 and with optimisations off it must pass parity (and generate the same tokens); at
+    onnxruntime's default accuracy level the drift is reported."""
     import torch
 
     from tokcompile import parity
@@ -319,6 +315,18 @@ def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, in
     sessions: dict[str, dict[str, Any]] = {"exact": {}, "unfused": {}, "default": {}}
     for spec in specs:
         src, dst = tmp / f"{spec.name}.onnx", tmp / f"{spec.name}.int4.onnx"
+        if spec.name == "vision":  # no quantized weights: the float graph is the int4 export's vision graph
+            sess = ort_session(src, "exact")
+
+            def run_vision(feed: dict, sess: Any = sess, names: list = spec.input_names) -> tuple:
+                return tuple(torch.from_numpy(o) for o in sess.run(None, {n: torch.as_tensor(feed[n]).numpy()
+                                                                         for n in names}))
+
+            for mode in sessions:
+                sessions[mode][spec.name] = run_vision
+            out["graphs"][spec.name] = {"files": [src.name, src.name + ".data"], "replaced": 0,
+                                        "note": "no quantized weights; the float vision graph serves"}
+            continue
         stats = write_int4_onnx(src, dst, int_weights)
         size = lambda p: p.stat().st_size + (p.with_name(p.name + ".data").stat().st_size  # noqa: E731
                                              if p.with_name(p.name + ".data").exists() else 0)
@@ -342,26 +350,15 @@ def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, in
         out["parity"][f"{spec.name}.default_accuracy_drift"] = drift
     rows = []
     for i, (c, ref) in enumerate(zip(cases, eager_runs)):
-        run = generate(sessions["exact"][specs[0].name], sessions["exact"][specs[1].name], c, n_steps=n_steps,
-                       n_groups=n_groups, cfg=gcfg, keep_logits=True)
+        named = [layout.graph(spec.name).wrap(sessions["exact"][spec.name]) for spec in specs]
+        run = generate(*named, c, layout=layout, cfg=gcfg, keep_logits=True)
         rows.append(parity.check_generation("int4 onnx generation", run, ref, atol, rtol, f"on case {i}"))
     out["parity"]["generation_exact"] = {"passed": True, "cases": rows}
-    p = out["graphs"][specs[0].name]
+    p = out["graphs"]["prefill"]
     log(f"  int4 ONNX: {p['replaced']} weights as INT4 blocks, prefill {p['bytes'] / 1e6:.1f} MB vs "
         f"{p['float_bytes'] / 1e6:.1f} MB fp32 ({p['size_ratio']:.2f}x); parity passed with MatMulNBits "
-        f"exact and unfused; default-accuracy drift {out['parity'][specs[0].name + '.default_accuracy_drift']:.3g}")
+        f"exact and unfused; default-accuracy drift {out['parity']['prefill.default_accuracy_drift']:.3g}")
     return out
-
-
-class ReducedVLMNoCache:
-    """Calls a cache-returning ReducedVLM and keeps only (logits, kept...), for no-cache references."""
-
-    def __init__(self, reduced: Any):
-        self.reduced = reduced
-
-    def __call__(self, *args: Any, **kwargs: Any) -> tuple:
-        out = self.reduced(*args, **kwargs)
-        return out[: 1 + len(self.reduced.schedule)]
 
 
 def _independent_reference(plan: Plan, model: Any, eager_out: list, inputs: list, atol: float, rtol: float,

@@ -15,11 +15,12 @@ from typing import Any
 
 from tokcompile import flops
 from tokcompile.errors import RecipeError
+from tokcompile.layout import GraphLayout, build_layout
 from tokcompile.models import ADAPTERS, Geometry, VLMAdapter, tiny
 from tokcompile.models.loading import check_weights_present, load_config, model_type_of
 from tokcompile.recipe import EXPORT_TARGETS, Recipe
-from tokcompile.reduce import REDUCERS, Schedule, config_from_params
-from tokcompile.reduce.schedule import image_tokens_per_decoder_layer
+from tokcompile.reduce import REDUCERS, Entering, Positions, Schedule, Site, Step, config_from_params
+from tokcompile.reduce.schedule import decoder_image_tokens_in, image_tokens_per_decoder_layer
 from tokcompile.registry import suggest
 
 # Text tokens assumed for FLOPs when the recipe leaves the text length dynamic.
@@ -49,7 +50,13 @@ class Plan:
         return self.recipe.inputs.batch_size
 
     def image_tokens_per_layer(self) -> list[int]:
-        return image_tokens_per_decoder_layer(self.geometry.n_image_tokens, self.geometry.n_layers, self.schedule)
+        g = self.geometry
+        return image_tokens_per_decoder_layer(g.n_image_tokens, g.n_layers, self.schedule, g.vision_tokens)
+
+    @property
+    def layout(self) -> GraphLayout:
+        """The named inputs and outputs of the vision, prefill and decode graphs."""
+        return build_layout(self.adapter, self.geometry, self.schedule)
 
     def to_dict(self) -> dict:
         return {
@@ -57,6 +64,8 @@ class Plan:
             "geometry": self.geometry.to_dict(),
             "schedule": [s.to_dict() for s in self.schedule],
             "image_tokens_per_layer": self.image_tokens_per_layer(),
+            "image_tokens_to_decoder": decoder_image_tokens_in(self.geometry.n_image_tokens, self.schedule,
+                                                               self.geometry.vision_tokens),
             "image_token_id": self.image_token_id,
             "batch_size": self.batch_size,
             "text_len_range": list(self.text_len_range),
@@ -129,23 +138,63 @@ def _quant(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Any, tu
     return cfg, adapter.quant_include, tuple(ignore)
 
 
+_SITE_WHERE = {
+    Site.VISION_BLOCK: "inside the vision blocks",
+    Site.VISION_OUT: "at the vision tower's output",
+    Site.PROJECTOR_OUT: "at the projector's output",
+    Site.DECODER_LAYER: "before a decoder layer",
+    Site.DECODER_MID: "inside a decoder layer",
+}
+
+
 def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Schedule, tuple]:
-    spec = recipe.reduction
-    if spec is None:
-        return (), ()
-    if spec.method not in REDUCERS:
-        raise RecipeError(
-            spec.method_key,
-            f"unknown token-reduction method '{spec.method}'{suggest(spec.method, REDUCERS.keys())}; "
-            f"available: {', '.join(REDUCERS.keys())}",
-        )
-    cls = REDUCERS.get(spec.method)
-    cfg = config_from_params(cls, dict(spec.params), spec.key)
-    if cls.site not in adapter.sites:
-        raise RecipeError(
-            spec.method_key, f"{cls.method} runs at {cls.site.value}, which {geom.family} does not support"
-        )
-    return cfg.plan(geom, spec.key), (cfg,)
+    """Plan every reduction of the recipe in data order, one reducer per step, and check that the steps
+    chain: sites in order, each step's entering count equal to what the previous steps leave."""
+    steps: list[Step] = []
+    reducers: list = []
+    cls_offset = geom.vision_tokens - geom.n_image_tokens  # tower tokens the feature selection drops (CLS)
+    n_vision, n_image = geom.vision_tokens, geom.n_image_tokens
+    for spec in recipe.reductions:
+        if spec.method not in REDUCERS:
+            raise RecipeError(
+                spec.method_key,
+                f"unknown token-reduction method '{spec.method}'{suggest(spec.method, REDUCERS.keys())}; "
+                f"available: {', '.join(REDUCERS.keys())}",
+            )
+        cls = REDUCERS.get(spec.method)
+        cfg = config_from_params(cls, dict(spec.params), spec.key)
+        for site in cls.sites - adapter.sites:
+            reason = adapter.site_refusals.get(site, "the adapter does not expose this site")
+            raise RecipeError(spec.method_key, f"{cls.method} runs {_SITE_WHERE[site]}, which {geom.family} does "
+                                               f"not support: {reason}")
+        after = (steps[-1].site, steps[-1].layer) if steps else None
+        planned = cfg.plan(geom, spec.key, Entering(n_image, n_vision, after))
+        for step in planned:
+            if step.site not in cls.sites:
+                raise RecipeError(spec.method_key, f"{cls.method} planned a step at {step.site.value}, outside the "
+                                                   f"sites it declares")
+            if steps and (step.site.rank, step.layer) < (steps[-1].site.rank, steps[-1].layer):
+                prev = steps[-1]
+                raise RecipeError(spec.key, f"{cls.method} at {step.site.value} {step.layer} would run before "
+                                            f"{prev.method} at {prev.site.value} {prev.layer}; reductions must follow "
+                                            "the data order (vision, projector, decoder layers in order)")
+            have = n_vision if step.site.in_vision_tower else n_image
+            if step.n_in != have or not 0 <= step.n_out <= step.n_in:
+                raise RecipeError(spec.key, f"{cls.method} at {step.site.value} {step.layer} takes {step.n_in} -> "
+                                            f"{step.n_out} tokens, but {have} arrive there")
+            if step.n_out == 0 and step.site.in_vision_graph:
+                raise RecipeError(spec.key, f"{cls.method} would leave no image token before the decoder")
+            if step.positions is Positions.RENUMBER and geom.rope != "1d":
+                raise RecipeError(spec.key, f"{cls.method} renumbers positions, which {geom.family}'s {geom.rope} "
+                                            "RoPE cannot take; keep the original positions")
+            if step.site.in_vision_tower:
+                n_vision = step.n_out
+                n_image = n_vision - cls_offset
+            else:
+                n_image = step.n_out
+            steps.append(step)
+            reducers.append(cfg)
+    return tuple(steps), tuple(reducers)
 
 
 def _check_weight_format(recipe: Recipe, targets: tuple[str, ...]) -> None:
@@ -195,7 +244,7 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
             raise RecipeError("--targets", f"unknown target '{bad[0]}'{suggest(bad[0], EXPORT_TARGETS)}")
     chosen = tuple(targets) if targets is not None else recipe.export.targets
 
-    N = geom.n_image_tokens
+    N = geom.n_image_tokens  # the prompt carries N placeholders whatever the reduction keeps
     max_pos = getattr(config.text_config, "max_position_embeddings", 4096)
     max_text = recipe.inputs.max_prompt_len
     t_max = N + max_text if max_text is not None else max_pos
@@ -231,7 +280,7 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
         targets=chosen,
         text_len_range=(N + 2, t_max),
         out_dir=out_dir,
-        flops=flops.prefill_flops(geom, schedule, n_text),
+        flops=flops.prefill_flops(geom, schedule, n_text, reducers),
     )
 
 
@@ -268,10 +317,16 @@ def format_plan(plan: Plan) -> str:
         lines.append("quant       none")
     if plan.schedule:
         for s in plan.schedule:
-            lines.append(f"reduction   {s.method} at {s.site.value} {s.layer}: {s.n_in} -> {s.n_out} image tokens kept")
+            what = "vision-tower tokens" if s.site.in_vision_tower else "image tokens"
+            how = "merged to" if s.output.value == "assign" else "->"
+            pos = " (positions renumbered)" if s.positions is Positions.RENUMBER else ""
+            lines.append(f"reduction   {s.method} at {s.site.value} {s.layer}: {s.n_in} {how} {s.n_out} {what}{pos}")
     else:
         lines.append("reduction   none")
     per_layer = plan.image_tokens_per_layer()
+    to_decoder = decoder_image_tokens_in(g.n_image_tokens, plan.schedule, g.vision_tokens)
+    if to_decoder != g.n_image_tokens:
+        lines.append(f"vision      {to_decoder} of {g.n_image_tokens} image tokens reach the decoder")
     lines.append("schedule    image tokens entering each decoder layer:")
     lines.append("            " + " ".join(f"L{i}:{n}" for i, n in enumerate(per_layer)))
     kept = per_layer[-1] if per_layer else g.n_image_tokens

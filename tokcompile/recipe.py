@@ -265,14 +265,22 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """`sparse:` a token reduction given LightCompress's way (`special: {method, **params}`)."""
-    special: TokenReductionSpec
+    """`sparse:` token reductions given LightCompress's way: `special: {method, **params}` for the decoder
+    side, and a `vision:` block of the same form for vision-side methods (`language:` is accepted as a block
+    for the decoder side too). Both may be given; they compose in data order."""
+    special: TokenReductionSpec | None = None
+    vision: TokenReductionSpec | None = None
     method: str = _opt("TokenReduction", _choice(("TokenReduction",)))
 
     def to_dict(self) -> dict[str, Any]:
-        """The `sparse` YAML form: {method, special: {method, **params}}."""
-        special = {"method": self.special.method, **_plain(self.special.params)}
-        return {"method": self.method, "special": special}
+        """The `sparse` YAML form: {method, special: {method, **params}, vision: {method, special}}."""
+        out: dict[str, Any] = {"method": self.method}
+        if self.special is not None:
+            out["special"] = {"method": self.special.method, **_plain(self.special.params)}
+        if self.vision is not None:
+            out["vision"] = {"method": "TokenReduction",
+                             "special": {"method": self.vision.method, **_plain(self.vision.params)}}
+        return out
 
 
 @dataclass(frozen=True)
@@ -322,11 +330,19 @@ class Recipe:
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
-    def reduction(self) -> TokenReductionSpec | None:
-        """The token reduction from `sparse` or `quant.token_reduction`, or None."""
+    def reductions(self) -> tuple[TokenReductionSpec, ...]:
+        """The token reductions in data order: `sparse.vision`, then `sparse.special` (or
+        `quant.token_reduction`)."""
         if self.sparse is not None:
-            return self.sparse.special
-        return self.quant.token_reduction if self.quant is not None else None
+            return tuple(r for r in (self.sparse.vision, self.sparse.special) if r is not None)
+        red = self.quant.token_reduction if self.quant is not None else None
+        return (red,) if red is not None else ()
+
+    @property
+    def reduction(self) -> TokenReductionSpec | None:
+        """The one token reduction of a single-method recipe (the decoder-side one when both are given)."""
+        reds = self.reductions
+        return reds[-1] if reds else None
 
     def to_dict(self) -> dict[str, Any]:
         """All sections resolved, defaults filled, JSON-serialisable; `load_recipe_dict` reads it back."""
@@ -445,17 +461,40 @@ def _quant(value: Any, notes: list[str]) -> QuantConfig:
     return QuantConfig(**kw)
 
 
-def _sparse(value: Any, notes: list[str]) -> SparseConfig:
-    vision = ("vision-side reductions are not supported yet; remove sparse.vision "
-              "(decoder-side methods go under sparse.special)")
-    b = _Block(value, "sparse", notes, SparseConfig, rejected={"vision": vision})
-    key = b.key("special")
+def _reduction_block(b: _Block, path: str) -> TokenReductionSpec:
+    """The block's `special: {method: <name>, **params}` (at `path`) -> a spec."""
     special = b.get("special", _mapping, {})
     if "method" not in special:
-        raise RecipeError(f"{key}.method", "missing; add sparse.special.method: <reduction name, e.g. FastV>")
+        raise RecipeError(f"{path}.method", f"missing; add {path}.method: <reduction name, e.g. FastV>")
     params = {k: copy.deepcopy(v) for k, v in special.items() if k != "method"}
-    name = _str(f"{key}.method", special["method"])
-    return SparseConfig(TokenReductionSpec(name, MappingProxyType(params), key, f"{key}.method"), **b.kw)
+    name = _str(f"{path}.method", special["method"])
+    return TokenReductionSpec(name, MappingProxyType(params), path, f"{path}.method")
+
+
+def _sub_block(value: Any, path: str, notes: list[str]) -> TokenReductionSpec:
+    """`sparse.vision` / `sparse.language`: {method: TokenReduction, special: {method, **params}}."""
+    b = _Block(value, path, notes, extra=("method", "special"))
+    if "method" in b.data:
+        b.get("method", _choice(("TokenReduction",)))
+    if "special" not in b.data:
+        raise RecipeError(f"{path}.special", "missing; add special: {method: <reduction name, e.g. ToMe>, ...}")
+    return _reduction_block(b, f"{path}.special")
+
+
+def _sparse(value: Any, notes: list[str]) -> SparseConfig:
+    b = _Block(value, "sparse", notes, SparseConfig, extra=("language",))
+    special = _reduction_block(b, b.key("special")) if "special" in b.data else None
+    if "language" in b.data:
+        if special is not None:
+            raise RecipeError("sparse.language", "give the decoder-side method once: under sparse.special or "
+                                                 "sparse.language, not both")
+        special = _sub_block(b.data["language"], "sparse.language", notes)
+    vision = _sub_block(b.data["vision"], "sparse.vision", notes) if "vision" in b.data else None
+    if special is None and vision is None:
+        raise RecipeError("sparse.special.method", "missing; add sparse.special.method: <reduction name, e.g. "
+                                                   "FastV>, or a sparse.vision block")
+    kw = {k: v for k, v in b.kw.items() if k not in ("special", "vision")}
+    return SparseConfig(special, vision, **kw)
 
 
 def _save(value: Any, notes: list[str]) -> SaveConfig:

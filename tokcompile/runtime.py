@@ -15,6 +15,7 @@ from typing import Any
 
 from tokcompile.errors import RecipeError, TokcompileError
 from tokcompile.generation import GenerationConfig, generate
+from tokcompile.layout import GraphIO, GraphLayout
 from tokcompile.manifest import FORMAT_VERSION, sha256
 
 BACKENDS = {"onnxruntime": "onnx", "aoti": "aoti", "eager": "eager"}
@@ -24,7 +25,7 @@ BACKENDS = {"onnxruntime": "onnx", "aoti": "aoti", "eager": "eager"}
 class Answer:
     texts: list[str]
     token_ids: list[list[int]]
-    kept: list[list[list[int]]]  # per reduction step, per sample: kept image-token indices
+    kept: dict[str, list[list[int]]]  # per reduction step (layout name: kept_j / assign_j), per sample
 
 
 def _fail(key: str, msg: str) -> RecipeError:
@@ -40,6 +41,12 @@ def read_manifest(export_dir: Path) -> dict:
     except ValueError as e:
         raise _fail(str(path), f"is not valid JSON ({e}); recompile the export") from None
     version = manifest.get("format_version")
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        raise _fail(
+            str(path),
+            f"was written in export format {version}, which this tokcompile no longer reads (format "
+            f"{FORMAT_VERSION} has a separate vision graph); recompile the export",
+        )
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise _fail(
             str(path),
@@ -47,6 +54,15 @@ def read_manifest(export_dir: Path) -> dict:
             "upgrade tokcompile or recompile with this version",
         )
     return manifest
+
+
+def layout_from_manifest(manifest: dict) -> GraphLayout:
+    """The graphs' names as the compile recorded them."""
+    lay = manifest["layout"]
+    ios = [GraphIO(tuple(lay[g]["inputs"]), tuple(lay[g]["outputs"])) for g in ("vision", "prefill", "decode")]
+    groups = tuple(tuple(g) for g in lay["cache_groups"])
+    n_layers = manifest["plan"]["geometry"]["n_layers"]
+    return GraphLayout(*ios, groups, tuple(lay["step_outputs"]), n_layers, tuple(lay.get("biased_groups", ())))
 
 
 def _graph_runner(
@@ -95,10 +111,9 @@ class Generator:
         self.manifest = read_manifest(self.dir)
         self.backend = backend
         target = BACKENDS[backend]
-        self.prefill = _graph_runner(self.dir, self.manifest, "prefill", target, verify)
-        self.decode = _graph_runner(self.dir, self.manifest, "decode", target, verify)
-        self.n_steps = len(self.manifest["schedule"])
-        self.n_groups = len(self.manifest["cache_groups"])
+        self.layout = layout_from_manifest(self.manifest)
+        self.graphs = [self.layout.graph(g).wrap(_graph_runner(self.dir, self.manifest, g, target, verify))
+                       for g in self.layout.graphs]
         self.batch_max = int(self.manifest["generation"]["batch_max"])
         self.image_size = tuple(self.manifest["plan"]["geometry"]["image_size"])
         proc_dir = self.dir / self.manifest.get("processor", "processor")
@@ -180,7 +195,8 @@ class Generator:
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, temperature=temperature,
                                top_p=top_p, seed=seed)
         imgs = self._videos(images) if media == "video" else self._images(images)
-        texts, ids, kept = [], [], [[] for _ in range(self.n_steps)]
+        texts, ids = [], []
+        kept: dict[str, list[list[int]]] = {n: [] for n in self.layout.step_outputs}
         for start in range(0, len(imgs), self.batch_max):
             chunk = slice(start, start + self.batch_max)
             try:
@@ -196,15 +212,14 @@ class Generator:
             if limit is not None and batch["input_ids"].shape[1] > limit:
                 raise _fail("prompts", f"a prompt needs {batch['input_ids'].shape[1]} tokens, more than the {limit} "
                                        "this export was compiled for; shorten it or raise inputs.max_prompt_len")
-            result = generate(self.prefill, self.decode, dict(batch), n_steps=self.n_steps, n_groups=self.n_groups,
-                              cfg=cfg)
+            result = generate(*self.graphs, dict(batch), layout=self.layout, cfg=cfg)
             for seq in result.sequences():
                 if eos is not None and seq and seq[-1] == eos:
                     seq = seq[:-1]
                 ids.append(seq)
                 texts.append(self.processor.tokenizer.decode(seq, skip_special_tokens=True))
-            for j, k in enumerate(result.kept):
-                kept[j].extend(k.tolist())
+            for name, k in result.kept.items():
+                kept[name].extend(k.tolist())
         return Answer(texts, ids, kept)
 
 

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from tokcompile.generation import GenerationConfig, generate, no_cache_logits
-from tokcompile.graphs import build_modules
+from tokcompile.graphs import build_modules, eager_runners
 from tokcompile.models import ADAPTERS, ReducedVLM, tiny
 from tokcompile.parity import make_inputs
-from tokcompile.pipeline import ReducedVLMNoCache, plan_recipe
+from tokcompile.pipeline import plan_recipe
 from tokcompile.quant import GPTQConfig, RTNConfig, WeightQuantConfig, quantize_, select_linears
 from tokcompile.quant.calib import calibration_batches
 from tokcompile.quant.sequential import gptq_sequential
@@ -86,16 +86,9 @@ def test_cached_decode_equals_the_no_cache_reference(family_case):
     reduced, decode = build_modules(plan, model)
     batch = make_inputs(processor, plan.adapter, plan.geometry, 2, 1, seed=7, max_len=10_000)[0].batch
 
-    def pre(feed):
-        with torch.no_grad():
-            return reduced(*[feed[n] for n in reduced.input_names])
-
-    def dec(feed):
-        with torch.no_grad():
-            return decode(*[feed[n] for n in decode.input_names])
-
-    run = generate(pre, dec, batch, n_steps=1, n_groups=2, cfg=GenerationConfig(max_new_tokens=6), keep_logits=True)
-    ref = no_cache_logits(ReducedVLMNoCache(reduced), batch, run)
+    run = generate(*eager_runners(reduced, decode), batch, layout=reduced.layout,
+                   cfg=GenerationConfig(max_new_tokens=6), keep_logits=True)
+    ref = no_cache_logits(reduced, batch, run)
     assert len(ref) == 6
     for got, want in zip(run.step_logits, ref):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -20,6 +20,7 @@ from tokcompile.models.llava_next import anyres_layout, best_pinpoint, unpad_win
 from tokcompile.models.tiny import build_model, build_processor
 from tokcompile.models.tiny.llava_next import PINPOINTS, SIZES
 from tokcompile.parity import process, random_images
+from tokcompile.reduce.base import Entering
 from tokcompile.reduce.fastv import FastVConfig, keep_count
 from tokcompile.reference import fastv_reference
 
@@ -151,7 +152,7 @@ def test_keep_everything_equals_hf_logits(model, proc, adapter):
 def test_static_fastv_matches_reference(model, proc, adapter, K, rate):
     geom = adapter.geometry(model.config, (40, 64))
     cfg = FastVConfig(pruning_loc=K, rate=rate)
-    vlm = ReducedVLM(model, adapter, geom, cfg.plan(geom, "sparse.special"), (cfg,), IMAGE).eval()
+    vlm = ReducedVLM(model, adapter, geom, cfg.plan(geom, "sparse.special", Entering.start(geom)), (cfg,), IMAGE).eval()
     batch = _batch(proc, adapter, geom, QUESTIONS, seed=K)
     k = keep_count(geom.n_image_tokens, rate)
     with torch.no_grad():
@@ -243,7 +244,9 @@ def test_tiny_twin_compiles_and_answers_other_sizes(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["media"]["fixed_inputs"] == {"image_sizes": [40, 64]}
     assert m["media"]["resize_to_compiled"] is True
-    assert [i["name"] for i in m["graphs"]["prefill"]["inputs"]][-1] == "image_sizes"
+    assert [i["name"] for i in m["graphs"]["vision"]["inputs"]] == ["pixel_values", "image_sizes"]
+    assert [i["name"] for i in m["graphs"]["prefill"]["inputs"]] == ["input_ids", "attention_mask", "image_embeds",
+                                                                    "image_source"]
     assert m["schedule"][0]["n_in"] == 234 and m["schedule"][0]["n_out"] == 117
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] and report["artifacts"]["prefill.onnx"]["max_abs_diff"] < 1e-4
@@ -254,6 +257,6 @@ def test_tiny_twin_compiles_and_answers_other_sizes(tmp_path):
     answer = gen.generate(images, ["What is in the picture?", "Describe it."], max_new_tokens=4)
     assert len(answer.texts) == 2 and all(isinstance(t, str) for t in answer.texts)
     assert all(1 <= len(ids) <= 4 for ids in answer.token_ids)
-    (kept,) = answer.kept
-    for row in kept:
+    assert list(answer.kept) == ["kept_0"]
+    for row in answer.kept["kept_0"]:
         assert len(row) == 117 and row == sorted(set(row)) and 0 <= row[0] and row[-1] < 234

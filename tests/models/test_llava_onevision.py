@@ -19,6 +19,7 @@ from tokcompile.models import ADAPTERS, ReducedVLM
 from tokcompile.models.llava_onevision import anyres_layout, video_pixels, video_settings
 from tokcompile.models.tiny import build_model, build_processor
 from tokcompile.parity import process, random_images
+from tokcompile.reduce.base import Entering
 from tokcompile.reduce.fastv import FastVConfig
 from tokcompile.reference import fastv_reference
 
@@ -183,7 +184,7 @@ def test_keep_everything_equals_hf_forward(model, adapter, case):
 def test_static_fastv_matches_reference(model, adapter, case):
     geom, batch = case
     cfg = FastVConfig(pruning_loc=2, rate=0.5)
-    schedule = cfg.plan(geom, "sparse.special")
+    schedule = cfg.plan(geom, "sparse.special", Entering.start(geom))
     token = adapter.image_token_id(model.config, geom)
     vlm = ReducedVLM(model, adapter, geom, schedule, (cfg,), token).eval()
     with torch.no_grad():
@@ -279,17 +280,19 @@ def test_tiny_twins_compile_and_answer(exports):
     rng = np.random.default_rng(3)
     other = random_images(rng, 1, (70, 50))[0]  # resized to 40x56 by the runtime
     ans = gen.generate([other], ["What is this?"], max_new_tokens=4, stop_at_eos=False)
-    assert len(ans.token_ids[0]) == 4 and len(ans.kept[0][0]) == 95
+    assert len(ans.token_ids[0]) == 4 and len(ans.kept["kept_0"][0]) == 95
 
     vm = json.loads((exports["llava_onevision_video"] / "manifest.json").read_text())
     assert vm["media"]["kind"] == "video" and vm["media"]["fixed_inputs"] == {}
-    assert [i["name"] for i in vm["graphs"]["prefill"]["inputs"]] == ["input_ids", "attention_mask",
-                                                                       "pixel_values_videos"]
+    assert [i["name"] for i in vm["graphs"]["vision"]["inputs"]] == ["pixel_values_videos"]
+    assert [i["name"] for i in vm["graphs"]["prefill"]["inputs"]] == ["input_ids", "attention_mask", "image_embeds",
+                                                                       "image_source"]
     vgen = load(exports["llava_onevision_video"], "onnxruntime")
     array = rng.integers(0, 256, (4, 20, 30, 3), dtype=np.uint8)  # frames resized to 32x32 by `process`
     frames = [Image.fromarray(f) for f in array]
     ans = vgen.generate([frames, array], ["What happens?"] * 2, max_new_tokens=3, stop_at_eos=False)
-    assert [len(t) for t in ans.token_ids] == [3, 3] and [len(k) for k in ans.kept[0]] == [32, 32]
-    assert ans.token_ids[0] == ans.token_ids[1] and ans.kept[0][0] == ans.kept[0][1]  # array == its PIL frames
+    kept = ans.kept["kept_0"]
+    assert [len(t) for t in ans.token_ids] == [3, 3] and [len(k) for k in kept] == [32, 32]
+    assert ans.token_ids[0] == ans.token_ids[1] and kept[0] == kept[1]  # array == its PIL frames
     with pytest.raises(RecipeError, match="exactly 4 frames, got one of 3"):
         vgen.generate([random_images(rng, 3, (48, 40))], ["Too short?"], max_new_tokens=1)

@@ -18,6 +18,7 @@ from tests.conftest import ROOT
 from tokcompile.models import ADAPTERS, ReducedVLM
 from tokcompile.models.tiny import build_model, build_processor
 from tokcompile.parity import process, random_images
+from tokcompile.reduce.base import Entering
 from tokcompile.reduce.fastv import FastVConfig
 from tokcompile.reference import fastv_reference
 
@@ -161,16 +162,16 @@ def test_mrope_positions_match_get_rope_index(qwen, padding_side):
 def test_cached_decode_equals_hf_generate(qwen):
     """Prefill plus cached decode steps (positions continuing from the M-RoPE maximum) give HF generate's logits."""
     from tokcompile.generation import GenerationConfig, generate
-    from tokcompile.models.base import DecodeStep
+    from tokcompile.graphs import eager_runners
+    from tokcompile.models import DecodeStep
 
     a, g = qwen.adapter, qwen.geom
     vlm = ReducedVLM(qwen.model, a, g, (), (), qwen.image_id, with_cache=True).eval()
-    step = DecodeStep(qwen.model, a, g, vlm.groups).eval()
+    step = DecodeStep(qwen.model, a, g, vlm.layout).eval()
     sample = a.sample_inputs(qwen.batch, 1, g)
     with torch.no_grad():
-        ours = generate(lambda f: vlm(*[f[n] for n in vlm.input_names]),
-                        lambda f: step(*[f[n] for n in step.input_names]),
-                        sample, n_steps=0, n_groups=1, cfg=GenerationConfig(max_new_tokens=5), keep_logits=True)
+        ours = generate(*eager_runners(vlm, step), sample, layout=vlm.layout, cfg=GenerationConfig(max_new_tokens=5),
+                        keep_logits=True)
         hf = qwen.model.generate(**sample, max_new_tokens=5, min_new_tokens=5, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True)
     assert torch.equal(ours.tokens[0], hf.sequences[0, sample["input_ids"].shape[1]:])
@@ -189,7 +190,7 @@ def test_decode_positions_repeat_the_text_position(qwen):
 @pytest.mark.parametrize("pruning_loc,rate", [(1, 0.5), (3, 0.75)])
 def test_static_fastv_matches_reference(qwen, pruning_loc, rate):
     cfg = FastVConfig(pruning_loc=pruning_loc, rate=rate)
-    schedule = cfg.plan(qwen.geom, "sparse.special")
+    schedule = cfg.plan(qwen.geom, "sparse.special", Entering.start(qwen.geom))
     vlm = ReducedVLM(qwen.model, qwen.adapter, qwen.geom, schedule, (cfg,), qwen.image_id).eval()
     logits, kept = _run(qwen, vlm, qwen.batch)
     assert kept.shape == (2, schedule[0].n_out)
@@ -322,15 +323,16 @@ def test_wrong_type_and_vision_site_messages(checkpoint, qwen, tmp_path, monkeyp
     @dataclass(frozen=True)
     class VisionSide:
         method: ClassVar[str] = "ToMeVision"
-        site: ClassVar[Site] = Site.VISION_BLOCK
+        sites: ClassVar[frozenset[Site]] = frozenset({Site.VISION_BLOCK})
 
     monkeypatch.setitem(REDUCERS._entries, "tomevision", VisionSide)
     path.write_text(yaml.safe_dump({"model": {"path": str(checkpoint)},
                                     "sparse": {"method": "TokenReduction", "special": {"method": "ToMeVision"}}}))
     with pytest.raises(RecipeError) as e:
         plan_recipe(path)
-    assert str(e.value) == (f"sparse.special.method: ToMeVision runs at vision_block, which {qwen.family} "
-                            "does not support")
+    assert str(e.value) == (f"sparse.special.method: ToMeVision runs inside the vision blocks, which {qwen.family} "
+                            "does not support: Qwen's 2x2 patch merger needs the full patch grid (and Qwen2.5-VL's "
+                            "window attention a fixed window layout), so tokens cannot leave inside the vision tower")
 
 
 # --- 6. end to end ----------------------------------------------------------------------------------------------------
@@ -381,17 +383,19 @@ def test_tiny_twin_compiles_and_answers(compiles, family):
     out, code, stdout, stderr = _finished(compiles, family)
     assert code == 0, stderr + stdout
     assert "parity passed" in stdout and "independent eager reference agrees" in stdout
-    adapter = ADAPTERS.get(family)()
     m = json.loads((out / "manifest.json").read_text())
     assert m["media"]["fixed_inputs"] == {"image_grid_thw": [1, 8, 12]} and m["media"]["resize_to_compiled"]
-    inputs = m["graphs"]["prefill"]["inputs"]
-    assert [i["name"] for i in inputs] == list(adapter.input_names)
-    assert {i["name"]: i["shape"] for i in inputs}["pixel_values"] == ["batch * 96", 384]
-    graph = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
-    assert [i.name for i in graph.graph.input] == list(adapter.input_names)  # unused inputs are kept
+    vision, prefill = m["graphs"]["vision"]["inputs"], m["graphs"]["prefill"]["inputs"]
+    assert [i["name"] for i in vision] == ["pixel_values", "image_grid_thw"]
+    assert [i["name"] for i in prefill] == ["input_ids", "attention_mask", "mm_token_type_ids", "image_embeds",
+                                            "image_source"]
+    assert {i["name"]: i["shape"] for i in vision}["pixel_values"] == ["batch * 96", 384]
+    for name, io in (("vision", vision), ("prefill", prefill)):  # unused inputs are kept
+        graph = onnx.load(str(out / f"{name}.onnx"), load_external_data=False)
+        assert [i.name for i in graph.graph.input] == [i["name"] for i in io]
     p = json.loads((out / "parity.json").read_text())
     targets = ["onnx"] if family == "qwen2_vl" else ["onnx", "aoti"]
-    assert set(p["artifacts"]) == {f"{g}.{t}" for g in ("prefill", "decode") for t in targets}
+    assert set(p["artifacts"]) == {f"{g}.{t}" for g in ("vision", "prefill", "decode") for t in targets}
     for name, rep in p["artifacts"].items():
         assert rep["passed"] and rep["max_abs_diff"] < 1e-4, name
     print(f"{family} parity: " + ", ".join(f"{k} {v['max_abs_diff']:.2e}" for k, v in p["artifacts"].items())
@@ -403,7 +407,7 @@ def test_tiny_twin_compiles_and_answers(compiles, family):
     for backend in ["onnxruntime"] + (["aoti"] if "aoti" in targets else []):
         ans = load(out, backend).generate([image], ["What is in this picture?"], max_new_tokens=6)
         assert isinstance(ans.texts[0], str) and len(ans.token_ids[0]) >= 1
-        kept = ans.kept[0][0]
+        kept = ans.kept["kept_0"][0]
         assert len(kept) == 12 and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < 24
         answers[backend] = (ans.token_ids, ans.kept)
     assert len({json.dumps(v) for v in answers.values()}) == 1  # every backend answers alike

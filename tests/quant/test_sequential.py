@@ -15,6 +15,7 @@ from tokcompile.quant.calib import calibration_batches
 from tokcompile.quant.primitives import compute_qparams, dequantize, quantize
 from tokcompile.quant.sequential import gptq_sequential
 from tokcompile.recipe import CalibConfig
+from tokcompile.reduce.base import Entering
 from tokcompile.reduce.fastv import FastVConfig
 
 W4 = WeightQuantConfig(bit=4, symmetric=True, group_size=32)
@@ -22,7 +23,7 @@ W4 = WeightQuantConfig(bit=4, symmetric=True, group_size=32)
 
 def _reduced(model, adapter, geometry, with_step=True):
     cfg = FastVConfig(pruning_loc=2, rate=0.75)
-    sched, reds = (cfg.plan(geometry, "k"), (cfg,)) if with_step else ((), ())
+    sched, reds = (cfg.plan(geometry, "k", Entering.start(geometry)), (cfg,)) if with_step else ((), ())
     return ReducedVLM(model, adapter, geometry, sched, reds, 4).eval()
 
 

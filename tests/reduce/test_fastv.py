@@ -8,13 +8,15 @@ import torch
 from tests.conftest import make_batch
 from tokcompile.errors import RecipeError
 from tokcompile.models import ReducedVLM
+from tokcompile.reduce.base import Entering
 from tokcompile.reduce.fastv import FastVConfig, keep_count
 from tokcompile.reference import eager_attention, fastv_reference
 
 
 def _vlm(model, adapter, geometry, K=2, rate=0.5):
     cfg = FastVConfig(pruning_loc=K, rate=rate)
-    return ReducedVLM(model, adapter, geometry, cfg.plan(geometry, "sparse.special"), (cfg,), 4).eval()
+    schedule = cfg.plan(geometry, "sparse.special", Entering.start(geometry))
+    return ReducedVLM(model, adapter, geometry, schedule, (cfg,), 4).eval()
 
 
 @pytest.mark.parametrize("K,rate", [(1, 0.5), (2, 0.778), (3, 0.25)])
@@ -63,7 +65,7 @@ def test_right_padding_scores_from_last_real_token(tiny_model, adapter, geometry
 
 
 def test_keep_count_and_schedule(geometry):
-    (step,) = FastVConfig(pruning_loc=3, rate=0.778).plan(geometry, "k")
+    (step,) = FastVConfig(pruning_loc=3, rate=0.778).plan(geometry, "k", Entering.start(geometry))
     assert (step.layer, step.n_in, step.n_out) == (3, 64, keep_count(64, 0.778)) == (3, 64, 14)
     assert keep_count(576, 0.778) == 128 and keep_count(576, 0.5) == 288
 
@@ -80,7 +82,7 @@ def test_keep_count_and_schedule(geometry):
 )
 def test_plan_errors_name_the_key(geometry, kwargs, key, text):
     with pytest.raises(RecipeError) as e:
-        FastVConfig(**kwargs).plan(geometry, "sparse.special")
+        FastVConfig(**kwargs).plan(geometry, "sparse.special", Entering.start(geometry))
     assert e.value.key == key and text in str(e.value)
 
 
@@ -94,11 +96,13 @@ def test_eager_attention_context_restores(tiny_model):
 def test_export_with_static_shapes_has_no_data_dependent_ops(tiny_model, adapter, geometry, batch):
     """No tensor value decides a shape: the graph exports with every dimension static."""
     vlm = _vlm(tiny_model, adapter, geometry)
-    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-    ep = torch.export.export(vlm, args, strict=False)
+    with torch.no_grad():
+        feed = {**batch, **vlm.vision.run({"pixel_values": batch["pixel_values"]})}
+    args = tuple(feed[n] for n in vlm.prefill.input_names)
+    ep = torch.export.export(vlm.prefill, args, strict=False)
     got = ep.module()(*args)
     with torch.no_grad():
-        ref = vlm(*args)
+        ref = vlm.prefill(*args)
     assert torch.equal(got[1], ref[1])
     torch.testing.assert_close(got[0], ref[0])
     ops = {str(n.target).split(".")[1] for n in ep.graph.nodes if str(n.target).startswith("aten.")}

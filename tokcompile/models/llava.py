@@ -7,15 +7,38 @@ Llama/Mistral/Qwen2-style decoder with 1-D RoPE.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokcompile.models.base import VLMAdapter
 from tokcompile.models.geometry import Geometry
 from tokcompile.models.registry import ADAPTERS
+from tokcompile.reduce.context import VisionContext
 from tokcompile.reduce.schedule import Site
+from tokcompile.reduce.state import ImageTokens
+
+if TYPE_CHECKING:
+    from tokcompile.models.reduced import VisionSteps
+
+
+def clip_attention(attn: nn.Module, x: Tensor, key_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """A CLIP/SigLIP attention over its own q/k/v/out projections with SDPA, returning (output (B, t, Dv),
+    queries (B, Hv, t, dv), keys (B, Hv, t, dv)) so that reducers can score without a second pass.
+
+    `key_bias` (B, t) is added to every query's logit for that key (ToMe's proportional attention: log size).
+    """
+    B, t, _ = x.shape
+    heads = attn.num_heads
+    q = attn.q_proj(x).view(B, t, heads, -1).transpose(1, 2)  # (B, Hv, t, dv)
+    k = attn.k_proj(x).view(B, t, heads, -1).transpose(1, 2)
+    v = attn.v_proj(x).view(B, t, heads, -1).transpose(1, 2)
+    bias = None if key_bias is None else key_bias.to(q.dtype)[:, None, None, :]  # (B, 1, 1, t)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)  # (B, Hv, t, dv)
+    return attn.out_proj(out.transpose(1, 2).reshape(B, t, -1)), q, k
 
 
 def _text_dims(tc: Any) -> tuple[int, int, int]:
@@ -30,7 +53,7 @@ class LlavaAdapter(VLMAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("llava",)
     # LightCompress's names for this family ("Llava" is the original-repo format; we load its HF twin).
     lightcompress_types: ClassVar[tuple[str, ...]] = ("Llava", "LlavaHf")
-    sites: ClassVar[frozenset[Site]] = frozenset({Site.DECODER_LAYER})
+    sites: ClassVar[frozenset[Site]] = frozenset(Site)
     rope: ClassVar[str] = "1d"
     quant_include: ClassVar[tuple[str, ...]] = ("model.language_model",)
     quant_ignore: ClassVar[tuple[str, ...]] = ("lm_head", "vision_tower", "multi_modal_projector")
@@ -96,6 +119,49 @@ class LlavaAdapter(VLMAdapter):
     # --- image features -----------------------------------------------------------------------------------
     def encode_images(self, model: nn.Module, inputs: dict[str, Tensor], geom: Geometry) -> Tensor:
         return self.project_features(model, self.vision_features(model, inputs["pixel_values"]))
+
+    def encode_image_tokens(self, model: nn.Module, inputs: dict[str, Tensor], geom: Geometry,
+                            steps: VisionSteps | None = None) -> ImageTokens:
+        if steps is None or not steps.touches_tower:
+            return super().encode_image_tokens(model, inputs, geom, steps)
+        tokens = self.vision_tokens(model, inputs["pixel_values"], steps)  # (B, N', Dv)
+        return replace(tokens, hidden=self.project_features(model, tokens.hidden))  # (B, N', D)
+
+    def vision_tokens(self, model: nn.Module, pixel_values: Tensor, steps: VisionSteps) -> ImageTokens:
+        """pixel_values (B, 3, H, W) -> the selected layer's tokens after the schedule's vision-tower steps,
+        CLS dropped under the "default" strategy: (B, N', Dv), with each token's source patch (0-based).
+
+        Every block runs split at the attention residual (the VISION_BLOCK site) with this module's attention,
+        which hands the block's queries and keys to the reducers; the selected layer's output is the
+        VISION_OUT site. The CLS token is protected. Token sizes, when a step carries them, bias attention."""
+        cfg = model.config
+        layers = cfg.vision_feature_layer
+        if isinstance(layers, (list, tuple)) and len(layers) > 1:
+            raise ValueError("vision-tower reductions need a single vision_feature_layer")
+        vm = model.model.vision_tower
+        vm = getattr(vm, "vision_model", vm)
+        h = vm.embeddings(pixel_values.to(vm.embeddings.patch_embedding.weight.dtype))  # (B, 1+P, Dv)
+        pre = getattr(vm, "pre_layrnorm", None)
+        if pre is not None:
+            h = pre(h)
+        B, t = h.shape[:2]
+        source = torch.arange(t, device=h.device)[None].expand(B, t)  # (B, t)
+        tokens = ImageTokens(h, source, None, n_protected=1)
+        ctx = None
+        for i, block in enumerate(vm.encoder.layers[: self._vision_run_layers(cfg)]):
+            bias = None if tokens.sizes is None else tokens.sizes.log()  # (B, t): proportional attention
+            out, q, k = clip_attention(block.self_attn, block.layer_norm1(tokens.hidden), bias)
+            tokens = replace(tokens, hidden=tokens.hidden + out)  # (B, t, Dv)
+            ctx = VisionContext(i, q, k, bias)
+            if steps.has_block(i):
+                tokens = steps.vision_block(i, tokens, ctx)  # (B, t', Dv)
+            tokens = replace(tokens, hidden=tokens.hidden + block.mlp(block.layer_norm2(tokens.hidden)))
+        assert ctx is not None, "the vision tower runs no block"
+        tokens = steps.vision_out(tokens, ctx)
+        if cfg.vision_feature_select_strategy == "default":  # drop CLS, which every step protects
+            sizes = None if tokens.sizes is None else tokens.sizes[:, 1:]
+            tokens = ImageTokens(tokens.hidden[:, 1:], tokens.source[:, 1:] - 1, sizes, 0)
+        return tokens
 
     def vision_features(self, model: nn.Module, pixel_values: Tensor) -> Tensor:
         """pixel_values (B, 3, H, W) -> selected vision-tower features (B, P, Dv·n_layers) before the projector."""

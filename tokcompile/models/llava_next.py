@@ -24,9 +24,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from tokcompile.models.base import VLMAdapter
 from tokcompile.models.geometry import Geometry
 from tokcompile.models.llava import LlavaAdapter
 from tokcompile.models.registry import ADAPTERS
+from tokcompile.reduce.schedule import Site
 
 Pinpoints = tuple[tuple[int, int], ...]
 
@@ -188,6 +190,12 @@ class LlavaNextAdapter(LlavaAdapter):
     """
 
     model_types: ClassVar[tuple[str, ...]] = ("llava_next",)
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.PROJECTOR_OUT, Site.DECODER_LAYER, Site.DECODER_MID})
+    site_refusals: ClassVar[dict[Site, str]] = {
+        Site.VISION_BLOCK: "LLaVA-NeXT's anyres packing needs every tile's full patch grid",
+        Site.VISION_OUT: "LLaVA-NeXT's anyres packing needs every tile's full patch grid",
+    }
+    encode_image_tokens = VLMAdapter.encode_image_tokens  # no vision-tower sites
     # LightCompress has no LLaVA-NeXT class of its own: its `Llava` class loads LLaVA-1.6 in the original
     # repository's format (we load its HF twin); the NeXT names are accepted as well.
     lightcompress_types: ClassVar[tuple[str, ...]] = ("LlavaNext", "LlavaNextHf", "Llava")

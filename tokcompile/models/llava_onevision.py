@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from tokcompile.models.base import VLMAdapter
 from tokcompile.models.geometry import Geometry
 from tokcompile.models.llava import LlavaAdapter
 from tokcompile.models.registry import ADAPTERS
@@ -220,9 +221,14 @@ def _read_json(path: Path) -> dict:
 @ADAPTERS.register("llava_onevision")
 class LlavaOnevisionAdapter(LlavaAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("llava_onevision",)
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.PROJECTOR_OUT, Site.DECODER_LAYER, Site.DECODER_MID})
+    site_refusals: ClassVar[dict[Site, str]] = {
+        Site.VISION_BLOCK: "OneVision's anyres packing and frame pooling need every tile's full patch grid",
+        Site.VISION_OUT: "OneVision's anyres packing and frame pooling need every tile's full patch grid",
+    }
+    encode_image_tokens = VLMAdapter.encode_image_tokens  # no vision-tower sites
     # LightCompress's name for this family (its original-repo format; we load the HF twin).
     lightcompress_types: ClassVar[tuple[str, ...]] = ("Llava_OneVision",)
-    sites: ClassVar[frozenset[Site]] = frozenset({Site.DECODER_LAYER})
     rope: ClassVar[str] = "1d"
     quant_include: ClassVar[tuple[str, ...]] = ("model.language_model",)
     quant_ignore: ClassVar[tuple[str, ...]] = ("lm_head", "vision_tower", "multi_modal_projector", "image_newline")

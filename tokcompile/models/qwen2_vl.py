@@ -204,8 +204,12 @@ def vision_attention(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, mask:
 class Qwen2VLAdapter(VLMAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
     lightcompress_types: ClassVar[tuple[str, ...]] = ("Qwen2VL",)
-    # Vision-side steps would run inside the (windowed) tower, which this adapter does not expose as a site.
-    sites: ClassVar[frozenset[Site]] = frozenset({Site.DECODER_LAYER})
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.PROJECTOR_OUT, Site.DECODER_LAYER, Site.DECODER_MID})
+    site_refusals: ClassVar[dict[Site, str]] = {
+        Site.VISION_BLOCK: "Qwen's 2x2 patch merger needs the full patch grid (and Qwen2.5-VL's window attention "
+                           "a fixed window layout), so tokens cannot leave inside the vision tower",
+        Site.VISION_OUT: "Qwen's 2x2 patch merger needs the full patch grid of the tower's output",
+    }
     rope: ClassVar[str] = "mrope"
     quant_include: ClassVar[tuple[str, ...]] = ("model.language_model",)
     quant_ignore: ClassVar[tuple[str, ...]] = ("lm_head", "visual", "merger")
@@ -302,7 +306,7 @@ class Qwen2VLAdapter(VLMAdapter):
         return None
 
     def encode_images(self, model: nn.Module, inputs: Inputs, geom: Geometry) -> Tensor:
-        B = inputs["input_ids"].shape[0]
+        B = inputs["pixel_values"].shape[0] // geom.vision_tokens  # (B·S, C·tps·p·p): S patches per image
         return self.vision_features(model, inputs["pixel_values"], B, geom)
 
     def vision_features(self, model: nn.Module, pixel_values: Tensor, batch: int, geom: Geometry) -> Tensor:

@@ -6,9 +6,10 @@ are quantized (q/k/v, then o, then gate/up, then down with `true_sequential`, re
 groups so later groups see the already-quantized earlier ones), and the quantized layer's outputs become the
 next layer's inputs. Only one layer's activations for the calibration set are alive at a time.
 
-With `with_reduction`, the schedule's reduction steps run between layers exactly as in `ReducedVLM`, so the
-Hessians of layers after a pruning step see the tokens the deployed graph sees. Padding tokens never enter a
-Hessian.
+The driver walks `Prefill`'s own loop (`steps_before`, `layer_forward`), layer-major over the calibration
+batches. With `with_reduction`, the schedule's steps (vision-side ones included) run exactly as in the
+deployed graphs, so the Hessians of layers after a step see the tokens the deployed graph sees; without it,
+calibration sees the unreduced model. Padding tokens never enter a Hessian.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tokcompile.models.base import DecoderSiteContext, KVCache, ReducedVLM, TokenState, causal_mask
+from tokcompile.models.reduced import KVCache, ReducedVLM
 from tokcompile.quant.base import replace_weight_
 from tokcompile.quant.gptq import GPTQConfig, add_to_hessian, gptq_quantize
+from tokcompile.reduce.state import TokenState
 
 
 @dataclass(frozen=True)
@@ -66,28 +68,22 @@ def gptq_sequential(
 ) -> dict[str, Any]:
     """Quantize `linears` (decoder Linears, by qualified name) in place. Returns a per-layer report; each
     Linear's integer codes and grid go to `results[fqn]` (a `QuantGrid`) when a dict is given."""
-    a, model = reduced.adapter, reduced.model
+    if not with_reduction:
+        reduced = reduced.without_reduction()
+    a, model, prefill = reduced.adapter, reduced.model, reduced.prefill
     layers = a.decoder_layers(model)
     names_of = {id(m): n for n, m in model.named_modules()}
     states = [reduced.initial_state(b) for b in batches]
-    prev: list[tuple[TokenState, Tensor]] | None = None
+    prev: list[tuple[TokenState, Tensor] | None] = [None] * len(states)
     report: dict[str, Any] = {"layers": [], "n_batches": len(batches)}
     wq = config.weight
     t_all = time.perf_counter()
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
-        if with_reduction and prev is not None:
-            for _, step, reducer in reduced._steps_at.get(i, ()):
-                states = [
-                    reducer.apply(s, DecoderSiteContext(a, model, layers[i - 1], ps, pk), step)[0]
-                    for s, (ps, pk) in zip(states, prev)
-                ]
-        masks = [causal_mask(s.valid) for s in states]
-        ropes = [a.rotary(model, s.hidden, s.positions) for s in states]
+        states = [prefill.steps_before(i, s, p, {}) for s, p in zip(states, prev)]
 
-        def run(b: int, cache: KVCache | None = None) -> Tensor:
-            s = states[b]
-            return a.run_decoder_layer(layer, s.hidden, masks[b], ropes[b], s.positions, cache)
+        def run(b: int, cache: KVCache | None = None) -> TokenState:
+            return prefill.layer_forward(i, states[b], cache if cache is not None else KVCache(), prev[b], {})
 
         reference = [run(b) for b in range(len(states))]  # this layer before quantization
         prefix = names_of[id(layer)] + "."
@@ -128,14 +124,16 @@ def gptq_sequential(
                     results[n] = QuantGrid(res.codes.to(torch.int8), res.scale, res.zero)
         caches = [KVCache() for _ in states]
         outputs = [run(b, caches[b]) for b in range(len(states))]
-        num = sum(float(((o - r)[s.valid] ** 2).sum()) for o, r, s in zip(outputs, reference, states))
-        den = sum(float((r[s.valid] ** 2).sum()) for r, s in zip(reference, states))
+        # A step inside the layer may select other tokens once the layer is quantized: compare equal shapes only.
+        pairs = [(o.hidden, r.hidden, o.valid) for o, r in zip(outputs, reference) if o.hidden.shape == r.hidden.shape]
+        num = sum(float(((o - r)[v] ** 2).sum()) for o, r, v in pairs)
+        den = sum(float((r[v] ** 2).sum()) for _, r, v in pairs)
         err = (num / den) ** 0.5 if den > 0 else 0.0
         seconds = time.perf_counter() - t0
         report["layers"].append({"layer": i, "name": prefix[:-1], "linears": len(mine), "rel_output_error": err,
                                  "seconds": round(seconds, 3), "tokens": int(sum(int(s.valid.sum()) for s in states))})
         log(f"  gptq {prefix[:-1]}: {len(mine)} Linear, output error {err:.4f}, {seconds:.1f}s")
         prev = [(s, c.keys[i]) for s, c in zip(states, caches)]
-        states = [replace(s, hidden=o) for s, o in zip(states, outputs)]
+        states = outputs
     report["seconds"] = round(time.perf_counter() - t_all, 2)
     return report

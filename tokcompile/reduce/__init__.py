@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from tokcompile.reduce import fastv  # noqa: F401  (registers "fastv")
-from tokcompile.reduce.base import REDUCERS, config_from_params
-from tokcompile.reduce.schedule import Schedule, Site, Step
+# Importing a method's module registers it under its file name.
+from tokcompile.reduce import fastv  # noqa: F401
+from tokcompile.reduce.base import REDUCERS, Entering, config_from_params
+from tokcompile.reduce.schedule import Output, Positions, Schedule, Site, Step
 
-__all__ = ["REDUCERS", "Schedule", "Site", "Step", "config_from_params"]
+__all__ = ["REDUCERS", "Entering", "Output", "Positions", "Schedule", "Site", "Step", "config_from_params"]

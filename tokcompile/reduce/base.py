@@ -1,13 +1,14 @@
 """Reducer interface: a frozen config per method that plans static steps and applies them.
 
 A reducer never sees the model class. `plan()` turns recipe parameters and geometry into `Step`s with
-Python-int counts; `apply()` maps a `TokenState` to a new one (it never mutates its input) and returns the
-kept indices, which every artifact exposes for parity.
+Python-int counts; `apply()` maps the tokens at its site (an `ImageTokens` in the vision graph, a
+`TokenState` in the decoder) to new ones (it never mutates its input) and returns the step's parity output:
+the kept indices, or for merges the output slot of every entering token.
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from tokcompile.errors import RecipeError
@@ -17,57 +18,80 @@ from tokcompile.registry import Registry, suggest
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from tokcompile.models.base import DecoderSiteContext, TokenState
     from tokcompile.models.geometry import Geometry
+
+
+@dataclass(frozen=True)
+class Entering:
+    """Token counts entering a reducer's first step, after every reducer planned before it.
+
+    Args:
+        image_tokens: image tokens that would reach the decoder.
+        vision_tokens: tokens inside the vision tower (CLS included).
+        after: (site, layer) of the last step planned before, or None; a reducer's steps must come later.
+    """
+
+    image_tokens: int
+    vision_tokens: int
+    after: tuple[Site, int] | None = None
+
+    @classmethod
+    def start(cls, geom: Geometry) -> Entering:
+        """Nothing reduced yet: the model's own counts."""
+        return cls(geom.n_image_tokens, geom.vision_tokens)
 
 
 class Reducer(Protocol):
     method: ClassVar[str]
-    site: ClassVar[Site]
+    sites: ClassVar[frozenset[Site]]
 
-    def plan(self, geom: Geometry, key: str) -> Schedule: ...
+    def plan(self, geom: Geometry, key: str, entering: Entering) -> Schedule: ...
 
-    def apply(
-        self, state: TokenState, ctx: DecoderSiteContext, step: Step, forced: Tensor | None = None
-    ) -> tuple[TokenState, Tensor]: ...
+    def apply(self, state: Any, ctx: Any, step: Step, forced: Tensor | None = None) -> tuple[Any, Tensor]: ...
 
 
 REDUCERS: Registry[type] = Registry("token-reduction method")
 
 
 def _type_ok(value: Any, typ: Any) -> bool:
-    if typ in (float, "float"):
+    t = str(getattr(typ, "__name__", typ))
+    if t == "float":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if typ in (int, "int"):
+    if t == "int":
         return isinstance(value, int) and not isinstance(value, bool)
-    if typ in (bool, "bool"):
+    if t == "bool":
         return isinstance(value, bool)
-    if typ in (str, "str"):
+    if t == "str":
         return isinstance(value, str)
     return True
 
 
-def config_from_params(cls: type, params: dict[str, Any], key: str) -> Any:
-    """Build a reducer config from recipe parameters, with errors that name `key.<param>`."""
+def config_from_params(cls: type, params: dict[str, Any], key: str, aliases: dict[str, str] | None = None) -> Any:
+    """Build a reducer config from recipe parameters, with errors that name `key.<param>`.
+
+    `aliases` maps other accepted names (another toolkit's spelling) to field names. Fields whose type is not
+    a plain int/float/bool/str are passed through for the config's own `__post_init__` or `plan` to check.
+    """
+    aliases = dict(getattr(cls, "aliases", {}) or {}, **(aliases or {}))
     names = [f.name for f in fields(cls)]
+    known = names + list(aliases)
     for name in params:
-        if name not in names:
+        if name not in known:
             raise RecipeError(
                 f"{key}.{name}",
-                f"unknown parameter for {cls.method}{suggest(name, names)}; known: {', '.join(names)}",
+                f"unknown parameter for {cls.method}{suggest(name, known)}; known: {', '.join(known)}",
             )
     kwargs = {}
-    for f in fields(cls):
-        if f.name not in params:
-            continue
-        value = params[f.name]
+    for name, value in params.items():
+        field_name = aliases.get(name, name)
+        f = next(f for f in fields(cls) if f.name == field_name)
         if not _type_ok(value, f.type):
             want = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
             raise RecipeError(
-                f"{key}.{f.name}",
+                f"{key}.{name}",
                 f"expected {want.get(str(f.type), f.type)}, got {type(value).__name__} {value!r}",
             )
-        kwargs[f.name] = float(value) if f.type in (float, "float") else value
+        kwargs[field_name] = float(value) if f.type in (float, "float") else value
     missing = [
         f.name
         for f in fields(cls)

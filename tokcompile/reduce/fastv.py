@@ -16,21 +16,21 @@ Static-export deviations from the paper and the official code:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
 from tokcompile.errors import RecipeError
-from tokcompile.reduce.base import REDUCERS
-from tokcompile.reduce.ops import gather_tokens, keep_image_tokens_index, topk_sorted
+from tokcompile.reduce.base import REDUCERS, Entering
+from tokcompile.reduce.ops import topk_sorted
+from tokcompile.reduce.prune import keep_image_tokens
 from tokcompile.reduce.schedule import Schedule, Site, Step
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from tokcompile.models.base import DecoderSiteContext, TokenState
     from tokcompile.models.geometry import Geometry
+    from tokcompile.reduce.context import DecoderContext
+    from tokcompile.reduce.state import TokenState
 
 
 def keep_count(n: int, rate: float) -> int:
@@ -52,9 +52,9 @@ class FastVConfig:
     rate: float = 0.778
 
     method: ClassVar[str] = "FastV"
-    site: ClassVar[Site] = Site.DECODER_LAYER
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.DECODER_LAYER})
 
-    def plan(self, geom: Geometry, key: str) -> Schedule:
+    def plan(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
         if not 0.0 <= self.rate < 1.0:
             raise RecipeError(f"{key}.rate", f"{self.rate} is outside [0, 1); use the fraction of image tokens pruned")
         last = geom.n_layers - 1
@@ -64,7 +64,7 @@ class FastVConfig:
                 f"{self.pruning_loc} is outside the decoder's layers 1..{last} of this model "
                 f"(FastV scores with layer pruning_loc-1, so it must be at least 1)",
             )
-        n = geom.n_image_tokens
+        n = entering.image_tokens
         k = keep_count(n, self.rate)
         if k < 1:
             raise RecipeError(
@@ -74,30 +74,12 @@ class FastVConfig:
         return (Step("fastv", Site.DECODER_LAYER, self.pruning_loc, n, k),)
 
     def apply(
-        self, state: TokenState, ctx: DecoderSiteContext, step: Step, forced: Tensor | None = None
+        self, state: TokenState, ctx: DecoderContext, step: Step, forced: Tensor | None = None
     ) -> tuple[TokenState, Tensor]:
         if forced is None:
-            attn = ctx.last_token_attention()  # (B, T)
-            span = state.image_start[:, None] + _arange_like(attn, step.n_in)[None, :]  # (B, N)
-            scores = attn.gather(1, span)  # (B, N)
+            attn = ctx.last_token_attention("previous")  # (B, T) over the tokens that entered layer K-1
+            scores = attn.gather(1, ctx.image_span(step.n_in))  # (B, N)
             kept = topk_sorted(scores, step.n_out)  # (B, k), ascending
         else:
             kept = forced  # eager references replay a selection made earlier
-        T = state.hidden.shape[1]
-        src = keep_image_tokens_index(state.image_start, kept, step.n_in, T)  # (B, T - N + k)
-        # The last real token normally follows the image span, so it moves left by the pruned count.
-        after = state.last >= state.image_start + step.n_in
-        last = torch.where(after, state.last - (step.n_in - step.n_out), state.last)  # (B,)
-        new = replace(
-            state,
-            hidden=gather_tokens(state.hidden, src),  # (B, T', D)
-            positions=gather_tokens(state.positions, src),  # (B, T'), original ids (P1)
-            valid=gather_tokens(state.valid, src),  # (B, T')
-            n_image=step.n_out,
-            last=last,
-        )
-        return new, kept
-
-
-def _arange_like(x: Tensor, n: int) -> Tensor:
-    return torch.arange(n, device=x.device)
+        return keep_image_tokens(state, kept, step), kept

@@ -69,10 +69,13 @@ def keep_image_tokens_index(image_start: Tensor, kept: Tensor, n_image: int, seq
     new_len = seq_len - n_image + k
     j = torch.arange(new_len, device=kept.device)[None, :].expand(B, new_len)  # (B, T')
     rel = j - image_start[:, None]  # (B, T')
+    after = j + (n_image - k)  # text after the span shifts right by the pruned count
+    text = torch.where(rel < 0, j, after)
+    if k == 0:  # every image token withdrawn
+        return text
     in_span = (rel >= 0) & (rel < k)
     from_kept = image_start[:, None] + kept.gather(1, rel.clamp(0, k - 1))  # (B, T')
-    after = j + (n_image - k)  # text after the span shifts right by the pruned count
-    return torch.where(in_span, from_kept, torch.where(rel < 0, j, after))
+    return torch.where(in_span, from_kept, text)
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:

@@ -1,0 +1,94 @@
+"""Helpers shared by the benchmarks: export the vision + prefill chain of a plan, check it, and time it.
+
+`export_chain` exports the vision graph (`VisionEncoder`) and the prefill graph (`Prefill`, with its cache
+outputs, as deployed) at the example batch's static shapes with the compiler's own exporters, loads both
+with the backend, checks them against eager, and returns one callable that runs vision then prefill on a
+processor batch: what "prefill" / time to first token costs now that the image encoder is its own graph.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Outputs that must equal eager exactly (indices, masks, positions); logits are compared within LOGITS_ATOL.
+EXACT_PREFIXES = ("kept_", "assign_", "cache_mask_", "image_source", "next_position")
+LOGITS_ATOL = 1e-3
+
+Chain = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def median_time(fn: Callable[[Any], Any], feed: Any, repeats: int) -> float:
+    """Median wall time of `fn(feed)` in seconds over `repeats` runs, after one warm-up run."""
+    fn(feed)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(feed)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def check_outputs(label: str, got: dict[str, Any], want: dict[str, Any]) -> float:
+    """Every exact-prefixed output equal to eager, logits within LOGITS_ATOL; returns the max |Δlogit|."""
+    import torch
+
+    diff = 0.0
+    for name, ref in want.items():
+        if name not in got:
+            raise AssertionError(f"{label}: output {name} is missing")
+        g, r = torch.as_tensor(got[name]), torch.as_tensor(ref)
+        if name.startswith(EXACT_PREFIXES):
+            if g.shape != r.shape or not torch.equal(g.long(), r.long()):
+                raise AssertionError(f"{label}: {name} differs from eager")
+        elif name == "logits":
+            diff = float((g.float() - r.float()).abs().max())
+            if not diff < LOGITS_ATOL:
+                raise AssertionError(f"{label}: logits differ from eager by {diff:.3g} (limit {LOGITS_ATOL:g})")
+    return diff
+
+
+def export_chain(plan: Any, model: Any, batch: dict[str, Any], backend: str, out_dir: Path, opset: int = 18) -> Chain:
+    """Export the plan's vision and prefill graphs at `batch`'s shapes, load them with `backend` ("onnx",
+    "aoti", "eager"), check them against eager and return `run(batch) -> the prefill's outputs by name`."""
+    import torch
+
+    from tokcompile.export import EXPORTERS
+    from tokcompile.export.base import ExportRequest
+    from tokcompile.layout import IMAGE_OUTPUTS, PREFILL, VISION
+    from tokcompile.models import ReducedVLM
+
+    reduced = ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id,
+                         with_cache=True).eval()
+    layout = reduced.layout
+    vision_feed = {n: batch[n] for n in layout.vision.inputs}
+    with torch.no_grad():
+        seen = reduced.vision.run(vision_feed)
+        prefill_feed = {n: batch[n] if n in batch else seen[n] for n in layout.prefill.inputs}
+        eager = {**seen, **reduced.prefill.run(prefill_feed)}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runners: dict[str, Chain] = {}
+    for name, module, io, feed in ((VISION, reduced.vision, layout.vision, vision_feed),
+                                   (PREFILL, reduced.prefill, layout.prefill, prefill_feed)):
+        example = tuple(torch.as_tensor(feed[n]).contiguous() for n in io.inputs)
+        with torch.no_grad():
+            program = torch.export.export(module, example, strict=False)
+        art = EXPORTERS.get(backend)(ExportRequest(program, out_dir, name, list(io.inputs), list(io.outputs), opset))
+        runners[name] = io.wrap(art.load(out_dir))
+
+    vision, prefill = runners[VISION], runners[PREFILL]
+    text = [n for n in layout.prefill.inputs if n not in IMAGE_OUTPUTS]
+
+    def run(b: dict[str, Any]) -> dict[str, Any]:
+        image = vision({n: b[n] for n in layout.vision.inputs})
+        return prefill({**{n: b[n] for n in text}, **{n: image[n] for n in IMAGE_OUTPUTS}})
+
+    got_vision = vision(vision_feed)
+    check_outputs(f"{backend} vision graph", got_vision, {n: seen[n] for n in layout.vision.outputs})
+    got_prefill = run(batch)
+    check_outputs(f"{backend} vision + prefill", got_prefill, {n: eager[n] for n in layout.prefill.outputs})
+    return run

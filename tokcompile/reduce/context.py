@@ -1,0 +1,128 @@
+"""What a reducer may read at its site. Contexts give, reducers ask.
+
+A context offers the tensors a method may score with (keys, queries, attention rows computed on demand from
+them), so the main attention keeps its fused kernel and no layer runs twice. Model-side computations go
+through `LayerOps`, which the family adapter implements: reducers never see the model class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from tokcompile.reduce.ops import attention_row, gather_tokens
+from tokcompile.reduce.state import TokenState
+
+
+class LayerOps(Protocol):
+    """Projections of one decoder layer, exactly as its attention computes them."""
+
+    def query(self, layer: int, hidden: Tensor, positions: Tensor) -> Tensor:
+        """hidden (B, T, D) entering `layer` -> queries (B, H, T, d) after the input norm, q projection (and q
+        norm) and RoPE."""
+        ...
+
+    def keys(self, layer: int, hidden: Tensor, positions: Tensor) -> Tensor:
+        """hidden (B, T, D) entering `layer` -> keys (B, Hkv, T, d) after the input norm, k projection (and k
+        norm) and RoPE."""
+        ...
+
+
+@dataclass(frozen=True)
+class VisionContext:
+    """A vision block's attention, recorded as it ran (VISION_BLOCK: this block; VISION_OUT: the selected
+    layer's block).
+
+    Args:
+        layer: the vision block.
+        queries: (B, Hv, t, dv) the block's queries.
+        keys: (B, Hv, t, dv) the block's keys.
+        key_bias: (B, t) additive logit bias per key the block used (proportional attention), or None.
+    """
+
+    layer: int
+    queries: Tensor
+    keys: Tensor
+    key_bias: Tensor | None = None
+
+    def mean_keys(self) -> Tensor:
+        """Keys averaged over heads: (B, t, dv)."""
+        return self.keys.mean(1)
+
+    def attention(self, rows: Tensor | None = None) -> Tensor:
+        """Softmax attention probabilities in fp32 of the query rows `rows` ((r,) token indices; None: every
+        row) against every key: (B, Hv, r, t), as the block's attention computed them."""
+        q = self.queries.float() if rows is None else self.queries.float()[:, :, rows]
+        logits = q @ self.keys.float().transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, Hv, r, t)
+        if self.key_bias is not None:
+            logits = logits + self.key_bias.float()[:, None, None, :]
+        return logits.softmax(-1)
+
+
+@dataclass(frozen=True)
+class ImageContext:
+    """Projector-output site: the projected features are the state itself; nothing else is offered yet."""
+
+    layer: int = 0
+
+
+@dataclass(frozen=True)
+class DecoderContext:
+    """Before decoder layer `layer` runs (DECODER_LAYER), or between its attention and MLP (DECODER_MID).
+
+    Args:
+        layer: the decoder layer.
+        ops: the layer projections (the adapter).
+        state: the tokens entering this layer (DECODER_LAYER) or its MLP (DECODER_MID).
+        prev_state: the tokens that entered the previous layer's attention (None at layer 0).
+        prev_keys: (B, Hkv, T_prev, d) the keys the previous layer's attention used, after RoPE (None at 0).
+        keys_here: (B, Hkv, T, d) this layer's own keys, at DECODER_MID only (as its attention used them).
+    """
+
+    layer: int
+    ops: LayerOps
+    state: TokenState
+    prev_state: TokenState | None
+    prev_keys: Tensor | None
+    keys_here: Tensor | None = None
+
+    def _last_row(self, layer: int, st: TokenState, keys: Tensor) -> Tensor:
+        h_last = gather_tokens(st.hidden, st.last[:, None])  # (B, 1, D)
+        pos_last = gather_tokens(st.positions, st.last[:, None])  # (B, 1) or (B, 1, R)
+        q = self.ops.query(layer, h_last, pos_last)  # (B, H, 1, d)
+        return attention_row(q, keys, st.valid)  # (B, H, T)
+
+    def last_token_attention(self, which: str = "previous") -> Tensor:
+        """Head-mean attention probabilities (fp32) of each sample's last real token over every key: (B, T).
+
+        which="previous": layer `layer`-1 as it ran (its input, its query, the keys its attention used), over
+        the tokens that entered it (FastV). which="current": this layer's own input norm, q/k projections and
+        RoPE over the tokens entering it now (PyramidDrop); at DECODER_MID, over the keys its attention used.
+        """
+        return self.last_token_attention_heads(which).mean(1)
+
+    def last_token_attention_heads(self, which: str = "previous") -> Tensor:
+        """As `last_token_attention`, per head: (B, H, T)."""
+        if which == "previous":
+            if self.prev_state is None or self.prev_keys is None:
+                raise ValueError("a step at decoder layer 0 has no previous layer to score with")
+            return self._last_row(self.layer - 1, self.prev_state, self.prev_keys)
+        if which == "current":
+            st = self.state
+            return self._last_row(self.layer, st, self.current_keys())
+        raise ValueError(f"which must be 'previous' or 'current', not {which!r}")
+
+    def current_keys(self) -> Tensor:
+        """This layer's keys over the tokens entering it: (B, Hkv, T, d) after RoPE."""
+        if self.keys_here is not None:
+            return self.keys_here
+        return self.ops.keys(self.layer, self.state.hidden, self.state.positions)
+
+    def image_span(self, n: int) -> Tensor:
+        """(B, n) indices of the current image tokens in the sequence."""
+        st = self.state
+        return st.image_start[:, None] + torch.arange(n, device=st.hidden.device)[None, :]

@@ -1,0 +1,49 @@
+"""Dropping image tokens from the decoder's sequence: the gather every decoder-side pruning method shares."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from tokcompile.reduce.ops import gather_tokens, keep_image_tokens_index
+from tokcompile.reduce.schedule import Positions, Step
+from tokcompile.reduce.state import TokenState
+
+
+def contiguous_positions(valid: Tensor) -> Tensor:
+    """1-D positions 0, 1, ... over the real tokens of each row: (B, T) (padding gets 0, never attended)."""
+    return (valid.long().cumsum(1) - 1).clamp(min=0)
+
+
+def keep_image_tokens(state: TokenState, kept: Tensor, step: Step) -> TokenState:
+    """The sequence with only the image tokens `kept` (B, k) (ascending, relative to the current image span)
+    and every text token, under the step's position policy.
+
+    P1 (`Positions.KEEP`): survivors keep their position ids. P2 (`Positions.RENUMBER`, 1-D RoPE only):
+    positions are renumbered 0.. over the shorter sequence.
+    """
+    T = state.hidden.shape[1]
+    src = keep_image_tokens_index(state.image_start, kept, step.n_in, T)  # (B, T - N + k)
+    # The last real token normally follows the image span, so it moves left by the pruned count.
+    after = state.last >= state.image_start + step.n_in
+    last = torch.where(after, state.last - (step.n_in - step.n_out), state.last)  # (B,)
+    valid = gather_tokens(state.valid, src)  # (B, T')
+    positions = gather_tokens(state.positions, src)  # (B, T') or (B, T', R): original ids
+    if step.positions is Positions.RENUMBER:
+        renumbered = contiguous_positions(valid)  # (B, T')
+        if state.n_appended:  # generated tokens re-run without a cache stay at T + t, as cached decode puts them
+            T2 = src.shape[1]
+            tail = torch.arange(T2, device=src.device)[None] >= T2 - state.n_appended  # (1, T')
+            renumbered = torch.where(tail, positions, renumbered)
+        positions = renumbered
+    return replace(
+        state,
+        hidden=gather_tokens(state.hidden, src),  # (B, T', D)
+        positions=positions,
+        valid=valid,
+        n_image=step.n_out,
+        last=last,
+        sizes=None if state.sizes is None else gather_tokens(state.sizes, src),  # (B, T')
+    )
