@@ -1,0 +1,218 @@
+"""Prefill speedup of every token-reduction method, exported, over the eager HF full model, in one run.
+
+    python benchmarks/methods.py                                   # every method, medium LLaVA, ONNX
+    python benchmarks/methods.py --methods none,fastv-r0.5,tome-r16 --repeats 3
+    python benchmarks/methods.py --size tiny --repeats 1           # smoke run on the 4-layer tiny LLaVA
+    python benchmarks/methods.py --backends onnx,aoti              # AOTInductor too (minutes per graph)
+
+It builds the built-in random LLaVA (`tiny-random:llava@medium`: about 235M parameters, 576 image tokens, 16
+decoder layers, 5 CLIP blocks run), one image prompt at the compiled resolution, and times the prefill (time to
+first token, batch 1) of:
+  hf_full     the HF model's own forward, eager, without compression (`model(**batch).logits[:, -1]`)
+  <config>    the exported vision graph then prefill graph with that method's static schedule
+for each method configuration (a recipe `sparse` section). Both graphs are exported at the prompt's static
+shapes with the compiler's own exporters and checked against eager before they are timed as one chain
+(benchmarks/common.py: kept / assign indices, cache masks, image sources and next positions equal, logits
+within 1e-3). The table prints, per configuration, the image tokens that reach the decoder, the mean image
+tokens per decoder layer, the time, the speedup over hf_full and the ideal speedup from the analytic FLOPs
+(exact convention: vision tower + decoder + lm_head, at the prompt's own text length).
+
+Layer indices are given for the 16-layer medium model (PyramidDrop stages before layers 4, 8, 12; VTW at
+layer 8) and scaled to other depths (1, 2, 3 and 2 on the 4-layer tiny model). A method whose reducer is not
+registered (`tokcompile.reduce.REDUCERS`), or whose configuration the plan rejects at this size, is skipped
+with a note. Machines are noisy: read the ratios of one run, and run nothing else meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUESTION = "Describe this image in detail, please."
+REFERENCE_LAYERS = 16  # the depth the layer indices below are written for (the medium LLaVA)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str  # what --methods selects
+    method: str | None  # the reducer's registry name (None: no reduction)
+    label: Callable[[int], str]  # n_layers -> the table's name
+    sparse: Callable[[int], dict | None]  # n_layers -> the recipe's `sparse` section
+
+
+def _layer(k: int, n_layers: int) -> int:
+    """A layer index written for the 16-layer model, at `n_layers` layers."""
+    return max(1, round(k * n_layers / REFERENCE_LAYERS))
+
+
+def _special(method: str, **params) -> dict:
+    return {"method": "TokenReduction", "special": {"method": method, **params}}
+
+
+def _pyramid_layers(n: int) -> list[int]:
+    return [_layer(k, n) for k in (4, 8, 12)]
+
+
+CONFIGS: tuple[Config, ...] = (
+    Config("none", None, lambda n: "no reduction", lambda n: None),
+    Config("fastv-r0.5", "fastv", lambda n: "FastV K=2 R=0.5",
+           lambda n: _special("FastV", pruning_loc=2, rate=0.5)),
+    Config("fastv-r0.778", "fastv", lambda n: "FastV K=2 R=0.778",
+           lambda n: _special("FastV", pruning_loc=2, rate=0.778)),
+    Config("pyramiddrop", "pyramiddrop",
+           lambda n: "PyramidDrop L" + "/".join(map(str, _pyramid_layers(n))) + " R=0.5/0.25/0.125",
+           lambda n: _special("PyramidDrop", layer_list=_pyramid_layers(n),
+                              image_token_ratio_list=[0.5, 0.25, 0.125])),
+    Config("tome-r16", "tome", lambda n: "ToMe r=16 (vision)",
+           lambda n: {"vision": _special("ToMe", r=16)}),
+    Config("tome-r48", "tome", lambda n: "ToMe r=48 (vision)",
+           lambda n: {"vision": _special("ToMe", r=48)}),
+    Config("divprune-r0.7778", "divprune", lambda n: "DivPrune R=0.7778",
+           lambda n: _special("DivPrune", reduction_ratio=0.7778)),
+    Config("vtw", "vtw", lambda n: f"VTW K={_layer(8, n)}",
+           lambda n: _special("VTW", pruning_loc=_layer(8, n))),
+)
+
+
+def _plan(size: str, sparse: dict | None, tmp: Path, name: str):
+    import yaml
+
+    from tokcompile.pipeline import plan_recipe
+
+    path = "tiny-random:llava" + (f"@{size}" if size != "tiny" else "")
+    recipe: dict = {"model": {"path": path}, "inputs": {"batch_size": 1, "max_prompt_len": 128}}
+    if sparse is not None:
+        recipe["sparse"] = sparse
+    f = tmp / f"{name}.yml"
+    f.write_text(yaml.safe_dump(recipe))
+    return plan_recipe(f, out=tmp / "unused")
+
+
+def bench(size: str, configs: list[Config], backends: list[str], repeats: int, tmp: Path) -> tuple[dict, list[dict]]:
+    import numpy as np
+    import torch
+
+    from benchmarks.common import export_chain, median_time
+    from tokcompile import flops
+    from tokcompile.errors import RecipeError
+    from tokcompile.models.tiny import build_model, build_processor
+    from tokcompile.parity import process
+    from tokcompile.reduce import REDUCERS
+    from tokcompile.reduce.schedule import decoder_image_tokens_in
+
+    base_plan = _plan(size, None, tmp, "base")
+    g = base_plan.geometry
+    model = build_model("llava", seed=0, size=size)
+    processor = build_processor("llava", size)
+    batch = process(processor, base_plan.adapter, g, base_plan.adapter.random_media(np.random.default_rng(0), 1, g),
+                    [QUESTION])
+    prompt_len = int(batch["input_ids"].shape[1])
+    n_text = prompt_len - g.n_image_tokens
+
+    def hf(feed):
+        with torch.no_grad():
+            return model(**feed).logits[:, -1]
+
+    head = {"size": size, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+            "n_layers": g.n_layers, "image_tokens": g.n_image_tokens, "prompt_len": prompt_len,
+            "hf_full_ms": 1e3 * median_time(hf, batch, repeats)}
+    print(f"[llava {size}] {head['params_m']}M params, {g.n_layers} decoder layers, {g.n_image_tokens} image tokens, "
+          f"prompt {prompt_len}: hf_full {head['hf_full_ms']:.0f} ms", flush=True)
+    rows = []
+    for cfg in configs:
+        label = cfg.label(g.n_layers)
+        if cfg.method is not None and cfg.method not in REDUCERS:
+            print(f"[{cfg.name}] skipped: reducer '{cfg.method}' is not registered in tokcompile.reduce", flush=True)
+            continue
+        try:
+            plan = base_plan if cfg.method is None else _plan(size, cfg.sparse(g.n_layers), tmp, cfg.name)
+        except RecipeError as e:
+            print(f"[{cfg.name}] skipped at size {size}: {e}", flush=True)
+            continue
+        per_layer = plan.image_tokens_per_layer()
+        row = {"name": cfg.name, "config": label, "sparse": cfg.sparse(g.n_layers),
+               "image_tokens_to_decoder": decoder_image_tokens_in(g.n_image_tokens, plan.schedule, g.vision_tokens),
+               "mean_image_tokens_per_layer": statistics.fmean(per_layer) if per_layer else float(g.n_image_tokens),
+               "flops_ideal": 1 / flops.prefill_flops(g, plan.schedule, n_text)["total_exact"]["ratio"],
+               "times_ms": {}, "speedup": {}}
+        for backend in backends:
+            t0 = time.perf_counter()
+            runner = export_chain(plan, model, batch, backend, tmp / f"{cfg.name}-{backend}")
+            export_s = time.perf_counter() - t0
+            ms = 1e3 * median_time(runner, batch, repeats)
+            row["times_ms"][backend], row["speedup"][backend] = ms, head["hf_full_ms"] / ms
+            print(f"[{cfg.name}] {backend}: {ms:.0f} ms, {row['speedup'][backend]:.2f}x hf_full "
+                  f"(exported and checked in {export_s:.0f}s)", flush=True)
+            del runner
+            gc.collect()
+        rows.append(row)
+    return head, rows
+
+
+def table(head: dict, rows: list[dict], backends: list[str]) -> str:
+    """One row per configuration: speedups over the eager HF model and over the same backend's export without
+    reduction (which separates what the reduction buys from what the backend does), beside the FLOPs ideal."""
+    cols = ["config", "image tokens to decoder", "mean image tokens / layer"]
+    for b in backends:
+        cols += [f"{b} ms", f"{b} vs HF (x)", f"{b} vs {b} unreduced (x)"]
+    cols.append("FLOPs ideal (x)")
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    n = head["image_tokens"]
+    base = next((r for r in rows if r["sparse"] is None), None)
+    hf = ["hf_full (eager HF, no reduction)", str(n), f"{n:.1f}"]
+    for _ in backends:
+        hf += [f"{head['hf_full_ms']:.0f}", "1.00", ""]
+    lines.append("| " + " | ".join([*hf, "1.00"]) + " |")
+    for r in rows:
+        cells = [r["config"], str(r["image_tokens_to_decoder"]), f"{r['mean_image_tokens_per_layer']:.1f}"]
+        for b in backends:
+            own = f"{base['times_ms'][b] / r['times_ms'][b]:.2f}" if base is not None else ""
+            cells += [f"{r['times_ms'][b]:.0f}", f"{r['speedup'][b]:.2f}", own]
+        cells.append(f"{r['flops_ideal']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(c.name for c in CONFIGS),
+                   help=f"configurations to run (default: all): {', '.join(c.name for c in CONFIGS)}")
+    p.add_argument("--size", default="medium", help="built-in LLaVA size: medium (default) or tiny (smoke run)")
+    p.add_argument("--backends", default="onnx")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (the median is reported)")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args()
+    import torch
+
+    torch.manual_seed(0)
+    by_name = {c.name: c for c in CONFIGS}
+    names = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in names if m not in by_name]
+    if unknown:
+        sys.exit(f"error: --methods: unknown configuration {unknown[0]}; known: {', '.join(by_name)}")
+    backends = [b for b in args.backends.split(",") if b]
+    with tempfile.TemporaryDirectory() as d:
+        head, rows = bench(args.size, [by_name[m] for m in names], backends, args.repeats, Path(d))
+    print()
+    print(f"Prefill (vision + prefill graphs) speedup over the eager HF full model: LLaVA {args.size} "
+          f"({head['params_m']}M params, {head['n_layers']} decoder layers, {head['image_tokens']} image tokens, "
+          f"prompt {head['prompt_len']}), batch 1, median of {args.repeats}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads:")
+    print(table(head, rows, backends))
+    if args.json:
+        args.json.write_text(json.dumps({**head, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
