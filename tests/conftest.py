@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from tokcompile.models import ADAPTERS
 from tokcompile.models.tiny import build_model, build_processor
-from tokcompile.parity import format_prompt, random_images
+from tokcompile.parity import format_prompt, process, random_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,25 @@ def adapter():
 @pytest.fixture(scope="session")
 def geometry(adapter, tiny_model):
     return adapter.geometry(tiny_model.config, None)
+
+
+PADDED_QUESTIONS = ["What is shown here in this picture, in detail?", "Hi?"]
+
+
+def padded_family_case(family: str, questions: list[str] = PADDED_QUESTIONS) -> SimpleNamespace:
+    """A family's tiny model, adapter, geometry and a left-padded batch of two (the second prompt is shorter)."""
+    model = build_model(family, seed=0).eval()
+    adapter = ADAPTERS.get(family)()
+    geom = adapter.geometry(model.config, None)
+    processor = build_processor(family)
+    if family == "llava":
+        batch = make_batch(processor, questions)
+    else:
+        images = random_images(np.random.default_rng(0), len(questions), geom.image_size)
+        batch = process(processor, adapter, geom, images, questions)
+    assert not bool(batch["attention_mask"][1].all())  # the batch really is padded
+    return SimpleNamespace(family=family, model=model, adapter=adapter, geom=geom, batch=batch,
+                           image_id=adapter.image_token_id(model.config, geom))
 
 
 def make_batch(processor, questions: list[str], seed: int = 0) -> dict:

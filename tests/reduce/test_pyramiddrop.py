@@ -7,40 +7,23 @@ import json
 import re
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, compile_recipe, make_batch
+from tests.conftest import ROOT, compile_recipe, padded_family_case
 from tests.references.pyramiddrop import last_token_scores, pyramiddrop_reference
 from tokcompile.errors import RecipeError
-from tokcompile.models import ADAPTERS, ReducedVLM
+from tokcompile.models import ReducedVLM
 from tokcompile.models.reduced import LayerOps
-from tokcompile.models.tiny import build_model, build_processor
-from tokcompile.parity import process, random_images
 from tokcompile.reduce.base import Entering
 from tokcompile.reduce.context import DecoderContext
 from tokcompile.reduce.pyramiddrop import PyramidDropConfig, keep_count
 from tokcompile.reduce.schedule import Positions
 
-QUESTIONS = ["What is shown here in this picture, in detail?", "Hi?"]
-
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_5_vl"])
 def fam(request) -> SimpleNamespace:
-    family = request.param
-    model = build_model(family, seed=0).eval()
-    adapter = ADAPTERS.get(family)()
-    geom = adapter.geometry(model.config, None)
-    processor = build_processor(family)
-    if family == "llava":
-        batch = make_batch(processor, QUESTIONS)
-    else:
-        batch = process(processor, adapter, geom, random_images(np.random.default_rng(0), 2, geom.image_size),
-                        QUESTIONS)
-    assert not bool(batch["attention_mask"][1].all())  # the batch really is padded
-    return SimpleNamespace(family=family, model=model, adapter=adapter, geom=geom, batch=batch,
-                           image_id=adapter.image_token_id(model.config, geom), p2=family == "llava")
+    return padded_family_case(request.param)
 
 
 def _vlm(f, layers, ratios):
@@ -64,7 +47,7 @@ def test_static_pyramiddrop_matches_reference(fam, layers, ratios):
         sample = fam.adapter.sample_inputs(fam.batch, b, fam.geom)
         ref_logits, ref_kept = pyramiddrop_reference(
             fam.model, fam.adapter, sample, image_token_id=fam.image_id, layer_list=layers,
-            image_token_ratio_list=ratios, renumber_positions=fam.p2,
+            image_token_ratio_list=ratios, renumber_positions=(fam.geom.rope == "1d"),
         )
         for j, (r, kept_ref) in enumerate(zip(ratios, ref_kept)):
             assert out[f"kept_{j}"].shape == (2, keep_count(N, r))
@@ -106,7 +89,7 @@ def test_plan_counts_and_positions(fam):
         fam.geom, "k", Entering.start(fam.geom))
     N = fam.geom.n_image_tokens
     assert [(s.layer, s.n_in, s.n_out) for s in steps] == [(1, N, N // 2), (2, N // 2, N // 4), (3, N // 4, N // 8)]
-    assert {s.positions for s in steps} == {Positions.RENUMBER if fam.p2 else Positions.KEEP}
+    assert {s.positions for s in steps} == {Positions.RENUMBER if (fam.geom.rope == "1d") else Positions.KEEP}
     assert keep_count(576, 0.5) == 288 and keep_count(576, 0.125) == 72 and keep_count(64, 0.3) == 19  # floor
 
 

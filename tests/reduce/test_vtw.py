@@ -12,37 +12,23 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, compile_recipe, make_batch
+from tests.conftest import ROOT, compile_recipe, padded_family_case
 from tests.references.vtw import vtw_equivalent_layer, vtw_reference
 from tokcompile.errors import RecipeError
 from tokcompile.models import ADAPTERS, ReducedVLM
-from tokcompile.models.tiny import build_config, build_model, build_processor
-from tokcompile.parity import process, random_images
+from tokcompile.models.tiny import build_config
 from tokcompile.plan import resolve
 from tokcompile.recipe import load_recipe_dict
 from tokcompile.reduce.base import Entering, config_from_params
 from tokcompile.reduce.schedule import Positions, Site
 from tokcompile.reduce.vtw import VTWConfig, equivalent_layer
 
-QUESTIONS = ["What is shown here in this picture, in detail?", "Hi?"]
 KEY = "sparse.special"
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_5_vl"])
 def fam(request) -> SimpleNamespace:
-    family = request.param
-    model = build_model(family, seed=0).eval()
-    adapter = ADAPTERS.get(family)()
-    geom = adapter.geometry(model.config, None)
-    processor = build_processor(family)
-    if family == "llava":
-        batch = make_batch(processor, QUESTIONS)
-    else:
-        batch = process(processor, adapter, geom, random_images(np.random.default_rng(0), 2, geom.image_size),
-                        QUESTIONS)
-    assert not bool(batch["attention_mask"][1].all())  # the batch really is padded
-    return SimpleNamespace(family=family, model=model, adapter=adapter, geom=geom, batch=batch,
-                           image_id=adapter.image_token_id(model.config, geom))
+    return padded_family_case(request.param)
 
 
 def _vlm(f, **params):
