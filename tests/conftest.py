@@ -84,6 +84,18 @@ def batch(processor):
     return make_batch(processor, ["What is shown here in this picture, in detail?", "Hi?"])
 
 
+DATA_DEPENDENT_OPS = {"nonzero", "masked_scatter", "masked_select", "item", "_local_scalar_dense", "index_put"}
+
+
+def assert_no_data_dependent_ops(ep) -> set[str]:
+    """An exported program whose shapes no tensor value decides: none of the data-dependent aten ops and no
+    unbacked sizes. Returns the aten op names it uses."""
+    ops = {str(n.target).split(".")[1] for n in ep.graph.nodes if str(n.target).startswith("aten.")}
+    assert not ops & DATA_DEPENDENT_OPS, ops & DATA_DEPENDENT_OPS
+    assert not ep.range_constraints  # no unbacked (data-dependent) sizes
+    return ops
+
+
 def compile_recipe(recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "compile.py"), str(recipe), "--out", str(out), *extra],

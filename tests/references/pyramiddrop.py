@@ -63,30 +63,14 @@ Where this reference differs from LightCompress, and why:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-
-@contextlib.contextmanager
-def _eager(model: nn.Module) -> Iterator[None]:
-    """Every sub-config of `model` on eager attention for the duration; the old settings restored after."""
-    saved: dict[int, tuple[Any, Any]] = {}
-    for m in model.modules():
-        c = getattr(m, "config", None)
-        if c is not None and hasattr(c, "_attn_implementation"):
-            saved.setdefault(id(c), (c, c._attn_implementation))
-    try:
-        for c, _ in saved.values():
-            c._attn_implementation = "eager"
-        yield
-    finally:
-        for c, old in saved.values():
-            c._attn_implementation = old
+from tokcompile.reference import eager_attention as _eager  # HF's own eager attention, restored on exit
 
 
 def keep_count(n_original: int, ratio: float) -> int:

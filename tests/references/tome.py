@@ -49,13 +49,14 @@ Where this reference differs from LightCompress, and why
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from tokcompile.reference import eager_attention as _eager  # HF's own eager attention, restored on exit
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -190,22 +191,6 @@ def tome_clip_block(
     x = x + block.mlp(block.layer_norm2(x))
     return x, (new_size if prop_attn else None), assign
 
-
-@contextlib.contextmanager
-def _eager(model: nn.Module) -> Iterator[None]:
-    """Every sub-config of `model` on eager attention for the duration; restored on exit."""
-    saved = {}
-    for mod in model.modules():
-        cfg = getattr(mod, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in saved:
-            saved[id(cfg)] = (cfg, cfg._attn_implementation)
-    try:
-        for cfg, _ in saved.values():
-            cfg._attn_implementation = "eager"
-        yield
-    finally:
-        for cfg, old in saved.values():
-            cfg._attn_implementation = old
 
 
 @torch.no_grad()

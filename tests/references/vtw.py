@@ -39,29 +39,12 @@ Differences from the official code, and why.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-
-@contextlib.contextmanager
-def _eager(model: nn.Module) -> Iterator[None]:
-    """Every sub-config of `model` on eager attention for the duration; the old values come back on exit."""
-    old: dict[int, tuple[Any, Any]] = {}
-    for m in model.modules():
-        c = getattr(m, "config", None)
-        if c is not None and hasattr(c, "_attn_implementation"):
-            old.setdefault(id(c), (c, c._attn_implementation))
-    try:
-        for c, _ in old.values():
-            c._attn_implementation = "eager"
-        yield
-    finally:
-        for c, v in old.values():
-            c._attn_implementation = v
+from tokcompile.reference import eager_attention as _eager  # HF's own eager attention, restored on exit
 
 
 def _additive_causal(n: int, dtype: torch.dtype) -> Tensor:
