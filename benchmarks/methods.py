@@ -82,6 +82,12 @@ CONFIGS: tuple[Config, ...] = (
            lambda n: _special("DivPrune", reduction_ratio=0.7778)),
     Config("vtw", "vtw", lambda n: f"VTW K={_layer(8, n)}",
            lambda n: _special("VTW", pruning_loc=_layer(8, n))),
+    Config("fastervlm-r0.778", "fastervlm", lambda n: "FasterVLM R=0.778 (vision)",
+           lambda n: _special("FasterVLM", rate=0.778)),
+    Config("visionzip-108-20", "visionzip", lambda n: "VisionZip 108+20 (vision)",
+           lambda n: {"vision": _special("VisionZip", dominant=108, contextual=20)}),
+    Config("randomprune-r0.778", "randomprune", lambda n: "RandomPrune K=2 R=0.778",
+           lambda n: _special("RandomPrune", pruning_loc=2, prune_ratio=0.778)),
 )
 
 
