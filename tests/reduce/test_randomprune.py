@@ -151,7 +151,7 @@ def test_plan_cli(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_recipe_compiles_to_onnx_with_parity(tmp_path):
-    # ONNX only, for CI time: AOTInductor at this site is compiled by the tests of a single decoder step (FastV's demo, VTW).
+    # ONNX only, for CI time: AOTInductor at this site (one decoder step) is compiled by FastV's demo and VTW.
     res = compile_recipe(ROOT / "recipes/tiny/randomprune.yml", tmp_path / "out", "--targets", "onnx")
     assert res.returncode == 0, res.stderr + res.stdout
     assert "parity passed" in res.stdout
