@@ -43,7 +43,7 @@ Where this reference differs from LightCompress, and why
   splice, which gives the same P0 sequence).
 * The block that never runs (after the feature layer) is not run; in LightCompress it runs and merges, but
   its output is discarded, so the features are the same.
-* `tome_schedule` follows the brief: a pair means ToMe's `(r, inflect)` by default; pass
+* `tome_schedule` reads a pair as ToMe's `(r, inflect)` by default (its `parse_r`); pass
   `pair="start_step"` for LightCompress's `(start, step)` reading of the same YAML list.
 """
 
