@@ -96,6 +96,21 @@ def assert_no_data_dependent_ops(ep) -> set[str]:
     return ops
 
 
+def export_matching_eager(module, args: tuple, exact: bool = True):
+    """`torch.export` of `module` at the example's static shapes; the program's outputs equal eager's (floats
+    within the default tolerance unless `exact`). Returns the exported program."""
+    ep = torch.export.export(module, args, strict=False)
+    with torch.no_grad():
+        want = module(*args)
+    got = ep.module()(*args)
+    for a, b in zip(got, want):
+        if a.is_floating_point() and not exact:
+            torch.testing.assert_close(a, b)
+        else:
+            assert torch.equal(a, b)
+    return ep
+
+
 def compile_recipe(recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "compile.py"), str(recipe), "--out", str(out), *extra],

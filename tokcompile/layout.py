@@ -61,8 +61,6 @@ class NamedOutputs(tuple):
             return tuple.__getitem__(self, self.names.index(key))
         return tuple.__getitem__(self, key)
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(zip(self.names, self))
 
 
 @dataclass(frozen=True)
@@ -107,21 +105,12 @@ class GraphLayout:
     def present(self) -> list[str]:
         return [f"present_{kind}_{i}" for i in range(self.n_layers) for kind in ("key", "value")]
 
-    @property
-    def past(self) -> list[str]:
-        return [f"past_{kind}_{i}" for i in range(self.n_layers) for kind in ("key", "value")]
 
-    @property
-    def cache_masks(self) -> list[str]:
-        return [f"cache_mask_{g}" for g in range(len(self.groups))]
 
     @property
     def decode_masks(self) -> list[str]:
         return [f"attention_mask_{g}" for g in range(len(self.groups))]
 
-    @property
-    def cache_biases(self) -> list[str]:
-        return [f"cache_bias_{g}" for g in self.biased_groups]
 
     def to_dict(self) -> dict:
         return {

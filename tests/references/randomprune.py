@@ -35,30 +35,13 @@ Differences here, and why.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-
-@contextlib.contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Every attention config of `model` set to eager for the duration; restored on exit."""
-    saved = {}
-    for m in model.modules():
-        c = getattr(m, "config", None)
-        if c is not None and hasattr(c, "_attn_implementation") and id(c) not in saved:
-            saved[id(c)] = (c, c._attn_implementation)
-    try:
-        for c, _ in saved.values():
-            c._attn_implementation = "eager"
-        yield
-    finally:
-        for c, impl in saved.values():
-            c._attn_implementation = impl
+from tokcompile.reference import eager_attention  # HF's own eager attention, restored on exit
 
 
 def causal_additive(n: int, dtype: torch.dtype) -> Tensor:

@@ -23,7 +23,7 @@ from tokcompile.models.geometry import Geometry
 from tokcompile.reduce.context import DecoderContext, ImageContext, VisionContext
 from tokcompile.reduce.ops import gather_tokens, keep_image_tokens_index
 from tokcompile.reduce.prune import contiguous_positions
-from tokcompile.reduce.schedule import Schedule, Site, Step
+from tokcompile.reduce.schedule import Schedule, Site
 from tokcompile.reduce.state import ImageTokens, TokenState
 
 Forced = dict[str, Tensor]  # step output name -> a selection to replay (eager no-cache references)
@@ -368,7 +368,3 @@ class DecodeStep(nn.Module):
         logits = a.lm_head(model)(a.final_norm(model)(h)[:, 0])  # (B, V)
         present = [t for i in range(n) for t in (cache.keys[i], cache.values[i])]
         return (logits, *present)
-
-
-def step_by_name(layout: GraphLayout, schedule: Schedule) -> dict[str, Step]:
-    return dict(zip(layout.step_outputs, schedule))
