@@ -74,7 +74,7 @@ def padded_family_case(family: str, questions: list[str] = PADDED_QUESTIONS) -> 
 def make_batch(processor, questions: list[str], seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     images = random_images(rng, len(questions), (32, 32))
-    prompts = [format_prompt(processor, q) for q in questions]
+    prompts = [format_prompt(processor, ADAPTERS.get("llava")(), q) for q in questions]
     out = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     return {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values")}
 

@@ -77,7 +77,12 @@ def _generate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("export_dir", help="an export directory written by compile.py")
     p.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
-    p.add_argument("--prompt", action="append", required=True, help="question (one per --image)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="question, or prompt formatted with the model's image placeholder (one per --image)")
+    p.add_argument("--prompt-format", choices=("auto", "chat", "raw"), default="auto",
+                   help="chat: wrap each prompt in the model's chat template; raw: use it as given (it holds the "
+                        "image placeholder once, e.g. 'USER: <image>\\nWhat is shown? ASSISTANT:'); auto (default): "
+                        "raw when the prompt holds the placeholder, else chat")
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), aoti or eager")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the recipe's inputs.max_new_tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -109,7 +114,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         gen = load(args.export_dir, backend=args.backend, verify=args.verify)
         ans = gen.generate(
             args.image, args.prompt, max_new_tokens=args.max_new_tokens, stop_at_eos=not args.no_eos,
-            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, prompt_format=args.prompt_format,
         )
         for i, text in enumerate(ans.texts):
             print(text)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tokcompile.errors import ParityError
+from tokcompile.errors import ParityError, RecipeError, TokcompileError
 from tokcompile.layout import EXACT_PREFIXES  # indices and masks compare exactly
 
 PROMPTS = (
@@ -28,6 +28,13 @@ PROMPTS = (
     "Write a short caption for this photo, mentioning the main subject and the background.",
     "What happens next?",
 )
+
+
+# What a prompt or processor failure names by default: at compile time the prompts are built in, so a failure
+# is the checkpoint's processor's.
+PROCESSOR_KEY = "model.path"
+PROMPT_FORMATS = ("auto", "chat", "raw")
+_PROCESSOR_ERRORS = (ValueError, TypeError, KeyError, IndexError)
 
 
 @dataclass
@@ -44,13 +51,59 @@ class ParityInputs:
         return self.adapter.sample_inputs(self.batch, b, self.geometry)
 
 
-def format_prompt(processor: Any, question: str, media: str = "image") -> str:
-    """The model's chat template with one image (or video) and one question, or LLaVA-1.5's plain template."""
-    template = getattr(processor, "chat_template", None)
-    if template:
-        messages = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": question}]}]
+def format_prompt(processor: Any, adapter: Any, text: str, media: str = "image", prompt_format: str = "auto",
+                  key: str = PROCESSOR_KEY) -> str:
+    """One prompt with one image (or video), as the processor takes it.
+
+    "chat" wraps a bare question in the model's chat template, or, for a processor without one, in the family's
+    own format (`adapter.fallback_prompt`). "raw" takes a prompt that is formatted already, as HF's examples write
+    them ("USER: <image>\\nWhat is shown? ASSISTANT:"): it holds the family's placeholder
+    (`adapter.placeholder(media)`) exactly once. "auto" is "raw" for a text that holds the placeholder and "chat"
+    for any other. Raises RecipeError naming `key` (`process`) for a prompt that does not fit its format."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise RecipeError("--prompt-format", f"unknown prompt format '{prompt_format}'; use one of "
+                                             f"{', '.join(PROMPT_FORMATS)}")
+    placeholder = adapter.placeholder(media)
+    n = text.count(placeholder)
+    if prompt_format == "auto":
+        prompt_format = "raw" if n else "chat"
+    if prompt_format == "raw":
+        if n == 0:
+            raise RecipeError(key, f"the formatted prompt {short(text)} has no {media} placeholder {placeholder}; "
+                                   f"add it where the {media} goes, or give the bare question with "
+                                   "--prompt-format auto or chat (the chat template then adds it)")
+        if n > 1:
+            raise RecipeError(key, f"the prompt {short(text)} holds the {media} placeholder {placeholder} {n} times, "
+                                   f"but each prompt takes one {media}; keep one")
+        return text
+    if n:
+        raise RecipeError(key, f"the prompt {short(text)} holds the {media} placeholder {placeholder}, which the "
+                               "chat template adds itself; remove it, or give the formatted prompt with "
+                               "--prompt-format raw")
+    if not getattr(processor, "chat_template", None):
+        return adapter.fallback_prompt(text, media)
+    messages = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": text}]}]
+    try:
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: <{media}>\n{question} ASSISTANT:"
+    except Exception as e:  # jinja and transformers raise their own types for a template that does not render
+        raise _processor_error(key, "the processor's chat template could not format", text, media, e) from None
+
+
+def short(text: str, n: int = 60) -> str:
+    """A prompt as an error quotes it: its first `n` characters, newlines escaped."""
+    return repr(text if len(text) <= n else text[: n - 3] + "...")
+
+
+def _processor_error(key: str, what: str, prompt: str, media: str, e: BaseException) -> RecipeError:
+    msg = str(e).strip()
+    cause = f"{type(e).__name__}: {msg.splitlines()[0]}" if msg else type(e).__name__
+    if key == PROCESSOR_KEY:
+        fix = "check that the processor files in it (tokenizer, chat template, preprocessor config) are this model's"
+    else:
+        fix = f"check the {media} placeholders in the prompt"
+        if key == "--prompt":
+            fix += ", or choose its format with --prompt-format"
+    return RecipeError(key, f"{what} the prompt {short(prompt)} ({cause}); {fix}")
 
 
 def random_images(rng: np.random.Generator, n: int, size: tuple[int, int]) -> list:
@@ -67,16 +120,36 @@ def random_images(rng: np.random.Generator, n: int, size: tuple[int, int]) -> li
     return images
 
 
-def process(processor: Any, adapter: Any, geometry: Any, images: list, questions: list[str]) -> dict[str, Tensor]:
-    """(images, questions) -> the prefill graph's inputs, as the processor returns them for the compiled
-    resolution (images resized first where the family's processor output depends on the image size)."""
-    prompts = [format_prompt(processor, q, geometry.media) for q in questions]
+def process(
+    processor: Any, adapter: Any, geometry: Any, images: list, questions: list[str], prompt_format: str = "auto",
+    key: str = PROCESSOR_KEY,
+) -> dict[str, Tensor]:
+    """(images, prompts) -> the prefill graph's inputs, as the processor returns them for the compiled
+    resolution (images resized first where the family's processor output depends on the image size).
+
+    Prompts are bare questions or formatted prompts (see `format_prompt`). A prompt that does not fit its format,
+    or one the processor rejects, raises RecipeError naming `key`: the checkpoint's processor (`model.path`) at
+    compile time, the user's prompt at run time."""
+    prompts = [format_prompt(processor, adapter, q, geometry.media, prompt_format, key) for q in questions]
     media = adapter.prepare_images(images, geometry)
-    out = adapter.process(processor, media, prompts, geometry)
+    try:
+        out = adapter.process(processor, media, prompts, geometry)
+    except TokcompileError:
+        raise
+    except _PROCESSOR_ERRORS as e:  # transformers' own checks of text and media
+        bad, cause = prompts[0], e
+        for m, prompt in zip(media, prompts):  # quote the prompt that fails alone, where one does
+            try:
+                adapter.process(processor, [m], [prompt], geometry)
+            except _PROCESSOR_ERRORS as alone:
+                bad, cause = prompt, alone
+                break
+        raise _processor_error(key, "the processor could not process", bad, geometry.media, cause) from None
     names = adapter.input_names_for(geometry)
     missing = [n for n in names if n not in out]
     if missing:
-        raise ValueError(f"the processor returned no {', '.join(missing)}")
+        raise RecipeError(key, f"the processor returned no {', '.join(missing)}, which {type(adapter).__name__} "
+                               "needs; is this processor the model's?")
     return {n: out[n] for n in names}
 
 

@@ -178,11 +178,16 @@ class Generator:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        prompt_format: str = "auto",
     ) -> Answer:
         """Answer each (image, prompt) pair, or each (video, prompt) pair for an export compiled for video
         (`images` then holds one video per prompt: a list of frames or a (F, H, W, 3) uint8 array). Greedy by
         default; images are resized by the processor to the compiled resolution. Batches larger than the compiled
-        maximum run in chunks. `max_new_tokens` defaults to the recipe's `inputs.max_new_tokens`."""
+        maximum run in chunks. `max_new_tokens` defaults to the recipe's `inputs.max_new_tokens`.
+
+        A prompt is a bare question, wrapped in the model's chat template, or a prompt formatted already that holds
+        the model's placeholder once (LLaVA: "USER: <image>\\nWhat is shown? ASSISTANT:"), used as is.
+        `prompt_format` "auto" tells them apart by the placeholder; "chat" or "raw" insists on one kind."""
         from tokcompile.parity import process
 
         media = self.geometry.media
@@ -200,7 +205,8 @@ class Generator:
         for start in range(0, len(imgs), self.batch_max):
             chunk = slice(start, start + self.batch_max)
             try:
-                batch = process(self.processor, self.adapter, self.geometry, imgs[chunk], list(prompts[chunk]))
+                batch = process(self.processor, self.adapter, self.geometry, imgs[chunk], list(prompts[chunk]),
+                                prompt_format, key="--prompt")
             except ValueError as e:  # media the compiled geometry cannot take (e.g. a video's frame count)
                 raise _fail(f"--{media}", str(e)) from None
             for name, want in self.fixed_inputs.items():

@@ -67,6 +67,12 @@ class VLMAdapter:
     # True when a recipe may set inputs.video_frames (each prompt then carries one video, not one image).
     supports_video: ClassVar[bool] = False
     model_class_name: ClassVar[str] = ""
+    # What a formatted prompt writes where its image (or video) goes, per media kind; the processor expands it
+    # into the media span. HF's convention, the LLaVA family's.
+    placeholders: ClassVar[dict[str, str]] = {"image": "<image>", "video": "<video>"}
+    # The prompt of one question for a processor without a chat template, in the family's own conversation
+    # format ({placeholder}: `placeholder(media)`). LLaVA-1.5's.
+    fallback_template: ClassVar[str] = "USER: {placeholder}\n{question} ASSISTANT:"
 
     # --- resolved without weights --------------------------------------------------------------------
     def input_names_for(self, geom: Geometry) -> tuple[str, ...]:
@@ -189,7 +195,16 @@ class VLMAdapter:
         )
         return out[0] if isinstance(out, tuple) else out
 
-    # --- host side: processor inputs, per-sample slices, HF references ------------------------------------
+    # --- host side: prompts, processor inputs, per-sample slices, HF references ----------------------------
+    def placeholder(self, media: str = "image") -> str:
+        """The text a formatted prompt holds where its image ("image") or video ("video") goes."""
+        return self.placeholders[media]
+
+    def fallback_prompt(self, question: str, media: str = "image") -> str:
+        """One question with one image (or video) in the family's conversation format, for a processor
+        that has no chat template."""
+        return self.fallback_template.format(placeholder=self.placeholder(media), question=question)
+
     def load_processor(self, path: str, trust_remote_code: bool = False) -> Any:
         """The processor saved in a local directory (tokenizer and preprocessor files). Families whose
         `AutoProcessor` needs optional packages (torchvision) override this with a fallback."""

@@ -190,6 +190,8 @@ class LlavaNextAdapter(LlavaAdapter):
     """
 
     model_types: ClassVar[tuple[str, ...]] = ("llava_next",)
+    # llava-v1.6-mistral's conversation format (the Vicuna-based 1.6 checkpoints ship a chat template)
+    fallback_template: ClassVar[str] = "[INST] {placeholder}\n{question} [/INST]"
     sites: ClassVar[frozenset[Site]] = frozenset({Site.PROJECTOR_OUT, Site.DECODER_LAYER, Site.DECODER_MID})
     site_refusals: ClassVar[dict[Site, str]] = {
         Site.VISION_BLOCK: "LLaVA-NeXT's anyres packing needs every tile's full patch grid",

@@ -221,6 +221,8 @@ def _read_json(path: Path) -> dict:
 @ADAPTERS.register("llava_onevision")
 class LlavaOnevisionAdapter(LlavaAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("llava_onevision",)
+    # Qwen2's conversation format (OneVision's decoder), with LLaVA's placeholders
+    fallback_template: ClassVar[str] = "<|im_start|>user\n{placeholder}\n{question}<|im_end|>\n<|im_start|>assistant\n"
     sites: ClassVar[frozenset[Site]] = frozenset({Site.PROJECTOR_OUT, Site.DECODER_LAYER, Site.DECODER_MID})
     site_refusals: ClassVar[dict[Site, str]] = {
         Site.VISION_BLOCK: "OneVision's anyres packing and frame pooling need every tile's full patch grid",

@@ -221,6 +221,11 @@ class Qwen2VLAdapter(VLMAdapter):
     resize_to_compiled: ClassVar[bool] = True
     model_class_name: ClassVar[str] = "Qwen2VLForConditionalGeneration"
     family: ClassVar[str] = "qwen2_vl"
+    placeholders: ClassVar[dict[str, str]] = {
+        "image": "<|vision_start|><|image_pad|><|vision_end|>",
+        "video": "<|vision_start|><|video_pad|><|vision_end|>",
+    }
+    fallback_template: ClassVar[str] = "<|im_start|>user\n{placeholder}{question}<|im_end|>\n<|im_start|>assistant\n"
 
     # --- config only ----------------------------------------------------------------------------------
     @staticmethod

@@ -4,7 +4,9 @@ Sources (`quant.calib.name`):
 - `synthetic`: seeded random images (gradients plus noise) and questions, for offline use and tests.
 - `custom_mm` / `custom`: `quant.calib.path` is a folder with images and `img_qa.json` (LightCompress's
   layout: a list of {"image": file, "question": text}), or a JSONL file with one {"image": path,
-  "prompt" | "question": text} per line. Image paths are relative to the file's folder.
+  "prompt" | "question": text} per line. Image paths are relative to the file's folder. A prompt is a bare
+  question (wrapped in the model's chat template) or a formatted prompt holding the model's image placeholder
+  once (used as is; see `parity.format_prompt`).
 """
 
 from __future__ import annotations
@@ -95,10 +97,11 @@ def calibration_batches(
     else:
         choices = ", ".join(SOURCES)
         raise RecipeError("quant.calib.name", f"unknown calibration source '{calib.name}'; use one of {choices}")
+    key = "model.path" if name == "synthetic" else "quant.calib.path"  # who wrote the prompts
     batches = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        out = process(processor, adapter, geometry, [im for im, _ in chunk], [q for _, q in chunk])
+        out = process(processor, adapter, geometry, [im for im, _ in chunk], [q for _, q in chunk], key=key)
         if calib.seq_len is not None and out["input_ids"].shape[1] > calib.seq_len:
             raise RecipeError(
                 "quant.calib.seq_len",
