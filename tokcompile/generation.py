@@ -12,6 +12,7 @@ one past the largest position of the prompt, as in HF.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokcompile.errors import RecipeError
 from tokcompile.graphs import decode_feed
 from tokcompile.layout import IMAGE_OUTPUTS, GraphLayout
 
@@ -40,6 +42,17 @@ class GenerationConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """Sampling settings a user typed: refuse what would be silently greedy, NaN or empty."""
+        t, p = self.temperature, self.top_p
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise RecipeError("--temperature", f"got {t}; use 0 for greedy decoding or a finite number above 0")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
+            raise RecipeError("--top-p", f"got {p}; use a number above 0 and at most 1 (1 keeps every token)")
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise RecipeError("--max-new-tokens", f"got {n}; use an integer of at least 1")
 
 
 @dataclass

@@ -24,6 +24,7 @@ import yaml
 
 from tokcompile.errors import RecipeError
 from tokcompile.registry import suggest
+from tokcompile.yaml_safe import YamlBoundError, load_bounded
 
 Check = Callable[[str, Any], Any]  # (dotted key, YAML value) -> checked value, or raise RecipeError
 
@@ -542,14 +543,18 @@ def load_recipe_dict(data: dict[str, Any], name: str, source: str = "<dict>") ->
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a YAML recipe with `yaml.safe_load`; the recipe's name is the file stem."""
+    """Read a YAML recipe with safe-load semantics and size bounds (`yaml_safe`); the name is the file stem."""
     p, key = Path(path), str(path)
     if not p.exists():
         raise RecipeError(key, "file does not exist; check the path")
     if not p.is_file():
         raise RecipeError(key, "is not a file; pass the path of a .yml recipe")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_bounded(p.read_text(encoding="utf-8"))
+    except YamlBoundError as err:
+        raise RecipeError(key, f"{err}") from None
+    except OSError as err:
+        raise RecipeError(key, f"could not be read ({err.strerror or err}); check the file's permissions") from None
     except UnicodeDecodeError as err:
         raise RecipeError(key, f"is not UTF-8 text ({err.reason}); save the recipe as UTF-8") from None
     except yaml.YAMLError as err:

@@ -37,23 +37,58 @@ def read_manifest(export_dir: Path) -> dict:
     if not path.is_file():
         raise _fail(str(export_dir), "is not an export directory (no manifest.json); run compile.py first")
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError, RecursionError) as e:
         raise _fail(str(path), f"is not valid JSON ({e}); recompile the export") from None
+    if not isinstance(manifest, dict):
+        raise _fail(str(path), f"holds a JSON {type(manifest).__name__}, not an object; recompile the export")
     version = manifest.get("format_version")
-    if isinstance(version, int) and version < FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _fail(str(path), f"has format_version {version!r}, which is not an integer; the manifest is damaged, "
+                               "recompile the export")
+    if version < FORMAT_VERSION:
         raise _fail(
             str(path),
             f"was written in export format {version}, which this tokcompile no longer reads (format "
             f"{FORMAT_VERSION} has a separate vision graph); recompile the export",
         )
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if version > FORMAT_VERSION:
         raise _fail(
             str(path),
             f"was written in export format {version}, newer than this tokcompile reads ({FORMAT_VERSION}); "
             "upgrade tokcompile or recompile with this version",
         )
+    check_manifest(manifest, path)
     return manifest
+
+
+_REQUIRED: dict[str, type] = {"graphs": dict, "layout": dict, "plan": dict, "generation": dict}
+
+
+def check_manifest(manifest: dict, path: Path) -> None:
+    """The sections the runtime reads, with the right JSON types; one line naming what is missing."""
+    for key, typ in _REQUIRED.items():
+        if not isinstance(manifest.get(key), typ):
+            got = "missing" if key not in manifest else f"a JSON {type(manifest[key]).__name__}"
+            raise _fail(str(path), f"'{key}' is {got}, expected an object; the manifest is damaged, recompile the "
+                                   "export")
+    for key in ("geometry", "model_type"):
+        if key not in manifest["plan"]:
+            raise _fail(str(path), f"'plan.{key}' is missing; the manifest is damaged, recompile the export")
+
+
+def inside(export_dir: Path, name: Any, what: str) -> Path:
+    """`export_dir / name` for a file name the manifest gives, refused if it leaves the export directory (an
+    absolute path, `..`, or a link pointing elsewhere): a manifest must not make the runtime open other files."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise _fail(str(export_dir / "manifest.json"), f"names {what} {name!r}, which is not a file name; recompile "
+                                                       "the export")
+    root = export_dir.resolve()
+    path = (export_dir / name).resolve()
+    if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_relative_to(root):
+        raise _fail(str(export_dir / "manifest.json"), f"names {what} '{name}' outside the export directory; "
+                                                       "refusing to open it, recompile the export")
+    return export_dir / name
 
 
 def layout_from_manifest(manifest: dict) -> GraphLayout:
@@ -80,7 +115,7 @@ def _graph_runner(
                                  "export.targets and recompile, or choose another backend")
     recorded = manifest.get("files", {})
     for f in art["files"]:
-        path = export_dir / f
+        path = inside(export_dir, f, f"the {graph} graph file")
         if not path.is_file():
             raise _fail(str(path), "is missing; the export is incomplete, recompile it")
         want = recorded.get(f, {})
@@ -92,13 +127,32 @@ def _graph_runner(
     names = [i["name"] for i in spec["inputs"]]
     loaders = {"onnx": onnx._load, "aoti": aoti._load, "eager": eager._load}
     arg = art["files"] if target == "onnx" else art["files"][0]
+    first_file = str(export_dir / art["files"][0])
     try:
-        return loaders[target](arg, names)(export_dir)
+        run = loaders[target](arg, names)(export_dir)
     except TokcompileError:
         raise
     except Exception as e:  # backends raise their own types for unreadable files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _fail(str(export_dir / art["files"][0]), f"could not be loaded ({first}); recompile the export") from None
+        raise _fail(first_file, f"could not be loaded ({_first_line(e)}); recompile the export") from None
+    return _guarded(run, first_file, graph)
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _guarded(run: Callable[[dict], tuple], file: str, graph: str) -> Callable[[dict], tuple]:
+    """A backend that fails while running a graph that loaded (for example weights corrupted at the same
+    size, which only the sha256 check finds) is reported as one line naming the file."""
+    def guarded(feed: dict) -> tuple:
+        try:
+            return run(feed)
+        except Exception as e:
+            raise _fail(file, f"the {graph} graph failed to run ({_first_line(e)}); the export may be corrupt: "
+                              "check it with --verify (verify=True), or recompile it") from None
+    return guarded
 
 
 class Generator:
@@ -110,13 +164,20 @@ class Generator:
             raise _fail("--backend", f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
         self.manifest = read_manifest(self.dir)
         self.backend = backend
-        target = BACKENDS[backend]
+        try:
+            self._open(BACKENDS[backend], verify)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise _fail(str(self.dir / "manifest.json"), f"is damaged ({type(e).__name__}: {_first_line(e)}); "
+                                                         "recompile the export") from None
+
+    def _open(self, target: str, verify: bool) -> None:
+        """Graphs, processor and geometry as the manifest records them."""
         self.layout = layout_from_manifest(self.manifest)
         self.graphs = [self.layout.graph(g).wrap(_graph_runner(self.dir, self.manifest, g, target, verify))
                        for g in self.layout.graphs]
         self.batch_max = int(self.manifest["generation"]["batch_max"])
         self.image_size = tuple(self.manifest["plan"]["geometry"]["image_size"])
-        proc_dir = self.dir / self.manifest.get("processor", "processor")
+        proc_dir = inside(self.dir, self.manifest.get("processor", "processor"), "the processor directory")
         if not proc_dir.is_dir():
             raise _fail(str(proc_dir), "is missing; the export is incomplete, recompile it")
         from tokcompile.models import ADAPTERS, Geometry
@@ -126,7 +187,10 @@ class Generator:
             raise _fail(str(self.dir / "manifest.json"), f"needs model family '{plan['model_type']}', which this "
                                                          "tokcompile does not know; upgrade tokcompile")
         self.adapter = ADAPTERS.get(plan["model_type"])()
-        self.processor = self.adapter.load_processor(str(proc_dir))
+        try:
+            self.processor = self.adapter.load_processor(str(proc_dir))
+        except Exception as e:  # tokenizer and image-processor files fail in many ways
+            raise _fail(str(proc_dir), f"could not be loaded ({_first_line(e)}); recompile the export") from None
         geom = dict(plan["geometry"])
         geom["image_size"], geom["layout"] = tuple(geom["image_size"]), tuple(geom.get("layout", ()))
         self.geometry = Geometry(**geom)
@@ -137,12 +201,17 @@ class Generator:
 
         if isinstance(im, (str, Path)):
             p = Path(im)
+            if p.is_dir():
+                raise _fail("--image", f"{p} is a directory; give the path of an image file")
             if not p.is_file():
                 raise _fail("--image", f"{p} does not exist; give the path of an image file")
             try:
-                im = Image.open(p).convert("RGB")
-            except OSError as e:
-                raise _fail("--image", f"{p} is not a readable image ({e})") from None
+                with Image.open(p) as opened:
+                    im = opened.convert("RGB")
+            except Image.DecompressionBombError as e:
+                raise _fail("--image", f"{p} is too large to decode safely ({e}); resize it first") from None
+            except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
+                raise _fail("--image", f"{p} is not a readable image ({_first_line(e)})") from None
         return im.convert("RGB")
 
     def _images(self, images: list[Any]) -> list[Any]:

@@ -7,6 +7,8 @@ consumes.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,10 @@ def _load(files: list[str], input_names: list[str]) -> Callable[[Path], Runner]:
         except ImportError:
             raise ExportError("onnxruntime is not installed; pip install 'tokcompile[onnx]'") from None
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(root / files[0]), opts, providers=["CPUExecutionProvider"])
+        opts.log_severity_level = 4  # fatal only: failures reach the caller as exceptions, reported once
+        # onnxruntime prints its provider-fallback notices with print(); the caller reports the failure itself
+        with contextlib.redirect_stdout(io.StringIO()):
+            session = ort.InferenceSession(str(root / files[0]), opts, providers=["CPUExecutionProvider"])
 
         def run(inputs: dict[str, Any]) -> tuple:
             feed = {n: torch.as_tensor(inputs[n]).cpu().numpy() for n in input_names}
@@ -38,9 +42,6 @@ def _load(files: list[str], input_names: list[str]) -> Callable[[Path], Runner]:
 
 @EXPORTERS.register("onnx")
 def export_onnx(req: ExportRequest) -> Artifact:
-    import contextlib
-    import io
-
     import onnx
     import torch
 

@@ -19,8 +19,14 @@ TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat1
 
 
 def _dir(path: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
+    try:
+        p = Path(path).expanduser()
+        exists = p.exists()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte, no home directory...
+        reason = getattr(e, "strerror", None) or str(e)
+        raise RecipeError("model.path", f"'{path}' cannot be used as a path ({reason}); point it at a Hugging Face "
+                                        "model directory") from None
+    if not exists:
         raise RecipeError(
             "model.path",
             f"'{path}' does not exist; point it at a Hugging Face model directory (config.json and "
@@ -48,6 +54,9 @@ def model_type_of(path: str) -> str:
         data = json.loads((p / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise RecipeError("model.path", f"{p / 'config.json'} is not valid JSON ({e}); re-save it") from None
+    if not isinstance(data, dict):
+        raise RecipeError("model.path", f"{p / 'config.json'} holds a JSON {type(data).__name__}, not an object; "
+                                        "a transformers config.json is a JSON object with a model_type")
     model_type = data.get("model_type")
     if not isinstance(model_type, str):
         raise RecipeError("model.path", f"{p / 'config.json'} has no model_type; is this a transformers checkpoint?")
@@ -71,8 +80,11 @@ def load_config(path: str, trust_remote_code: bool) -> Any:
 
     try:
         return AutoConfig.from_pretrained(str(_dir(path)), trust_remote_code=trust_remote_code, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise RecipeError("model.path", f"could not read the config in '{path}': {_first_line(e)}") from None
+    except RecipeError:
+        raise
+    except Exception as e:  # transformers validates config fields with several exception types
+        raise RecipeError("model.path", f"could not read the config in '{path}': {_first_line(e, 2)}; fix "
+                                        "config.json") from None
 
 
 def load_processor(path: str, trust_remote_code: bool) -> Any:
@@ -83,7 +95,9 @@ def load_processor(path: str, trust_remote_code: bool) -> Any:
     adapter = ADAPTERS.get(model_type_of(path))()
     try:
         return adapter.load_processor(str(_dir(path)), trust_remote_code)
-    except (OSError, ValueError, TypeError, AttributeError) as e:
+    except RecipeError:
+        raise
+    except Exception as e:  # tokenizer and image-processor files fail in many ways
         raise RecipeError(
             "model.path",
             f"could not load the processor from '{path}' ({_first_line(e)}); the directory needs its tokenizer "
@@ -121,11 +135,12 @@ def load_model(path: str, config: Any, seed: int, trust_remote_code: bool) -> An
             attn_implementation="sdpa",
             local_files_only=True,
         )
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise RecipeError("model.path", f"could not load the weights in '{path}': {_first_line(e)}") from None
     return model.eval()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+def _first_line(e: BaseException, n: int = 1) -> str:
+    """The first `n` non-empty lines of an exception's message, joined on one line."""
+    text = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return " ".join(text[:n]) if text else type(e).__name__
