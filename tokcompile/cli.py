@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    from tokcompile.publish import Terminated
+
     args = _parser().parse_args(argv)
     targets = tuple(t.strip().lower() for t in args.targets.split(",") if t.strip()) if args.targets else None
     debug = os.environ.get("TOKCOMPILE_DEBUG") == "1"
@@ -68,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was published", file=sys.stderr)
         return 130
+    except Terminated as e:  # SIGTERM during the compile
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def _generate_parser() -> argparse.ArgumentParser:

@@ -3,21 +3,21 @@
 recipe -> plan (config only) -> processor, parity inputs, uncompressed baseline -> weights quantized ->
 ReducedVLM -> torch.export -> each target -> parity -> manifest -> publish.
 
-Everything is written into a temporary sibling directory, which is renamed into place only after parity
-passed; a failed compile leaves no directory behind and never touches an existing export.
+The output directory is checked before any weights load (tokcompile.outdir). Everything is written into a
+temporary sibling directory, which is swapped into place only after parity passed (tokcompile.publish); a failed
+or terminated compile leaves no directory behind and never touches an existing export.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tokcompile import outdir, publish
 from tokcompile.errors import RecipeError
 from tokcompile.plan import Plan, resolve
 from tokcompile.recipe import load_recipe
@@ -26,28 +26,14 @@ Log = Callable[[str], None]
 
 
 def plan_recipe(recipe_path: str | Path, out: str | Path | None = None, targets: tuple[str, ...] | None = None) -> Plan:
-    return resolve(load_recipe(recipe_path), out=out, targets=targets)
+    plan = resolve(load_recipe(recipe_path), out=out, targets=targets)
+    outdir.check_path(plan.out_dir, _out_key(out))
+    return plan
 
 
-def check_output_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not force:
-        raise RecipeError(
-            "save.save_path",
-            f"{out_dir} already exists; pass --force to replace it, or choose another save.save_path or --out",
-        )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RecipeError("save.save_path", f"{out_dir} is a file; choose a directory path")
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Rename `tmp` into place; an existing export (only with --force) is swapped out, then removed."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _out_key(out: str | Path | None) -> str:
+    """Where the output directory came from, for error messages: --out, else the recipe's save.save_path."""
+    return "--out" if out is not None else "save.save_path"
 
 
 def compile_recipe(
@@ -64,18 +50,11 @@ def compile_recipe(
     for w in recipe.warnings:
         log(f"warning: {w}")
     plan = resolve(recipe, out=out, targets=targets)
-    check_output_dir(plan.out_dir, force)
-    plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan.out_dir.with_name(f".{plan.out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        _compile_into(plan, tmp, log)
-        _publish(tmp, plan.out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    key = _out_key(out)
+    dest = outdir.check_destination(plan.out_dir, force, key)  # before any weights load
+    with publish.staging(dest, force, key, log) as staged:
+        _compile_into(plan, staged.tmp, log)
+        staged.publish()
     log(f"done in {time.perf_counter() - t0:.1f}s: {plan.out_dir}")
     return plan.out_dir
 
