@@ -11,14 +11,14 @@ import os
 import sys
 import warnings
 
-from tokcompile.errors import TokcompileError
+from tokcompile.errors import TokcompileError, one_line
 
 
 def _report(e: TokcompileError, debug: bool) -> int:
     """One line on stderr and the error's exit code; the traceback only with TOKCOMPILE_DEBUG=1."""
     if debug:
         raise e
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {one_line(str(e))}", file=sys.stderr)
     return e.exit_code
 
 
@@ -32,8 +32,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: save.save_path, else exported/<recipe name>)")
     p.add_argument("--targets", help="comma-separated export targets, overriding export.targets (onnx,aoti)")
     p.add_argument("--force", action="store_true", help="replace an existing export directory")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="confirm the recipe's model.trust_remote_code: true (runs the checkpoint's Python code)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings, errors and the result")
     return p
+
+
+def _targets(text: str | None) -> tuple[str, ...] | None:
+    """`--targets onnx,aoti` as a tuple; None when the flag is absent (the recipe's export.targets apply)."""
+    if text is None:
+        return None
+    targets = tuple(t.strip().lower() for t in text.split(",") if t.strip())
+    if not targets:
+        from tokcompile.errors import RecipeError
+
+        raise RecipeError("--targets", "is empty; give a comma-separated list such as onnx,aoti, or leave the flag "
+                                       "out to use export.targets")
+    return targets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,14 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     from tokcompile.publish import Terminated
 
     args = _parser().parse_args(argv)
-    targets = tuple(t.strip().lower() for t in args.targets.split(",") if t.strip()) if args.targets else None
     debug = os.environ.get("TOKCOMPILE_DEBUG") == "1"
     try:
+        targets = _targets(args.targets)
         if args.plan:
             from tokcompile.pipeline import plan_recipe
             from tokcompile.plan import format_plan
 
-            plan = plan_recipe(args.recipe, out=args.out, targets=targets)
+            plan = plan_recipe(args.recipe, out=args.out, targets=targets, trust_remote_code=args.trust_remote_code,
+                               log=lambda line: print(line, file=sys.stderr, flush=True))
             for w in plan.recipe.warnings:
                 print(f"warning: {w}", file=sys.stderr)
             print(format_plan(plan))
@@ -65,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             elif not args.quiet or msg.startswith("done"):
                 print(msg, flush=True)
 
-        compile_recipe(args.recipe, out=args.out, targets=targets, force=args.force, log=log)
+        compile_recipe(args.recipe, out=args.out, targets=targets, force=args.force, log=log,
+                       trust_remote_code=args.trust_remote_code)
         return 0
     except TokcompileError as e:
         return _report(e, debug)

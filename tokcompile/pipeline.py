@@ -19,14 +19,20 @@ from typing import Any
 
 from tokcompile import outdir, publish
 from tokcompile.errors import RecipeError
-from tokcompile.plan import Plan, resolve
+from tokcompile.plan import Plan, check_remote_code, remote_code_warning, resolve
 from tokcompile.recipe import load_recipe
 
 Log = Callable[[str], None]
 
 
-def plan_recipe(recipe_path: str | Path, out: str | Path | None = None, targets: tuple[str, ...] | None = None) -> Plan:
-    plan = resolve(load_recipe(recipe_path), out=out, targets=targets)
+def plan_recipe(recipe_path: str | Path, out: str | Path | None = None, targets: tuple[str, ...] | None = None,
+                trust_remote_code: bool = False, log: Log | None = None) -> Plan:
+    """Resolve a recipe without loading weights. `log` receives the remote-code warning before any runs."""
+    recipe = load_recipe(recipe_path)
+    check_remote_code(recipe, trust_remote_code)
+    if log is not None and (remote := remote_code_warning(recipe)) is not None:
+        log(f"warning: {remote}")
+    plan = resolve(recipe, out=out, targets=targets, trust_remote_code=trust_remote_code)
     outdir.check_path(plan.out_dir, _out_key(out))
     return plan
 
@@ -43,13 +49,17 @@ def compile_recipe(
     targets: tuple[str, ...] | None = None,
     force: bool = False,
     log: Log = print,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Compile a recipe into a validated export directory and return its path."""
     t0 = time.perf_counter()
     recipe = load_recipe(recipe_path)
     for w in recipe.warnings:
         log(f"warning: {w}")
-    plan = resolve(recipe, out=out, targets=targets)
+    check_remote_code(recipe, trust_remote_code)
+    if (remote := remote_code_warning(recipe)) is not None:
+        log(f"warning: {remote}")
+    plan = resolve(recipe, out=out, targets=targets, trust_remote_code=trust_remote_code)
     key = _out_key(out)
     dest = outdir.check_destination(plan.out_dir, force, key)  # before any weights load
     with publish.staging(dest, force, key, log) as staged:

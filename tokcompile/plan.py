@@ -213,9 +213,27 @@ def _check_weight_format(recipe: Recipe, targets: tuple[str, ...]) -> None:
         )
 
 
-def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, ...] | None = None) -> Plan:
-    """Resolve `recipe` against the model's config only. Raises `RecipeError` on anything inconsistent."""
+def check_remote_code(recipe: Recipe, confirmed: bool) -> None:
+    if recipe.model.trust_remote_code and not confirmed:
+        raise RecipeError("model.trust_remote_code", "true runs Python code from the checkpoint directory; confirm "
+                                                     "with --trust-remote-code on the command line, or set it false")
+
+
+def remote_code_warning(recipe: Recipe) -> str | None:
+    if not recipe.model.trust_remote_code:
+        return None
+    return (f"model.trust_remote_code is on: Python code in '{recipe.model.path}' will run with your "
+            "permissions; use it only for checkpoints you trust")
+
+
+def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, ...] | None = None,
+            trust_remote_code: bool = False) -> Plan:
+    """Resolve `recipe` against the model's config only. Raises `RecipeError` on anything inconsistent.
+
+    `model.trust_remote_code: true` runs Python files of the checkpoint directory (already when its config
+    is read), so the caller must confirm it as well: `trust_remote_code=True` (`--trust-remote-code`)."""
     path = recipe.model.path
+    check_remote_code(recipe, trust_remote_code)
     model_type = model_type_of(path)
     if model_type not in ADAPTERS:
         raise RecipeError(
