@@ -95,8 +95,17 @@ def fastervlm_reference(
     k = keep_count(int(model.config.image_seq_length), rate)
     kept_patches = top_k_in_order(scores.tolist(), k)  # (k,) ascending
     feats = hidden[1:][kept_patches]  # (k, Dv): CLS dropped, kept patches in original order
-    feats = model.model.multi_modal_projector(feats[None])[0]  # (k, D)
+    logits = projected_logits(model, adapter, sample, feats, image_token_id)
+    kept = torch.tensor([0] + [p + 1 for p in kept_patches], dtype=torch.long)
+    return logits, kept
 
+
+@torch.no_grad()
+def projected_logits(model: nn.Module, adapter: Any, sample: dict[str, Tensor], feats: Tensor,
+                     image_token_id: int) -> Tensor:
+    """Next-token logits (V,) of one unpadded LLaVA sample whose image span is replaced by the tower features
+    `feats` (k, Dv) through HF's projector, with contiguous positions (P0) and eager attention."""
+    feats = model.model.multi_modal_projector(feats[None])[0]  # (k, D)
     ids = sample["input_ids"][0]
     pos = (ids == image_token_id).nonzero().flatten().tolist()
     start, n = pos[0], len(pos)
@@ -108,6 +117,4 @@ def fastervlm_reference(
     positions = torch.arange(embeds.shape[1])[None]  # P0
     with _eager(model):
         out = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False)
-    logits = adapter.lm_head(model)(out.last_hidden_state)[0, -1]  # the text model applies its final norm
-    kept = torch.tensor([0] + [p + 1 for p in kept_patches], dtype=torch.long)
-    return logits, kept
+    return adapter.lm_head(model)(out.last_hidden_state)[0, -1]  # the text model applies its final norm

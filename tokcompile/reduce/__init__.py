@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 # Importing a method's module registers it under its file name.
-from tokcompile.reduce import divprune, fastervlm, fastv, pyramiddrop, randomprune, tome, visionzip, vtw  # noqa: F401
+from tokcompile.reduce import (  # noqa: F401
+    divprune,
+    fastervlm,
+    fastv,
+    pyramiddrop,
+    randomprune,
+    tome,
+    visionzip,
+    vispruner,
+    vtw,
+)
 from tokcompile.reduce.base import REDUCERS, Entering, config_from_params
 from tokcompile.reduce.schedule import Output, Positions, Schedule, Site, Step
 

@@ -1,0 +1,177 @@
+"""VisPruner: "Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in VLMs"
+(Zhang et al., ICCV 2025; official code Theia-4869/VisPruner).
+
+Two kinds of visual cue, both from the vision tower, pick the tokens before the projector. Important tokens
+are the patches the [CLS] query attends to most at the selected layer (mean over heads). The rest of the budget
+goes to diverse tokens: among the remaining patches, in the order of their attention, duplicates are removed
+in rounds. Each round splits the candidates alternately into two halves, scores every token of the first half
+by its highest cosine similarity to the second half, and drops the 8 most similar, until the budget is left.
+`prune_ratio` fixes the kept count `T = round(P · (1 - prune_ratio))` and `important_ratio` its important part
+`int(T · important_ratio)`; the kept patches keep their original order and contiguous positions (P0).
+
+Static-export deviations from LightCompress (`token_reduction/vispruner.py`, LLaVA path):
+- The rounds are unrolled: their number and each round's drop count come from the plan (they depend only on P
+  and the two ratios). Orders are built from pairwise ranks by (score descending, index ascending) and inverted
+  with a scatter, where LightCompress uses `argsort`, whose order among equal scores is unspecified.
+- Scores and similarities are fp32 (LightCompress casts the attention to the model dtype first).
+- Budgets whose pairing LightCompress cannot run (an odd number of candidates, or a round dropping more than
+  half of them, where its indexing fails) are refused at `--plan` with the nearest budgets that work.
+- As with FasterVLM, the [CLS] row is recomputed from the selected block's queries and keys, CLS is kept as
+  tower token 0 for LLaVA's feature selection to drop, and every sample of a batch picks its own tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from tokcompile.errors import RecipeError
+from tokcompile.reduce.base import REDUCERS, Entering
+from tokcompile.reduce.fastervlm import PROTECTED, cls_scores
+from tokcompile.reduce.ops import gather_tokens, rank_desc
+from tokcompile.reduce.schedule import Output, Schedule, Site, Step
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from tokcompile.models.geometry import Geometry
+    from tokcompile.reduce.context import VisionContext
+    from tokcompile.reduce.state import ImageTokens
+
+DROP_PER_ROUND = 8  # LightCompress's `min(8, R - diverse_token_num)`
+
+
+def budget(patches: int, prune_ratio: float, important_ratio: float) -> tuple[int, int]:
+    """(kept T, important T_imp) as LightCompress computes them: `round(P·(1 - prune_ratio))`, `int(T·r)`."""
+    kept = int(round(patches * (1 - prune_ratio)))
+    return kept, int(kept * important_ratio)
+
+
+def drop_rounds(residual: int, diverse: int) -> tuple[int, ...] | None:
+    """The number dropped in each de-duplication round, starting from `residual` candidates; None when
+    LightCompress's pairing cannot run it (an odd candidate count, or more dropped than half the candidates)."""
+    rounds = []
+    while diverse > 0:
+        r = min(DROP_PER_ROUND, residual - diverse)
+        if r <= 0:
+            break
+        if residual % 2 or r > residual // 2:
+            return None
+        rounds.append(r)
+        residual -= r
+    return tuple(rounds)
+
+
+def order_desc(scores: Tensor) -> Tensor:
+    """(B, N) scores -> (B, N) indices sorted by (score descending, index ascending)."""
+    rank = rank_desc(scores)  # (B, N) distinct ranks
+    idx = torch.arange(scores.shape[-1], device=scores.device)[None].expand_as(rank)  # (B, N)
+    return torch.zeros_like(rank).scatter(1, rank, idx)  # order[b, rank[b, i]] = i
+
+
+def vispruner_select(scores: Tensor, features: Tensor, important: int, diverse: int,
+                     rounds: tuple[int, ...]) -> Tensor:
+    """Important then diverse patches: (B, P) [CLS] scores and (B, P, C) features -> (B, T) kept, ascending."""
+    order = order_desc(scores)  # (B, P) patches by attention
+    keep_important = order[:, :important]  # (B, T_imp)
+    if diverse == 0:
+        return keep_important.sort(dim=-1).values
+    residual = order[:, important:]  # (B, R) candidates, in attention order
+    x = features.float()
+    xn = x / x.norm(dim=-1, keepdim=True)  # (B, P, C) unit rows
+    for r in rounds:  # static trip count
+        cand = gather_tokens(xn, residual)  # (B, R, C)
+        a, b = cand[:, ::2], cand[:, 1::2]  # (B, R/2, C) each
+        similarity = (a @ b.transpose(1, 2)).amax(dim=-1)  # (B, R/2): closest partner in the other half
+        distinct = order_desc(similarity)[:, r:]  # (B, R/2 - r) the r most similar of `a` dropped
+        residual = torch.cat([residual[:, ::2].gather(1, distinct), residual[:, 1::2]], dim=1)  # (B, R - r)
+    kept = torch.cat([keep_important, residual], dim=1)  # (B, T_imp + T_div)
+    return kept.sort(dim=-1).values  # (B, T) distinct patch indices, ascending
+
+
+@REDUCERS.register("vispruner")
+@dataclass(frozen=True)
+class VisPrunerConfig:
+    """VisPruner parameters under LightCompress's names.
+
+    Args:
+        prune_ratio: the fraction of image patches pruned, in [0, 1) (LightCompress: 0.6667, 0.7778, 0.8889 keep
+            192, 128 and 64 of LLaVA-1.5's 576).
+        important_ratio: the fraction of the kept tokens chosen by [CLS] attention, in [0, 1]; the rest are the
+            diverse tokens.
+    """
+
+    prune_ratio: float = 0.7778
+    important_ratio: float = 0.5
+
+    method: ClassVar[str] = "VisPruner"
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.VISION_OUT})
+
+    def _counts(self, patches: int, key: str) -> tuple[int, int, tuple[int, ...]]:
+        """(kept, important, drop per round), or a RecipeError naming the key to change."""
+        p, r = self.prune_ratio, self.important_ratio
+        if not 0.0 <= p < 1.0:
+            raise RecipeError(f"{key}.prune_ratio", f"{p} is outside [0, 1); use the fraction of image patches pruned")
+        if not 0.0 <= r <= 1.0:
+            raise RecipeError(f"{key}.important_ratio", f"{r} is outside [0, 1]; use the fraction of the kept tokens "
+                                                        "chosen by [CLS] attention")
+        kept, important = budget(patches, p, r)
+        if kept < 1:
+            raise RecipeError(f"{key}.prune_ratio", f"prune_ratio {p} keeps 0 of {patches} image patches; lower it "
+                                                    f"below {1 - 0.5 / patches:.4f}")
+        rounds = drop_rounds(patches - important, kept - important)
+        if rounds is None:
+            near = sorted({v for v in (important - 1, important + 1) if 0 <= v <= kept
+                           and drop_rounds(patches - v, kept - v) is not None})
+            hint = f" (e.g. {' or '.join(f'{(v + 0.5) / kept:.4g}' for v in near)})" if near else ""
+            raise RecipeError(f"{key}.important_ratio", f"{kept} kept with {important} important leaves "
+                              f"{patches - important} candidates, which LightCompress's pairwise de-duplication "
+                              f"cannot split; choose an important_ratio giving another important count{hint}")
+        return kept, important, rounds
+
+    def plan(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
+        if entering.after == (Site.VISION_BLOCK, geom.vision_layers - 1):
+            raise RecipeError(
+                f"{key}.method",
+                f"VisPruner scores with the [CLS] attention of vision block {geom.vision_layers - 1}, which a "
+                "reduction inside that same block has already changed; stop the earlier reduction one block sooner",
+            )
+        t = entering.vision_tokens
+        kept, _, _ = self._counts(t - PROTECTED, key)
+        return (Step("vispruner", Site.VISION_OUT, 0, t, kept + PROTECTED, Output.KEPT),)
+
+    def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
+        """The [CLS] row against every key (2·t·Dv) and each round's half-against-half similarities
+        (2·(R/2)²·Dv); normalisation and ranking are left out."""
+        patches = step.n_in - PROTECTED
+        kept, important, rounds = self._counts(patches, "sparse")
+        total, residual = 2 * n_tokens * geom.vision_hidden_size, patches - important
+        for r in rounds:
+            total += 2 * (residual // 2) ** 2 * geom.vision_hidden_size
+            residual -= r
+        return total
+
+    def apply(
+        self, state: ImageTokens, ctx: VisionContext, step: Step, forced: Tensor | None = None
+    ) -> tuple[ImageTokens, Tensor]:
+        B, t = state.hidden.shape[:2]
+        p = state.n_protected
+        if ctx.keys.shape[2] != t:  # Python ints: the block's keys must be the tokens scored here
+            raise ValueError(f"VisPruner scores {t} tokens with a block that attended over {ctx.keys.shape[2]}")
+        if forced is None:
+            kept_n, important, rounds = self._counts(t - p, "sparse")
+            patches = vispruner_select(cls_scores(ctx, p), state.hidden[:, p:], important, kept_n - important,
+                                       rounds) + p  # (B, T)
+            head = torch.arange(p, device=patches.device)[None].expand(B, p)  # (B, p) CLS stays first
+            kept = torch.cat([head, patches], dim=1)  # (B, T + p) tower tokens, ascending
+        else:
+            kept = forced  # eager references replay a selection made earlier
+        sizes = None if state.sizes is None else gather_tokens(state.sizes, kept)  # (B, T + p)
+        return replace(
+            state,
+            hidden=gather_tokens(state.hidden, kept),  # (B, T + p, Dv)
+            source=gather_tokens(state.source, kept),  # (B, T + p)
+            sizes=sizes,
+        ), kept
