@@ -86,6 +86,8 @@ CONFIGS: tuple[Config, ...] = (
            lambda n: _special("FasterVLM", rate=0.778)),
     Config("visionzip-108-20", "visionzip", lambda n: "VisionZip 108+20 (vision)",
            lambda n: {"vision": _special("VisionZip", dominant=108, contextual=20)}),
+    Config("ficoco-v-r42", "ficoco", lambda n: "FiCoCo-V r=42 from block 1 (vision)",
+           lambda n: {"vision": _special("FiCoCo", merge_visual=True, r=42, control_encoding_layer=0)}),
     Config("vispruner-r0.7778", "vispruner", lambda n: "VisPruner R=0.7778 r=0.5 (vision)",
            lambda n: {"vision": _special("VisPruner", prune_ratio=0.7778, important_ratio=0.5)}),
     Config("randomprune-r0.778", "randomprune", lambda n: "RandomPrune K=2 R=0.778",

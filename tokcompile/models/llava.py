@@ -7,6 +7,7 @@ Llama/Mistral/Qwen2-style decoder with 1-D RoPE.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -147,12 +148,14 @@ class LlavaAdapter(VLMAdapter):
         B, t = h.shape[:2]
         source = torch.arange(t, device=h.device)[None].expand(B, t)  # (B, t)
         tokens = ImageTokens(h, source, None, n_protected=1)
+        side = math.isqrt(t - 1)  # CLIP's square patch grid
+        grid = (side, side) if side * side == t - 1 else None
         ctx = None
         for i, block in enumerate(vm.encoder.layers[: self._vision_run_layers(cfg)]):
             bias = None if tokens.sizes is None else tokens.sizes.log()  # (B, t): proportional attention
             out, q, k = clip_attention(block.self_attn, block.layer_norm1(tokens.hidden), bias)
             tokens = replace(tokens, hidden=tokens.hidden + out)  # (B, t, Dv)
-            ctx = VisionContext(i, q, k, bias)
+            ctx = VisionContext(i, q, k, bias, grid)
             if steps.has_block(i):
                 tokens = steps.vision_block(i, tokens, ctx)  # (B, t', Dv)
             tokens = replace(tokens, hidden=tokens.hidden + block.mlp(block.layer_norm2(tokens.hidden)))

@@ -7,6 +7,7 @@ from tokcompile.reduce import (  # noqa: F401
     divprune,
     fastervlm,
     fastv,
+    ficoco,
     pyramiddrop,
     randomprune,
     tome,

@@ -42,12 +42,16 @@ class VisionContext:
         queries: (B, Hv, t, dv) the block's queries.
         keys: (B, Hv, t, dv) the block's keys.
         key_bias: (B, t) additive logit bias per key the block used (proportional attention), or None.
+        patch_grid: (rows, cols) of the tower's original patch grid, for methods that work in image space: a
+            token whose source is s (>= the state's `n_protected`) came from patch s - n_protected, at row
+            (s - n_protected) // cols. None where the family does not give it.
     """
 
     layer: int
     queries: Tensor
     keys: Tensor
     key_bias: Tensor | None = None
+    patch_grid: tuple[int, int] | None = None
 
     def mean_keys(self) -> Tensor:
         """Keys averaged over heads: (B, t, dv)."""

@@ -1,0 +1,225 @@
+"""FiCoCo-V: "Filter, Correlate, Compress" inside the vision encoder (AAAI 2026; v1 "Rethinking Token Reduction
+in MLLMs"; official code kawhiiiileo/FiCoCo, `FiCoCo_V.py` and `clip_encoder.py`).
+
+In every vision block after `control_encoding_layer`, between the attention residual and the MLP, `r` patch
+tokens are discarded and their content is recycled into the tokens that stay:
+- **Filter.** From the block's head-averaged attention logits A = mean_h(q·kᵀ/√d): the CLS row over the
+  patches `c` and each patch's mean logit over the patches `p`, both L2-normalised over the tokens; the keep
+  score is `u = β·ĉ − (1−β)·p̂` (β = 0.35). A local penalty spreads the discards: in every 2x2 window of the
+  original patch grid the alive token with the lowest `u` gets `u/2` (u > 0) or `2u`. The `r` patches with the
+  lowest `u` are discarded (CLS never).
+- **Correlate.** Each discarded token i sends its content to the k kept tokens its attention row A[i] prefers,
+  weighted by their softmax probabilities renormalised over the k; k is the number of entries above the row's
+  0.998 quantile, which for distinct values depends only on the token count t (k = 2 from t ≈ 502, else 1).
+- **Compress.** Self-preserving: `x_j ← (x_j + Σ_i w_ij·x_i) / (1 + Σ_i w_ij)` over the discarded tokens
+  sending to j. The kept tokens stay in their original order, CLS first; no sizes are carried.
+
+This is the clean algorithm of `ALGORITHMS.md` §3.1. Static-export notes and deviations from the official code:
+- k is computed at plan time from t, exactly as `torch.quantile` places the 0.998 quantile on t distinct values
+  (the official code counts per row and takes the maximum over the discarded tokens: it can differ only when a
+  row has ties at the quantile).
+- Targets are kept tokens only (the official code may pick the token itself or another discarded one, and that
+  mass is lost). Ties rank by (score, index ascending) everywhere.
+- `faithful: true` is refused: the official code's window scores live in one module-level map that is never
+  reset across layers or images, so its result depends on earlier calls, and it reorders the kept tokens by
+  score with CLS last, which LLaVA's feature selection then mistakes for a patch. Neither has a static,
+  per-image form worth exporting.
+- FiCoCo-L (`AT: true`) works inside the decoder and is not offered yet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import cache
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from tokcompile.errors import RecipeError
+from tokcompile.reduce.base import REDUCERS, Entering
+from tokcompile.reduce.ops import gather_tokens, rank_desc, topk_sorted
+from tokcompile.reduce.schedule import Output, Schedule, Site, Step
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from tokcompile.models.geometry import Geometry
+    from tokcompile.reduce.context import VisionContext
+    from tokcompile.reduce.state import ImageTokens
+
+PROTECTED = 1  # CLIP's CLS token
+BETA = 0.35
+QUANTILE = 0.998
+WINDOW = 2  # the local penalty's window side, in patches
+
+
+@cache
+def fan_out(t: int) -> int:
+    """Targets per discarded token: entries of a length-t row above its 0.998 quantile, as `torch.quantile`
+    (linear interpolation, fp32) places it on distinct values."""
+    row = torch.arange(t, dtype=torch.float32)
+    return int((row > torch.quantile(row, QUANTILE)).sum())
+
+
+def window_ids(patch: Tensor, side: int) -> Tensor:
+    """(B, n) original patch index -> (B, n) its 2x2 window on the side x side grid, or -1 outside every
+    window (the last row and column of an odd grid)."""
+    per_row = side // WINDOW
+    row, col = patch // side, patch % side
+    inside = (row < per_row * WINDOW) & (col < per_row * WINDOW)
+    return torch.where(inside, (row // WINDOW) * per_row + col // WINDOW, -1)
+
+
+def keep_scores(logits: Tensor, window: Tensor, n_windows: int) -> Tensor:
+    """Filter: (B, t, t) head-averaged attention logits and (B, t-1) patch windows -> (B, t-1) keep scores `u`
+    after the local penalty (low: discard first)."""
+    c = torch.nn.functional.normalize(logits[:, 0, 1:], dim=-1)  # (B, t-1) CLS row over the patches
+    p = torch.nn.functional.normalize(logits[:, 1:, 1:].mean(-1), dim=-1)  # (B, t-1) mean over patch keys
+    u = BETA * c - (1 - BETA) * p  # (B, t-1)
+    n = u.shape[-1]
+    member = window[..., None] == torch.arange(n_windows, device=u.device)  # (B, t-1, W)
+    lowest = torch.where(member, u[..., None], float("inf")).amin(1)  # (B, W)
+    idx = torch.arange(n, device=u.device)[None, :, None]  # (1, t-1, 1)
+    at_min = member & (u[..., None] == lowest[:, None, :])  # (B, t-1, W)
+    first = torch.where(at_min, idx, n).amin(1)  # (B, W) lowest index reaching each window's minimum
+    penalised = (idx == first[:, None, :]).any(-1)  # (B, t-1); empty windows point past the end
+    return torch.where(penalised, torch.where(u > 0, u / 2, u * 2), u)
+
+
+def top_targets(rows: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best allowed entries of each row, best first, ties to the lowest index: (B, r, t) logits and
+    (B, t) bool -> ((B, r, k) indices, (B, r, k) logits)."""
+    t = rows.shape[-1]
+    idx = torch.arange(t, device=rows.device)
+    cur = rows.masked_fill(~allowed[:, None, :], float("-inf"))  # (B, r, t)
+    picks, values = [], []
+    for _ in range(k):  # static trip count
+        best = cur.amax(-1, keepdim=True)  # (B, r, 1)
+        pick = torch.where(cur == best, idx, t).amin(-1)  # (B, r)
+        picks.append(pick)
+        values.append(best[..., 0])
+        cur = cur.masked_fill(idx == pick[..., None], float("-inf"))
+    return torch.stack(picks, -1), torch.stack(values, -1)
+
+
+def ficoco_merge(x: Tensor, logits: Tensor, patch: Tensor, side: int, r: int, k: int,
+                 forced: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One block's filter, correlate and compress.
+
+    Args:
+        x: (B, t, Dv) tokens after the attention residual, CLS first.
+        logits: (B, t, t) head-averaged scaled attention logits of the block, fp32.
+        patch: (B, t-1) original patch index of every non-CLS token.
+        side: the original patch grid's side.
+        r: patches discarded; k: targets per discarded token.
+        forced: (B, t-r) kept tower indices to use instead of the filter's (eager references replay them).
+
+    Returns:
+        ((B, t-r, Dv) merged kept tokens, (B, t-r) their tower indices, ascending, CLS = 0 first).
+    """
+    B, t, _ = x.shape
+    if forced is None:
+        u = keep_scores(logits, window_ids(patch, side), (side // WINDOW) ** 2)  # (B, t-1)
+        discard = rank_desc(-u) < r  # (B, t-1): the r lowest scores, ties to the lowest index
+    else:
+        discard = ~(forced[..., None] == torch.arange(1, t, device=x.device)).any(1)  # (B, t-1)
+    dropped = topk_sorted(discard.float(), r) + PROTECTED  # (B, r) tower indices
+    survivors = topk_sorted((~discard).float(), t - 1 - r) + PROTECTED  # (B, t-1-r)
+    kept = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=x.device), survivors], 1)  # (B, t-r)
+    allowed = torch.ones(B, t, dtype=torch.bool, device=x.device)
+    allowed[:, 1:] = ~discard  # (B, t): CLS and the kept patches
+    rows = logits.gather(1, dropped[..., None].expand(B, r, t))  # (B, r, t)
+    targets, target_logits = top_targets(rows, allowed, k)  # (B, r, k)
+    weights = target_logits.softmax(-1)  # (B, r, k) = P_i[τ] / Σ P_i[τ'] with P_i = softmax(A[i])
+    onehot = targets[..., None] == torch.arange(t, device=x.device)  # (B, r, k, t)
+    send = (onehot * weights[..., None]).sum(2).transpose(1, 2).to(x.dtype)  # (B, t, r): weight of i into j
+    merged = (x + send @ gather_tokens(x, dropped)) / (1 + send.sum(-1, keepdim=True))  # (B, t, Dv)
+    return gather_tokens(merged, kept), kept
+
+
+@REDUCERS.register("ficoco")
+@dataclass(frozen=True)
+class FiCoCoConfig:
+    """FiCoCo parameters under the official names.
+
+    Args:
+        r: patch tokens discarded in each vision block after `control_encoding_layer` (official: 42).
+        control_encoding_layer: blocks up to this one (0-based) run unchanged (official: 11).
+        merge_visual: FiCoCo-V on (the official switch; false leaves nothing to do).
+        AT: FiCoCo-L in the decoder (not offered yet).
+        faithful: reproduce the official code's quirks (refused; see the module docstring).
+    """
+
+    r: int = 42
+    control_encoding_layer: int = 11
+    merge_visual: bool = True
+    AT: bool = False
+    faithful: bool = False
+
+    method: ClassVar[str] = "FiCoCo"
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.VISION_BLOCK})
+
+    def _check(self, key: str) -> None:
+        for name in ("merge_visual", "AT", "faithful"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"{key}.{name}", f"expected true or false, got {getattr(self, name)!r}")
+        if self.AT:
+            raise RecipeError(f"{key}.AT", "FiCoCo-L (inside the decoder) is not offered yet; set AT: false to run "
+                                           "FiCoCo-V alone")
+        if self.faithful:
+            raise RecipeError(f"{key}.faithful", "the official code's window scores persist across layers and "
+                                                 "images and it reorders tokens with CLS last, which has no static "
+                                                 "per-image form; remove faithful to run the clean algorithm")
+        if not self.merge_visual:
+            raise RecipeError(f"{key}.merge_visual", "false turns FiCoCo-V off and leaves nothing to do; set it "
+                                                     "true or remove the FiCoCo block")
+        for name in ("r", "control_encoding_layer"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise RecipeError(f"{key}.{name}", f"expected an integer >= 0, got {v!r}")
+
+    def plan(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
+        self._check(key)
+        patches = geom.vision_tokens - PROTECTED
+        if math.isqrt(patches) ** 2 != patches:
+            raise RecipeError(f"{key}.method", f"FiCoCo's local penalty needs a square patch grid, got {patches} "
+                                               "patches")
+        first = self.control_encoding_layer + 1
+        if first >= geom.vision_layers:
+            raise RecipeError(f"{key}.control_encoding_layer", f"{self.control_encoding_layer} leaves no vision block "
+                              f"to compress (blocks 0..{geom.vision_layers - 1} run); use at most "
+                              f"{geom.vision_layers - 2}")
+        if self.r < 1:
+            raise RecipeError(f"{key}.r", "0 discards nothing; use r >= 1")
+        t = entering.vision_tokens
+        steps = []
+        for layer in range(first, geom.vision_layers):
+            if t - PROTECTED - self.r < 1:
+                raise RecipeError(f"{key}.r", f"{self.r} per block from block {first} leaves no image token by "
+                                              f"block {layer} ({t - PROTECTED} patches left); lower r")
+            steps.append(Step("ficoco", Site.VISION_BLOCK, layer, t, t - self.r, output=Output.KEPT))
+            t -= self.r
+        return tuple(steps)
+
+    def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
+        """The head-averaged logits (2·t²·Dv: the block's attention computes them too, but fused) and the
+        compress matmul (2·t·r·Dv)."""
+        r = step.n_in - step.n_out
+        return 2 * n_tokens * n_tokens * geom.vision_hidden_size + 2 * n_tokens * r * geom.vision_hidden_size
+
+    def apply(
+        self, state: ImageTokens, ctx: VisionContext, step: Step, forced: Tensor | None = None
+    ) -> tuple[ImageTokens, Tensor]:
+        x = state.hidden  # (B, t, Dv)
+        t, p = x.shape[1], state.n_protected
+        if p != PROTECTED or ctx.patch_grid is None or ctx.patch_grid[0] != ctx.patch_grid[1]:
+            raise ValueError("FiCoCo needs a CLS-first tower with a square patch grid")
+        if ctx.keys.shape[2] != t:  # Python ints: the block's keys must be the tokens scored here
+            raise ValueError(f"FiCoCo scores {t} tokens with a block that attended over {ctx.keys.shape[2]}")
+        q, k = ctx.queries.float(), ctx.keys.float()  # (B, Hv, t, dv)
+        logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).mean(1)  # (B, t, t) before any bias
+        r = step.n_in - step.n_out
+        hidden, kept = ficoco_merge(x, logits, state.source[:, p:] - p, ctx.patch_grid[1], r, fan_out(t), forced)
+        sizes = None if state.sizes is None else gather_tokens(state.sizes, kept)  # (B, t - r)
+        return replace(state, hidden=hidden, source=gather_tokens(state.source, kept), sizes=sizes), kept
