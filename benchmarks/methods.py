@@ -90,6 +90,9 @@ CONFIGS: tuple[Config, ...] = (
            lambda n: {"vision": _special("FiCoCo", merge_visual=True, r=42, control_encoding_layer=0)}),
     Config("vispruner-r0.7778", "vispruner", lambda n: "VisPruner R=0.7778 r=0.5 (vision)",
            lambda n: {"vision": _special("VisPruner", prune_ratio=0.7778, important_ratio=0.5)}),
+    Config("dart-k2-r0.7778", "dart", lambda n: "DART K=2 R=0.7778",
+           lambda n: _special("DART", pruning_loc=2, reduction_ratio=0.7778, pivot_image_token=4,
+                              pivot_text_token=4)),
     Config("randomprune-r0.778", "randomprune", lambda n: "RandomPrune K=2 R=0.778",
            lambda n: _special("RandomPrune", pruning_loc=2, prune_ratio=0.778)),
 )

@@ -68,6 +68,9 @@ class LayerOps:
     def keys(self, layer: int, hidden: Tensor, positions: Tensor) -> Tensor:
         return self.adapter.layer_keys(self.model, self.adapter.decoder_layers(self.model)[layer], hidden, positions)
 
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        return self.adapter.final_norm(self.model)(hidden)
+
 
 def _by_site(schedule: Schedule, reducers: tuple, names: tuple[str, ...], site: Site) -> dict[int, list]:
     out: dict[int, list] = {}

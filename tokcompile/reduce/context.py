@@ -31,6 +31,10 @@ class LayerOps(Protocol):
         norm) and RoPE."""
         ...
 
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        """hidden (B, T, D) -> the decoder's final norm of it (B, T, D), as it runs before `lm_head`."""
+        ...
+
 
 @dataclass(frozen=True)
 class VisionContext:
