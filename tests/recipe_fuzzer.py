@@ -28,7 +28,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yml"))
-ERROR_LINE = re.compile(r"^error: (?P<key>\S+): \S")  # `error: <key or file>: <message>`
+ERROR_LINE = re.compile(r"^error: (?P<key>[^\s:].*?): \S")  # `error: <key or file>: <message>`
 
 AWKWARD: list[Any] = [
     None, True, False, 0, 1, -1, 2, 3, 7, 64, 2**31, 2**63, -(2**63), 0.5, 1.0, -0.5, 1e-300, 1e308,

@@ -132,13 +132,13 @@ def test_processor_is_exported(demo_export):
 def test_force_replaces_an_export(demo_export, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(demo_export, out)
-    res = _compile(ROOT / "recipes" / "demo.yml", out, "--targets", "onnx")
+    res = _compile(ROOT / "recipes" / "demo.yml", out, "--targets", "eager")
     assert res.returncode == 2 and "--force" in res.stderr
-    res = _compile(ROOT / "recipes" / "demo.yml", out, "--targets", "onnx", "--force", "-q")
+    res = _compile(ROOT / "recipes" / "demo.yml", out, "--targets", "eager", "--force", "-q")
     assert res.returncode == 0, res.stderr
     m = json.loads((out / "manifest.json").read_text())
-    assert set(m["graphs"]["prefill"]["artifacts"]) == {"onnx"} and not (out / "prefill.pt2").exists()
-    assert not (out / "decode.ep.pt2").exists()
+    assert set(m["graphs"]["prefill"]["artifacts"]) == {"eager"} and not (out / "prefill.pt2").exists()
+    assert not (out / "decode.onnx").exists()
     assert not list(tmp_path.glob(".copy*"))
 
 

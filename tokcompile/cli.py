@@ -129,15 +129,19 @@ def generate_main(argv: list[str] | None = None) -> int:
 
             n_img, n_prompt = len(args.image), len(args.prompt)
             raise RecipeError("--prompt", f"got {n_img} --image and {n_prompt} --prompt; give one each")
-        if args.max_new_tokens is not None and args.max_new_tokens < 1:
-            from tokcompile.errors import RecipeError
+        from pathlib import Path
 
-            raise RecipeError("--max-new-tokens", "must be at least 1")
-        from tokcompile.runtime import load
+        from tokcompile.generation import GenerationConfig
+        from tokcompile.runtime import load, open_image, read_manifest
 
+        # The manifest, the flags and the images first: each is reported before the export's graphs load.
+        read_manifest(Path(args.export_dir))
+        GenerationConfig(max_new_tokens=1 if args.max_new_tokens is None else args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p)
+        images = [open_image(path) for path in args.image]
         gen = load(args.export_dir, backend=args.backend, verify=args.verify)
         ans = gen.generate(
-            args.image, args.prompt, max_new_tokens=args.max_new_tokens, stop_at_eos=not args.no_eos,
+            images, args.prompt, max_new_tokens=args.max_new_tokens, stop_at_eos=not args.no_eos,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, prompt_format=args.prompt_format,
         )
         for i, text in enumerate(ans.texts):

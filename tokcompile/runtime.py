@@ -155,6 +155,26 @@ def _guarded(run: Callable[[dict], tuple], file: str, graph: str) -> Callable[[d
     return guarded
 
 
+def open_image(im: Any) -> Any:
+    """An RGB PIL image from a path or an image; a path that is not a readable image is one `--image` line."""
+    from PIL import Image
+
+    if isinstance(im, (str, Path)):
+        p = Path(im)
+        if p.is_dir():
+            raise _fail("--image", f"{p} is a directory; give the path of an image file")
+        if not p.is_file():
+            raise _fail("--image", f"{p} does not exist; give the path of an image file")
+        try:
+            with Image.open(p) as opened:
+                im = opened.convert("RGB")
+        except Image.DecompressionBombError as e:
+            raise _fail("--image", f"{p} is too large to decode safely ({e}); resize it first") from None
+        except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
+            raise _fail("--image", f"{p} is not a readable image ({_first_line(e)})") from None
+    return im.convert("RGB")
+
+
 class Generator:
     """A loaded export: prefill and decode graphs of one backend, plus the model's processor."""
 
@@ -197,22 +217,7 @@ class Generator:
         self.fixed_inputs = self.manifest.get("media", {}).get("fixed_inputs", {})
 
     def _image(self, im: Any) -> Any:
-        from PIL import Image
-
-        if isinstance(im, (str, Path)):
-            p = Path(im)
-            if p.is_dir():
-                raise _fail("--image", f"{p} is a directory; give the path of an image file")
-            if not p.is_file():
-                raise _fail("--image", f"{p} does not exist; give the path of an image file")
-            try:
-                with Image.open(p) as opened:
-                    im = opened.convert("RGB")
-            except Image.DecompressionBombError as e:
-                raise _fail("--image", f"{p} is too large to decode safely ({e}); resize it first") from None
-            except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
-                raise _fail("--image", f"{p} is not a readable image ({_first_line(e)})") from None
-        return im.convert("RGB")
+        return open_image(im)
 
     def _images(self, images: list[Any]) -> list[Any]:
         return [self._image(im) for im in images]

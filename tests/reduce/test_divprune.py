@@ -193,8 +193,10 @@ def test_vision_graph_exports_with_no_data_dependent_ops(tiny_model, adapter, ge
 
 
 @pytest.mark.slow
-def test_tiny_recipe_compiles_to_onnx_and_aoti_with_parity(tmp_path):
-    res = compile_recipe(ROOT / "recipes/tiny/divprune.yml", tmp_path / "out", "--targets", "onnx,aoti")
+def test_tiny_recipe_compiles_to_onnx_with_parity(tmp_path):
+    # ONNX only, for CI time (its AOTInductor package compiled with parity when the method landed; the README gives
+    # the figures).
+    res = compile_recipe(ROOT / "recipes/tiny/divprune.yml", tmp_path / "out", "--targets", "onnx")
     assert res.returncode == 0, res.stderr + res.stdout
     assert "parity passed" in res.stdout
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
