@@ -16,6 +16,10 @@ Static-export deviations from LightCompress (`token_reduction/vispruner.py`, LLa
 - Scores and similarities are fp32 (LightCompress casts the attention to the model dtype first).
 - Budgets whose pairing LightCompress cannot run (an odd number of candidates, or a round dropping more than
   half of them, where its indexing fails) are refused at `--plan` with the nearest budgets that work.
+- The pairing follows the full attention order of the candidates, so the selection depends on every near-tie
+  among their [CLS] scores: where adjacent scores differ by less than the float difference between two
+  backends (2.3e-10 on the medium random LLaVA), an export can keep a different set than eager, and parity
+  then fails. Ranking on rounded scores would hide that, not fix it; it is reported instead.
 - As with FasterVLM, the [CLS] row is recomputed from the selected block's queries and keys, CLS is kept as
   tower token 0 for LLaVA's feature selection to drop, and every sample of a batch picks its own tokens.
 """
