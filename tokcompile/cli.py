@@ -1,4 +1,5 @@
-"""Command line: `python compile.py recipe.yml [--plan] [--out DIR] [--targets onnx,aoti] [--force]`.
+"""Command line: `python compile.py recipe.yml [--plan] [--out DIR] [--targets onnx,aoti] [--force]
+[--trust-remote-code]`.
 
 User errors print one line (`error: <key>: <what and the fix>`) and exit 2; a parity or export failure
 prints one line and exits 1. No traceback unless TOKCOMPILE_DEBUG=1.
