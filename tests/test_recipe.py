@@ -318,6 +318,18 @@ def test_group_size_rules() -> None:
     assert load_recipe_dict(with_weight(granularity="per_channel", group_size=-1), "t").quant is not None
 
 
+def test_sym_grid() -> None:
+    assert load_recipe_dict(with_weight(), "t").quant.weight.sym_grid == "narrow"
+    for given, parsed in (("narrow", "narrow"), ("full", "full"), ("Full", "full")):
+        assert load_recipe_dict(with_weight(sym_grid=given), "t").quant.weight.sym_grid == parsed
+    assert load_recipe_dict(with_weight(symmetric=False, sym_grid="narrow"), "t").quant.weight.sym_grid == "narrow"
+    assert error(with_weight(sym_grid="fulll")) == (
+        "quant.weight.sym_grid: 'fulll' is not supported (did you mean 'full'?); choose one of narrow, full")
+    assert error(with_weight(sym_grid=16)) == "quant.weight.sym_grid: expected one of narrow, full, got int 16"
+    assert error(with_weight(symmetric=False, sym_grid="full")) == (
+        "quant.weight.sym_grid: full is a symmetric grid; set symmetric: true or sym_grid: narrow")
+
+
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_head", "per_block"])
 def test_unsupported_granularity(granularity: str) -> None:
     message = error(with_weight(granularity=granularity))

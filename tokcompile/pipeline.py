@@ -258,7 +258,8 @@ def _quantize(plan: Plan, model: Any, processor: Any, log: Log) -> tuple[Any, di
         grids = {}
         if want_ints:  # the same grid fake_quantize uses, kept before the weights are replaced
             for fqn, m in linears.items():
-                scale, zero = compute_qparams(m.weight.detach().float(), wq.bit, wq.symmetric, wq.group_size)
+                scale, zero = compute_qparams(m.weight.detach().float(), wq.bit, wq.symmetric, wq.group_size,
+                                              wq.sym_grid)  # (O, G) each
                 grids[fqn] = (quantize(m.weight.detach().float(), scale, zero, wq.bit, wq.symmetric, wq.group_size),
                               scale, zero)
         report = quantize_(model, plan.quant, include=plan.quant_include, ignore=plan.quant_ignore)

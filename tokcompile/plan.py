@@ -117,7 +117,7 @@ def _quant(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Any, tu
                     "quant.weight.group_size",
                     f"{group} does not divide the input features ({n}) of the decoder's {what}; {hint}",
                 )
-    wcfg = WeightQuantConfig(bit=w.bit, symmetric=w.symmetric, group_size=group)
+    wcfg = WeightQuantConfig(bit=w.bit, symmetric=w.symmetric, group_size=group, sym_grid=w.sym_grid)
     if q.method == "GPTQ":
         from tokcompile.quant.calib import SOURCES
 
@@ -321,7 +321,7 @@ def format_plan(plan: Plan) -> str:
         w = plan.quant.weight
         gran = f"group {w.group_size}" if w.group_size else "per channel"
         method = plan.recipe.quant.method
-        kind = "sym" if w.symmetric else "asym"
+        kind = ("sym full" if w.sym_grid == "full" else "sym") if w.symmetric else "asym"
         lines.append(f"quant       {method} w{w.bit} {kind} {gran}; skip {', '.join(plan.quant_ignore)}")
         if method == "GPTQ":
             c, sp = plan.recipe.quant.calib, plan.quant

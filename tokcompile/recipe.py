@@ -32,6 +32,7 @@ EXPORT_TARGETS = ("onnx", "aoti", "eager")
 DEFAULT_TARGETS = ("onnx", "aoti")
 TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANT_METHODS = ("RTN", "GPTQ")
+SYM_GRIDS = ("narrow", "full")  # quant.weight.sym_grid, as in tokcompile.quant.primitives.SYM_GRIDS
 LIGHTCOMPRESS_SAVE_FLAGS = ("save_vllm", "save_sgl", "save_lightllm", "save_autoawq", "save_mlcllm",
                             "save_trtllm", "save_lightx2v")
 SECTIONS = ("base", "model", "inputs", "quant", "sparse", "eval", "save", "export", "parity")
@@ -210,11 +211,14 @@ _ONLY_GRANULARITIES = {g: f"{g} is not supported; only per_channel and per_group
 
 @dataclass(frozen=True)
 class WeightQuantConfig:
-    """`quant.weight:` integer weight quantization; `group_size` is -1 for per_channel."""
+    """`quant.weight:` integer weight quantization; `group_size` is -1 for per_channel; `sym_grid` is the
+    symmetric scale, narrow `absmax / (2^(b-1) - 1)` (LightCompress's) or full `2·absmax / (2^b - 1)`
+    (GPTQModel's and AutoGPTQ's, all 2^b codes)."""
     bit: int = _req(_int(2, 8, "use a bit width from 2 to 8"), "4")
     symmetric: bool = _opt(True, _bool)
     granularity: str = _opt("per_channel", _choice(("per_channel", "per_group"), _ONLY_GRANULARITIES))
     group_size: int = _opt(-1, _int())
+    sym_grid: str = _opt("narrow", _choice(SYM_GRIDS))
 
 
 @dataclass(frozen=True)
@@ -418,6 +422,8 @@ def _weight(value: Any, notes: list[str]) -> WeightQuantConfig:
     if granularity == "per_channel" and group_size != -1:
         raise RecipeError(b.key("group_size"), f"group_size {group_size} needs granularity: per_group; "
                                                "set quant.weight.granularity: per_group or drop group_size")
+    if b.kw.get("sym_grid") == "full" and not b.kw.get("symmetric", True):
+        raise RecipeError(b.key("sym_grid"), "full is a symmetric grid; set symmetric: true or sym_grid: narrow")
     b.get("calib_algo", _choice(("minmax",)))
     b.get("quant_type", _choice(("int-quant",)))
     b.get("need_pack", _bool)

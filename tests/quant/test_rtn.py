@@ -176,7 +176,7 @@ def test_report(toy: ToyLlava) -> None:
     assert report.seconds >= 0
     d = json.loads(json.dumps(report.to_dict()))
     assert d["n_layers"] == len(LM_LINEARS) and d["layers"] == LM_LINEARS
-    assert d["config"] == {"weight": {"bit": 4, "symmetric": True, "group_size": None}}
+    assert d["config"] == {"weight": {"bit": 4, "symmetric": True, "group_size": None, "sym_grid": "narrow"}}
     assert d["max_rel_error"] == max(d["rel_errors"].values())
 
 

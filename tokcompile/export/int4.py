@@ -30,7 +30,8 @@ class IntWeight:
     """One quantized Linear weight in the project's grid (see quant/primitives.py).
 
     Args:
-        codes: (O, I) integers; symmetric in [-2^(b-1), 2^(b-1)-1], asymmetric in [0, 2^b-1].
+        codes: (O, I) integers; symmetric in [-2^(b-1), 2^(b-1)-1] (both `sym_grid`s: "full" uses every code,
+            -8..7 at 4 bits; "narrow" RTN stays in -7..7), asymmetric in [0, 2^b-1].
         scale: (O, G) float32.
         zero: (O, G) integers (0 when symmetric).
         symmetric: grid kind.
@@ -52,7 +53,8 @@ def _key(a: np.ndarray) -> str:
 
 
 def _pack4(values: np.ndarray) -> bytes:
-    """Pack 4-bit values (two's complement for INT4) two per byte, the first in the low nibble."""
+    """Pack 4-bit values (two's complement for INT4: -8 → 0b1000, -1 → 0b1111) two per byte, the first in
+    the low nibble."""
     v = (values.astype(np.int16).reshape(-1) & 0x0F).astype(np.uint8)
     if v.size % 2:
         v = np.concatenate([v, np.zeros(1, np.uint8)])

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from tokcompile.quant.primitives import num_groups, qrange, relative_error
+from tokcompile.quant.primitives import check_sym_grid, num_groups, qrange, relative_error
 from tokcompile.registry import Registry, suggest
 
 __all__ = [
@@ -54,14 +54,18 @@ class WeightQuantConfig:
             per-group zero-point otherwise.
         group_size: None (or -1) for one scale per output channel; otherwise columns per group, which must
             divide every selected layer's `in_features` (checked when the layer is quantized).
+        sym_grid: the symmetric scale: "narrow" (`absmax / (2^(b-1) - 1)`, 2^b - 1 levels) or "full"
+            (`2 · absmax / (2^b - 1)`, all 2^b levels); "full" needs `symmetric`.
     """
 
     bit: int
     symmetric: bool = True
     group_size: int | None = None
+    sym_grid: Literal["narrow", "full"] = "narrow"
 
     def __post_init__(self) -> None:
         qrange(self.bit, self.symmetric)  # raises ValueError naming the bad `bit`
+        check_sym_grid(self.sym_grid, self.symmetric)
         if self.group_size not in (None, -1):
             num_groups(self.group_size, self.group_size)  # form check only; divisibility is per layer
 

@@ -143,6 +143,7 @@ def gptq_quantize(
     percdamp: float = 0.01,
     actorder: bool = False,
     static_groups: bool = False,
+    sym_grid: str = "narrow",
 ) -> GPTQResult:
     """Quantize one weight with GPTQ given its calibration Hessian (inputs are not modified).
 
@@ -154,6 +155,8 @@ def gptq_quantize(
         percdamp: damping as a fraction of mean(diag H).
         actorder: process columns by descending diag(H).
         static_groups: with groups, take every group's qparams from the unpermuted W before any update.
+        sym_grid: symmetric scale, "narrow" or "full" (see `primitives.compute_qparams`); it sets only the
+            scales, and every column is then rounded onto `qrange(bit, symmetric)` as with "narrow".
 
     Raises:
         ValueError: bad shapes, group_size not dividing I, non-finite H, or a Hessian that stays
@@ -172,12 +175,12 @@ def gptq_quantize(
     H = H.detach().to(device=W.device, dtype=torch.float32).clone()  # (I, I)
 
     # Per-channel qparams: like the reference, from W before dead columns are zeroed.
-    scale, zero = compute_qparams(W, bit, symmetric, None)  # (O, 1) each
+    scale, zero = compute_qparams(W, bit, symmetric, None, sym_grid)  # (O, 1) each
     dead = torch.diag(H) == 0  # (I,)
     H[dead, dead] = 1
     W[:, dead] = 0
     if grouped and static_groups:
-        scale, zero = compute_qparams(W, bit, symmetric, group_size)  # (O, G), original group order
+        scale, zero = compute_qparams(W, bit, symmetric, group_size, sym_grid)  # (O, G), original group order
     elif grouped:
         scale, zero = torch.empty(rows, n_groups, device=W.device), torch.empty(rows, n_groups, device=W.device)
 
@@ -207,7 +210,7 @@ def gptq_quantize(
                 k = col // g
                 if col % g == 0:
                     # Reference: qparams from W (updated up to this block's start, not by in-block feedback).
-                    sk, zk = compute_qparams(W[:, col : col + g], bit, symmetric, None)  # (O, 1)
+                    sk, zk = compute_qparams(W[:, col : col + g], bit, symmetric, None, sym_grid)  # (O, 1)
                     scale[:, k], zero[:, k] = sk[:, 0], zk[:, 0]
                 s, z = scale[:, k], zero[:, k]
             else:
@@ -298,7 +301,7 @@ def _gptq_transform(
             res = gptq_quantize(
                 linear.weight, hessians[fqn], bit=wq.bit, symmetric=wq.symmetric, group_size=wq.group_size,
                 blocksize=config.blocksize, percdamp=config.percdamp, actorder=config.actorder,
-                static_groups=config.static_groups,
+                static_groups=config.static_groups, sym_grid=wq.sym_grid,
             )
         except ValueError as e:
             raise ValueError(f"{fqn}: {e}") from None

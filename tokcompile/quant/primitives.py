@@ -6,9 +6,19 @@ G groups per row, g columns per group (`G * g == I`).
 Grid conventions (b = `bit`):
 
 * **Symmetric** (what TensorRT INT4/INT8 weight-only needs: zero-point 0). `qmin = -2^(b-1)`,
-  `qmax = 2^(b-1) - 1`, `scale = absmax / qmax` with `absmax` taken over the group, `zero = 0`,
-  `q = clamp(round(w / scale), qmin, qmax)`, `ŵ = q · scale`. Since `|w| ≤ absmax = qmax · scale`, no value is
-  ever clipped and `qmin` is never reached.
+  `qmax = 2^(b-1) - 1`, `zero = 0`, `q = clamp(round(w / scale), qmin, qmax)`, `ŵ = q · scale`, with `absmax`
+  taken over the group and one of two scales (`sym_grid`):
+
+  - `"narrow"` (the default, LightCompress's): `scale = absmax / qmax`. Since `|w| ≤ absmax = qmax · scale`,
+    no value is ever clipped and `qmin` is never reached: 2^b - 1 levels (15 for 4 bits).
+  - `"full"` (GPTQModel's and AutoGPTQ's): `scale = 2 · absmax / (2^b - 1)`, so `w / scale` spans
+    `[-(2^b - 1)/2, (2^b - 1)/2]` and all 2^b codes are used; the one quotient `+(2^b - 1)/2` (w = +absmax)
+    rounds to `2^(b-1)` and is clipped to `qmax`, an error of `scale / 2`. Those tools compute it as an
+    unsigned grid, `maxq = 2^b - 1`, `xmin = -absmax`, `scale = (absmax - xmin) / maxq`, `zero = (maxq + 1) / 2`,
+    `q' = clamp(round(w / scale) + zero, 0, maxq)`: the same float32 scale and `q' = q + 2^(b-1)`. One
+    difference: for a group with no negative weight they keep `xmin = 0` (half the scale, clipping above
+    `absmax / 2`); here every group uses `2 · absmax`. Unlike "narrow", "full" is not idempotent: `ŵ`'s
+    absmax is `7 · scale` or `8 · scale` (4 bits), so quantizing `ŵ` again picks a new scale.
 * **Asymmetric** (as in the GPTQ reference `quant.py`). `qmin = 0`, `qmax = 2^b - 1`; the range is widened to
   contain 0, `xmin = min(w.min(), 0)`, `xmax = max(w.max(), 0)`; `scale = (xmax - xmin) / qmax`,
   `zero = round(-xmin / scale)` (an integer in `[0, qmax]`, stored as float32),
@@ -19,14 +29,15 @@ Grid conventions (b = `bit`):
   the float32 quotient `w / scale`, so a "mathematical" tie may not be one after float32 rounding of `scale`.
 
 Both grids use the same formulas with `zero = 0` for the symmetric one, so `quantize`/`dequantize` take the
-grid only through `(qmin, qmax)`. With either grid, every weight is reproduced to within `scale / 2`.
+grid only through `(qmin, qmax)`, and the two symmetric grids differ only in `compute_qparams`'s scale. With
+any grid, every weight is reproduced to within `scale / 2`.
 
 Granularity: `group_size=None` (or -1) is per-channel, one group spanning all I columns of a row; otherwise
 `I % group_size == 0` is required and column `j` belongs to group `j // group_size`.
 
 GPTQ (`quant/gptq.py`) reuses these pieces column by column: at the first column of each group it calls
-`compute_qparams(W[:, j:j + g], bit, symmetric, None)` to get `(O, 1)` qparams for that slice, then
-`quantize_column(W[:, j], scale[:, 0], zero[:, 0], bit, symmetric)` for each column of the group.
+`compute_qparams(W[:, j:j + g], bit, symmetric, None, sym_grid)` to get `(O, 1)` qparams for that slice,
+then `quantize_column(W[:, j], scale[:, 0], zero[:, 0], bit, symmetric)` for each column of the group.
 """
 
 from __future__ import annotations
@@ -35,6 +46,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "SYM_GRIDS",
+    "check_sym_grid",
     "qrange",
     "num_groups",
     "compute_qparams",
@@ -46,6 +59,15 @@ __all__ = [
 ]
 
 MAX_BIT = 16  # codes are int32 and the float32 quotient is exact well beyond this; 16 is a sanity cap
+SYM_GRIDS = ("narrow", "full")  # symmetric scales: absmax / (2^(b-1) - 1), or 2 · absmax / (2^b - 1)
+
+
+def check_sym_grid(sym_grid: str, symmetric: bool) -> None:
+    """Raise ValueError unless `sym_grid` is one of `SYM_GRIDS` and, when "full", the grid is symmetric."""
+    if sym_grid not in SYM_GRIDS:
+        raise ValueError(f"sym_grid={sym_grid!r} is not a symmetric grid; use one of {', '.join(SYM_GRIDS)}")
+    if sym_grid == "full" and not symmetric:
+        raise ValueError("sym_grid='full' is a symmetric grid; use symmetric=True or sym_grid='narrow'")
 
 
 def qrange(bit: int, symmetric: bool) -> tuple[int, int]:
@@ -99,7 +121,9 @@ def _per_column(p: Tensor, g: int) -> Tensor:
     return p.repeat_interleave(g, dim=1)  # (O, I)
 
 
-def compute_qparams(w: Tensor, bit: int, symmetric: bool, group_size: int | None) -> tuple[Tensor, Tensor]:
+def compute_qparams(
+    w: Tensor, bit: int, symmetric: bool, group_size: int | None, sym_grid: str = "narrow"
+) -> tuple[Tensor, Tensor]:
     """Scale and zero-point of every (row, group) of `w`, following the grid conventions above.
 
     Args:
@@ -107,16 +131,20 @@ def compute_qparams(w: Tensor, bit: int, symmetric: bool, group_size: int | None
         bit: bits per weight.
         symmetric: symmetric (zero = 0) or asymmetric grid.
         group_size: None/-1 for per-channel, else columns per group (must divide I).
+        sym_grid: symmetric scale, "narrow" (`absmax / (2^(b-1) - 1)`) or "full" (`2 · absmax / (2^b - 1)`);
+            only "narrow" with an asymmetric grid, where it is ignored.
 
     Returns:
         `(scale, zero)`, each (O, G) float32 on `w`'s device; `zero` holds integers (all 0 if symmetric).
     """
     _check_weight(w)
+    check_sym_grid(sym_grid, symmetric)
     _, qmax = qrange(bit, symmetric)
     n_groups, g = num_groups(w.shape[1], group_size)
     x = w.detach().float().reshape(w.shape[0], n_groups, g)  # (O, G, g)
     if symmetric:
-        scale = x.abs().amax(dim=-1) / qmax  # (O, G)
+        absmax = x.abs().amax(dim=-1)  # (O, G)
+        scale = absmax / qmax if sym_grid == "narrow" else 2 * absmax / (2**bit - 1)  # (O, G)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         zero = torch.zeros_like(scale)
     else:
@@ -174,7 +202,7 @@ def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int | Non
     return (codes.float() - z) * s
 
 
-def fake_quantize(w: Tensor, bit: int, symmetric: bool, group_size: int | None) -> Tensor:
+def fake_quantize(w: Tensor, bit: int, symmetric: bool, group_size: int | None, sym_grid: str = "narrow") -> Tensor:
     """Quantize then dequantize `w` with round-to-nearest (the RTN weight).
 
     Args:
@@ -182,11 +210,12 @@ def fake_quantize(w: Tensor, bit: int, symmetric: bool, group_size: int | None) 
         bit: bits per weight.
         symmetric: symmetric (zero = 0) or asymmetric grid.
         group_size: None/-1 for per-channel, else columns per group.
+        sym_grid: symmetric scale, "narrow" or "full" (see `compute_qparams`).
 
     Returns:
         (O, I) `ŵ` in `w`'s dtype and device; computed in float32 and cast once at the end.
     """
-    scale, zero = compute_qparams(w, bit, symmetric, group_size)  # (O, G) each
+    scale, zero = compute_qparams(w, bit, symmetric, group_size, sym_grid)  # (O, G) each
     codes = quantize(w, scale, zero, bit, symmetric, group_size)  # (O, I)
     return dequantize(codes, scale, zero, group_size).to(w.dtype)
 
@@ -203,7 +232,8 @@ def quantize_column(x_col: Tensor, scale_col: Tensor, zero_col: Tensor, bit: int
 
     Returns:
         (O,) `ŵ` column in `x_col`'s dtype, equal to the matching column of `fake_quantize` when the qparams
-        are the ones `compute_qparams` gives for its group.
+        are the ones `compute_qparams` gives for its group (with either `sym_grid`: the grids share
+        `(qmin, qmax)` and differ only in the scale passed in).
     """
     if x_col.ndim != 1 or scale_col.shape != x_col.shape or zero_col.shape != x_col.shape:
         raise ValueError(

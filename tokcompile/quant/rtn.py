@@ -47,7 +47,7 @@ def _rtn_transform(
     errors: dict[str, float] = {}
     for i, (fqn, linear) in enumerate(linears.items(), start=1):
         try:
-            w_hat = fake_quantize(linear.weight, wq.bit, wq.symmetric, wq.group_size)  # (O, I), weight dtype
+            w_hat = fake_quantize(linear.weight, wq.bit, wq.symmetric, wq.group_size, wq.sym_grid)  # (O, I)
         except ValueError as e:
             raise ValueError(f"{fqn}: {e}") from None
         errors[fqn] = replace_weight_(linear, w_hat)

@@ -113,7 +113,7 @@ def gptq_sequential(
                     res = gptq_quantize(
                         linears[n].weight, hessians[n][0], bit=wq.bit, symmetric=wq.symmetric,
                         group_size=wq.group_size, blocksize=config.blocksize, percdamp=config.percdamp,
-                        actorder=config.actorder, static_groups=config.static_groups,
+                        actorder=config.actorder, static_groups=config.static_groups, sym_grid=wq.sym_grid,
                     )
                 for w in caught:  # raised damping after a failed Cholesky: say so on the progress stream
                     log(f"warning: {n}: {w.message}")
