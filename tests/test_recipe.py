@@ -370,7 +370,8 @@ def test_both_reductions_rejected() -> None:
 
 def test_export_errors() -> None:
     message = error({"model": MODEL, "export": {"targets": ["onxx"]}})
-    assert message == "export.targets: unknown target 'onxx' (did you mean 'onnx'?); choose from onnx, aoti, eager"
+    assert message == ("export.targets: unknown target 'onxx' (did you mean 'onnx'?); choose from onnx, aoti, eager, "
+                       "tensorrt")
     assert "name at least one" in error({"model": MODEL, "export": {"targets": []}})
     assert error({"model": MODEL, "export": {"dtype": "float16"}}) == (
         "export.dtype: only float32 export is supported on this version; set export.dtype: float32")

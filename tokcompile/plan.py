@@ -15,6 +15,7 @@ from typing import Any
 
 from tokcompile import flops
 from tokcompile.errors import RecipeError
+from tokcompile.export.tensorrt_profile import check_ranges
 from tokcompile.layout import GraphLayout, build_layout
 from tokcompile.models import ADAPTERS, Geometry, VLMAdapter, tiny
 from tokcompile.models.loading import check_weights_present, load_config, model_type_of
@@ -213,6 +214,32 @@ def _check_weight_format(recipe: Recipe, targets: tuple[str, ...]) -> None:
         )
 
 
+def _check_tensorrt(recipe: Recipe, targets: tuple[str, ...], key: str) -> tuple[str, ...]:
+    """TensorRT builds its engines from the ONNX graphs on a CUDA GPU: refuse it where it cannot run, and put onnx
+    first. Returns the targets in build order."""
+    if "tensorrt" not in targets:
+        return targets
+    try:
+        import tensorrt as trt
+    except Exception:  # ImportError, or OSError when its libraries are missing
+        from tokcompile.export.tensorrt import INSTALL
+
+        raise RecipeError(key, f"tensorrt needs TensorRT 10 or newer, which is not installed: {INSTALL}. Without it, "
+                               "drop tensorrt; every compile still runs the static TensorRT check of the ONNX graphs "
+                               "(manifest: graphs.<name>.artifacts.onnx.tensorrt)") from None
+    if int(str(trt.__version__).split(".")[0]) < 10:
+        raise RecipeError(key, f"tensorrt needs TensorRT 10 or newer, found {trt.__version__}; upgrade it")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RecipeError(key, "tensorrt builds and runs its engines on a CUDA GPU and none is visible; compile on a "
+                               "machine with one, or drop tensorrt (the static TensorRT check of the ONNX graphs runs "
+                               "without it)")
+    if "onnx" not in targets:
+        raise RecipeError(key, "tensorrt builds its engines from the ONNX graphs; add onnx to the targets")
+    return ("onnx", *(t for t in targets if t != "onnx"))
+
+
 def check_remote_code(recipe: Recipe, confirmed: bool) -> None:
     if recipe.model.trust_remote_code and not confirmed:
         raise RecipeError("model.trust_remote_code", "true runs Python code from the checkpoint directory; confirm "
@@ -281,6 +308,9 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
             f"prompts of up to {t_max} tokens exceed the decoder's sliding window of {window}; {fix}",
         )
     _check_weight_format(recipe, chosen)
+    chosen = _check_tensorrt(recipe, chosen, "--targets" if targets is not None else "export.targets")
+    if (bad_range := check_ranges(recipe.export.tensorrt, recipe.inputs.batch_size, (N + 2, t_max))) is not None:
+        raise RecipeError(*bad_range)
     n_text = max_text if max_text is not None else DEFAULT_FLOPS_TEXT_TOKENS
     out_dir = Path(out) if out is not None else Path(recipe.save.save_path or Path("exported") / recipe.name)
     return Plan(

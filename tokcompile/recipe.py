@@ -28,7 +28,7 @@ from tokcompile.yaml_safe import YamlBoundError, load_bounded
 
 Check = Callable[[str, Any], Any]  # (dotted key, YAML value) -> checked value, or raise RecipeError
 
-EXPORT_TARGETS = ("onnx", "aoti", "eager")
+EXPORT_TARGETS = ("onnx", "aoti", "eager", "tensorrt")
 DEFAULT_TARGETS = ("onnx", "aoti")
 TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANT_METHODS = ("RTN", "GPTQ")
@@ -299,6 +299,29 @@ class SaveConfig:
 _ONLY_FLOAT32 = "only float32 export is supported on this version; set export.dtype: float32"
 
 
+def _min_opt_max(key: str, value: Any) -> tuple[int, int, int]:
+    if not isinstance(value, list) or len(value) != 3:
+        raise RecipeError(key, f"expected [min, opt, max], got {_show(value)}; write e.g. [1, 1, 4]")
+    lo, opt, hi = (_int(1, fix="use positive sizes such as [1, 1, 4]")(key, v) for v in value)
+    if not lo <= opt <= hi:
+        raise RecipeError(key, f"{value} is not ordered; write [min, opt, max] with min <= opt <= max")
+    return (lo, opt, hi)
+
+
+@dataclass(frozen=True)
+class TensorRTConfig:
+    """`export.tensorrt:` the engines' optimization profile, [min, opt, max] per dynamic dimension (null: from the
+    plan), and `strip_weights` (weight-stripped engines, refitted from the ONNX weights at load)."""
+    batch: tuple[int, int, int] | None = _opt(None, _nullable(_min_opt_max))
+    prompt_len: tuple[int, int, int] | None = _opt(None, _nullable(_min_opt_max))
+    cache_len: tuple[int, int, int] | None = _opt(None, _nullable(_min_opt_max))
+    strip_weights: bool = _opt(True, _bool)
+
+
+def _tensorrt(key: str, value: Any) -> TensorRTConfig:
+    return TensorRTConfig(**_Block(value, key, [], TensorRTConfig).kw)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """`export:` backends and export options; `weight_format: int4` also writes ONNX graphs with INT4 weights."""
@@ -306,6 +329,7 @@ class ExportConfig:
     dtype: str = _opt("float32", _choice(("float32",), {"float16": _ONLY_FLOAT32, "bfloat16": _ONLY_FLOAT32}))
     opset: int | None = _opt(None, _nullable(_int(18, fix="use opset 18 or newer, or null for the default")))
     weight_format: str = _opt("float", _choice(("float", "int4")))
+    tensorrt: TensorRTConfig = _opt(TensorRTConfig(), _tensorrt)
 
 
 @dataclass(frozen=True)

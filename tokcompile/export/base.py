@@ -45,6 +45,8 @@ class ExportRequest:
     input_names: list[str]
     output_names: list[str]
     opset: int | None = None
+    plan: Any = None  # the resolved Plan, for targets that need more than the program (tensorrt: profile ranges)
+    labels: dict[str, dict[int, str]] = field(default_factory=dict)  # input name -> {axis: manifest dim name}
 
 
 class Exporter(Protocol):

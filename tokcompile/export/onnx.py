@@ -15,6 +15,8 @@ from typing import Any
 
 from tokcompile.errors import ExportError
 from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Runner
+from tokcompile.export.onnx_graph import topk_constants
+from tokcompile.export.tensorrt_check import check_onnx
 
 
 def _load(files: list[str], input_names: list[str]) -> Callable[[Path], Runner]:
@@ -66,30 +68,12 @@ def export_onnx(req: ExportRequest) -> Artifact:
     model = onnx.load(str(path), load_external_data=False)
     opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     ops = sorted({n.op_type for n in model.graph.node})
-    topk_ks = _topk_constants(model)
     return Artifact(
         target="onnx",
         graph=req.graph,
         files=files,
         backend="onnxruntime",
-        meta={"opset": opset_used, "ops": ops, "topk_k": topk_ks},
+        meta={"opset": opset_used, "ops": ops, "topk_k": topk_constants(model), "tensorrt": check_onnx(path)},
         loader=_load(files, req.input_names),
     )
 
-
-def _topk_constants(model: Any) -> list[int | None]:
-    """The K of every TopK node when it is a constant (TensorRT requires K <= 3840 as an initializer)."""
-    from onnx import numpy_helper
-
-    consts: dict[str, Any] = {i.name: i for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = a.t
-    ks: list[int | None] = []
-    for n in model.graph.node:
-        if n.op_type == "TopK":
-            t = consts.get(n.input[1])
-            ks.append(int(numpy_helper.to_array(t).reshape(-1)[0]) if t is not None else None)
-    return ks
