@@ -4,6 +4,10 @@
 outputs, as deployed) at the example batch's static shapes with the compiler's own exporters, loads both
 with the backend, checks them against eager, and returns one callable that runs vision then prefill on a
 processor batch: what "prefill" / time to first token costs now that the image encoder is its own graph.
+
+Measurement helpers for worker processes (Linux): `status_mb` (resident and peak resident memory),
+`smaps_mb` (PSS and anonymous memory), `reset_peak` (restart the peak-RSS mark), `timed` (append each call's
+wall time to a list) and `processed_batch` (the same processed prompt and image for every variant).
 """
 
 from __future__ import annotations
@@ -19,6 +23,57 @@ EXACT_PREFIXES = ("kept_", "assign_", "cache_mask_", "image_source", "next_posit
 LOGITS_ATOL = 1e-3
 
 Chain = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status ("VmRSS" now, "VmHWM" the peak) in MB; NaN where there is none."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def smaps_mb() -> dict[str, float]:
+    """Proportional set size (a page mapped by several sessions counts once) and anonymous memory, now (Linux)."""
+    out = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("Pss:", "Anonymous:"):
+            out[parts[0][:-1].lower()] = int(parts[1]) / 1024
+    return out
+
+
+def reset_peak() -> None:
+    """Restart the peak-RSS mark (VmHWM) at the current resident size, so a later peak is this process's own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def timed(fn: Callable[[Any], Any], times: list[float]) -> Callable[[Any], Any]:
+    """`fn`, appending the wall time of each call to `times`."""
+    def run(feed: Any) -> Any:
+        t = time.perf_counter()
+        out = fn(feed)
+        times.append(time.perf_counter() - t)
+        return out
+
+    return run
+
+
+def processed_batch(processor: Any, manifest: dict, question: str) -> dict[str, Any]:
+    """The processor's output for one random image (seed 0) and `question`, at the export's geometry."""
+    import numpy as np
+
+    from tokcompile.models import ADAPTERS, Geometry
+    from tokcompile.parity import process
+
+    adapter = ADAPTERS.get(manifest["plan"]["model_type"])()
+    geom = dict(manifest["plan"]["geometry"])
+    geom["image_size"], geom["layout"] = tuple(geom["image_size"]), tuple(geom.get("layout", ()))
+    g = Geometry(**geom)
+    return process(processor, adapter, g, adapter.random_media(np.random.default_rng(0), 1, g), [question])
 
 
 def median_time(fn: Callable[[Any], Any], feed: Any, repeats: int) -> float:
