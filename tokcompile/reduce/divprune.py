@@ -21,14 +21,14 @@ Static-export deviations from the paper and LightCompress (`token_reduction/divp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from tokcompile.errors import RecipeError
 from tokcompile.reduce.base import REDUCERS, Entering
-from tokcompile.reduce.ops import gather_tokens
+from tokcompile.reduce.prune import keep_tokens
 from tokcompile.reduce.schedule import Output, Schedule, Site, Step
 
 if TYPE_CHECKING:
@@ -122,10 +122,4 @@ class DivPruneConfig:
             kept = divprune_select(state.hidden, step.n_out)  # (B, k), ascending
         else:
             kept = forced  # eager references replay a selection made earlier
-        sizes = None if state.sizes is None else gather_tokens(state.sizes, kept)  # (B, k)
-        return replace(
-            state,
-            hidden=gather_tokens(state.hidden, kept),  # (B, k, D)
-            source=gather_tokens(state.source, kept),  # (B, k)
-            sizes=sizes,
-        ), kept
+        return keep_tokens(state, kept), kept

@@ -26,14 +26,15 @@ Static-export deviations from the paper and LightCompress (`token_reduction/fast
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from tokcompile.errors import RecipeError
 from tokcompile.reduce.base import REDUCERS, Entering
-from tokcompile.reduce.ops import gather_tokens, topk_sorted
+from tokcompile.reduce.ops import topk_sorted
+from tokcompile.reduce.prune import keep_tokens, protected_first
 from tokcompile.reduce.schedule import Output, Schedule, Site, Step
 
 if TYPE_CHECKING:
@@ -98,20 +99,13 @@ class FasterVLMConfig:
     def apply(
         self, state: ImageTokens, ctx: VisionContext, step: Step, forced: Tensor | None = None
     ) -> tuple[ImageTokens, Tensor]:
-        B, t = state.hidden.shape[:2]
+        t = state.hidden.shape[1]
         p = state.n_protected
         if ctx.keys.shape[2] != t:  # Python ints: the block's keys must be the tokens scored here
             raise ValueError(f"FasterVLM scores {t} tokens with a block that attended over {ctx.keys.shape[2]}")
         if forced is None:
             top = topk_sorted(cls_scores(ctx, p), step.n_out - p) + p  # (B, k) patches, ascending
-            head = torch.arange(p, device=top.device)[None].expand(B, p)  # (B, p) CLS stays first
-            kept = torch.cat([head, top], dim=1)  # (B, k + p) tower tokens, ascending
+            kept = protected_first(top, p)  # (B, k + p) tower tokens, CLS first, ascending
         else:
             kept = forced  # eager references replay a selection made earlier
-        sizes = None if state.sizes is None else gather_tokens(state.sizes, kept)  # (B, k + p)
-        return replace(
-            state,
-            hidden=gather_tokens(state.hidden, kept),  # (B, k + p, Dv)
-            source=gather_tokens(state.source, kept),  # (B, k + p)
-            sizes=sizes,
-        ), kept
+        return keep_tokens(state, kept), kept

@@ -30,7 +30,7 @@ This is the clean algorithm of `ALGORITHMS.md` §3.1. Static-export notes and de
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, ClassVar
 
@@ -39,6 +39,7 @@ import torch
 from tokcompile.errors import RecipeError
 from tokcompile.reduce.base import REDUCERS, Entering
 from tokcompile.reduce.ops import gather_tokens, rank_desc, topk_sorted
+from tokcompile.reduce.prune import keep_tokens
 from tokcompile.reduce.schedule import Output, Schedule, Site, Step
 
 if TYPE_CHECKING:
@@ -221,5 +222,4 @@ class FiCoCoConfig:
         logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).mean(1)  # (B, t, t) before any bias
         r = step.n_in - step.n_out
         hidden, kept = ficoco_merge(x, logits, state.source[:, p:] - p, ctx.patch_grid[1], r, fan_out(t), forced)
-        sizes = None if state.sizes is None else gather_tokens(state.sizes, kept)  # (B, t - r)
-        return replace(state, hidden=hidden, source=gather_tokens(state.source, kept), sizes=sizes), kept
+        return keep_tokens(state, kept, hidden), kept  # hidden (B, t - r, Dv): the compressed features

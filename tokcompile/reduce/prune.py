@@ -1,4 +1,4 @@
-"""Dropping image tokens from the decoder's sequence: the gather every decoder-side pruning method shares."""
+"""Dropping image tokens: the gathers every pruning method shares, before the decoder and inside it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import Tensor
 
 from tokcompile.reduce.ops import gather_tokens, keep_image_tokens_index
 from tokcompile.reduce.schedule import Positions, Step
-from tokcompile.reduce.state import TokenState
+from tokcompile.reduce.state import ImageTokens, TokenState
 
 
 def contiguous_positions(valid: Tensor) -> Tensor:
@@ -47,3 +47,21 @@ def keep_image_tokens(state: TokenState, kept: Tensor, step: Step) -> TokenState
         last=last,
         sizes=None if state.sizes is None else gather_tokens(state.sizes, src),  # (B, T')
     )
+
+
+def keep_tokens(state: ImageTokens, kept: Tensor, hidden: Tensor | None = None) -> ImageTokens:
+    """Only the image tokens `kept` (B, k) of a state before the decoder: features, sources and sizes gathered
+    alike. `hidden` (B, k, D) stands in for the gathered features when the method computed its own (a merge)."""
+    return replace(
+        state,
+        hidden=gather_tokens(state.hidden, kept) if hidden is None else hidden,  # (B, k, D)
+        source=gather_tokens(state.source, kept),  # (B, k)
+        sizes=None if state.sizes is None else gather_tokens(state.sizes, kept),  # (B, k)
+    )
+
+
+def protected_first(patches: Tensor, n_protected: int) -> Tensor:
+    """Kept tower indices: the `n_protected` leading tokens (CLS), then `patches` (B, k) (ascending, already
+    offset past them) -> (B, p + k), ascending."""
+    head = torch.arange(n_protected, device=patches.device)[None].expand(patches.shape[0], n_protected)  # (B, p)
+    return torch.cat([head, patches], dim=1)

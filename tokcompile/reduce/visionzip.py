@@ -32,6 +32,7 @@ import torch
 from tokcompile.errors import RecipeError
 from tokcompile.reduce.base import REDUCERS, Entering
 from tokcompile.reduce.ops import gather_tokens, rank_desc
+from tokcompile.reduce.prune import keep_tokens
 from tokcompile.reduce.schedule import Output, Schedule, Site, Step
 
 if TYPE_CHECKING:
@@ -126,9 +127,7 @@ class VisionZipConfig:
 
         if self.prune_only:
             kept = torch.topk(-torch.where(is_dom, slot_dom, t).float(), D, dim=-1).indices  # (B, D) ascending
-            sizes = None if state.sizes is None else gather_tokens(state.sizes, kept)  # (B, D)
-            return replace(state, hidden=gather_tokens(x, kept), source=gather_tokens(state.source, kept),
-                           sizes=sizes), kept
+            return keep_tokens(state, kept), kept
 
         # Targets: remaining positions 0, step, 2·step, ... (the first C), as LightCompress samples them.
         R = t - D

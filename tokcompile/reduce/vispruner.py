@@ -26,7 +26,7 @@ Static-export deviations from LightCompress (`token_reduction/vispruner.py`, LLa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -35,6 +35,7 @@ from tokcompile.errors import RecipeError
 from tokcompile.reduce.base import REDUCERS, Entering
 from tokcompile.reduce.fastervlm import PROTECTED, cls_scores
 from tokcompile.reduce.ops import gather_tokens, rank_desc
+from tokcompile.reduce.prune import keep_tokens, protected_first
 from tokcompile.reduce.schedule import Output, Schedule, Site, Step
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class VisPrunerConfig:
     def apply(
         self, state: ImageTokens, ctx: VisionContext, step: Step, forced: Tensor | None = None
     ) -> tuple[ImageTokens, Tensor]:
-        B, t = state.hidden.shape[:2]
+        t = state.hidden.shape[1]
         p = state.n_protected
         if ctx.keys.shape[2] != t:  # Python ints: the block's keys must be the tokens scored here
             raise ValueError(f"VisPruner scores {t} tokens with a block that attended over {ctx.keys.shape[2]}")
@@ -168,14 +169,7 @@ class VisPrunerConfig:
             kept_n, important, rounds = self._counts(t - p, "sparse")
             patches = vispruner_select(cls_scores(ctx, p), state.hidden[:, p:], important, kept_n - important,
                                        rounds) + p  # (B, T)
-            head = torch.arange(p, device=patches.device)[None].expand(B, p)  # (B, p) CLS stays first
-            kept = torch.cat([head, patches], dim=1)  # (B, T + p) tower tokens, ascending
+            kept = protected_first(patches, p)  # (B, T + p) tower tokens, CLS first, ascending
         else:
             kept = forced  # eager references replay a selection made earlier
-        sizes = None if state.sizes is None else gather_tokens(state.sizes, kept)  # (B, T + p)
-        return replace(
-            state,
-            hidden=gather_tokens(state.hidden, kept),  # (B, T + p, Dv)
-            source=gather_tokens(state.source, kept),  # (B, T + p)
-            sizes=sizes,
-        ), kept
+        return keep_tokens(state, kept), kept
