@@ -373,9 +373,8 @@ def test_export_errors() -> None:
     assert message == ("export.targets: unknown target 'onxx' (did you mean 'onnx'?); choose from onnx, aoti, eager, "
                        "tensorrt")
     assert "name at least one" in error({"model": MODEL, "export": {"targets": []}})
-    assert error({"model": MODEL, "export": {"dtype": "float16"}}) == (
-        "export.dtype: only float32 export is supported on this version; set export.dtype: float32")
-    assert error({"model": MODEL, "export": {"dtype": "BFLOAT16"}}).startswith("export.dtype: only float32")
+    assert error({"model": MODEL, "export": {"dtype": "float64"}}).startswith(
+        "export.dtype: 'float64' is not supported (did you mean 'float16'?); choose one of float32, float16, bfloat16")
 
 
 def test_non_string_keys() -> None:

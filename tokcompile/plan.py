@@ -18,7 +18,7 @@ from tokcompile.errors import RecipeError
 from tokcompile.export.tensorrt_profile import check_ranges
 from tokcompile.layout import GraphLayout, build_layout
 from tokcompile.models import ADAPTERS, Geometry, VLMAdapter, tiny
-from tokcompile.models.loading import check_weights_present, load_config, model_type_of
+from tokcompile.models.loading import check_weights_present, load_config, model_type_of, resolve_dtype
 from tokcompile.recipe import EXPORT_TARGETS, Recipe
 from tokcompile.reduce import REDUCERS, Entering, Positions, Schedule, Site, Step, config_from_params
 from tokcompile.reduce.schedule import decoder_image_tokens_in, image_tokens_per_decoder_layer
@@ -26,6 +26,10 @@ from tokcompile.registry import suggest
 
 # Text tokens assumed for FLOPs when the recipe leaves the text length dynamic.
 DEFAULT_FLOPS_TEXT_TOKENS = 64
+
+# Parity tolerances (atol, rtol) per export dtype where the recipe sets none: artifact against eager in the same
+# dtype, measured on the tiny models (README, Precision). float32's are the recipe defaults.
+DTYPE_TOLERANCES = {"float32": (1e-4, 1e-3), "float16": (2e-2, 2e-2), "bfloat16": (5e-2, 5e-2)}
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,9 @@ class Plan:
     text_len_range: tuple[int, int]  # (min, max) total prompt length T, image tokens included
     out_dir: Path
     flops: dict
+    dtype: str = "float32"  # the graphs' precision (export.dtype, or model.torch_dtype; see resolve_export_dtype)
+    atol: float = 1e-4  # parity tolerances: the recipe's, else DTYPE_TOLERANCES[dtype]
+    rtol: float = 1e-3
 
     @property
     def batch_size(self) -> int:
@@ -71,6 +78,8 @@ class Plan:
             "batch_size": self.batch_size,
             "text_len_range": list(self.text_len_range),
             "targets": list(self.targets),
+            "dtype": self.dtype,
+            "parity_tolerance": {"atol": self.atol, "rtol": self.rtol},
             "quant_include": list(self.quant_include),
             "quant_ignore": list(self.quant_ignore),
         }
@@ -240,6 +249,53 @@ def _check_tensorrt(recipe: Recipe, targets: tuple[str, ...], key: str) -> tuple
     return ("onnx", *(t for t in targets if t != "onnx"))
 
 
+def resolve_export_dtype(recipe: Recipe, config: Any) -> str:
+    """The graphs' dtype. `export.dtype` when given; else `model.torch_dtype` when the recipe writes it (`auto`:
+    the checkpoint config's dtype) and it names a half type; else float32. Weights always load and quantize in
+    float32; the model is cast to this dtype after quantization, before the graphs are built."""
+    if _written(recipe, "export", "dtype"):
+        return recipe.export.dtype
+    if not _written(recipe, "model", "torch_dtype"):
+        return "float32"
+    return resolve_dtype(recipe.model.torch_dtype, config)
+
+
+def _written(recipe: Recipe, section: str, key: str) -> bool:
+    """Whether the recipe's YAML writes `section.key` (a default is not a choice)."""
+    block = recipe.raw.get(section)
+    return isinstance(block, dict) and block.get(key) is not None
+
+
+def _dtype_source(recipe: Recipe) -> str:
+    return "export.dtype" if _written(recipe, "export", "dtype") else "model.torch_dtype"
+
+
+def parity_tolerance(recipe: Recipe, dtype: str) -> tuple[float, float]:
+    """(atol, rtol): each the recipe's `parity.atol`/`parity.rtol` where it writes them, else the dtype's default."""
+    atol, rtol = DTYPE_TOLERANCES[dtype]
+    return (recipe.parity.atol if _written(recipe, "parity", "atol") else atol,
+            recipe.parity.rtol if _written(recipe, "parity", "rtol") else rtol)
+
+
+def _check_dtype(recipe: Recipe, dtype: str, targets: tuple[str, ...], key: str) -> None:
+    """Refuse what cannot be validated in half precision on this machine, before any weights load."""
+    if dtype == "float32":
+        return
+    src = _dtype_source(recipe)
+    if recipe.export.weight_format == "int4":
+        raise RecipeError("export.weight_format", f"int4 ONNX graphs are written from float32 graphs only ({src}: "
+                                                  f"{dtype}); set export.weight_format: float or {src}: float32")
+    if dtype == "bfloat16" and ("onnx" in targets or "tensorrt" in targets):
+        raise RecipeError(key, f"onnx cannot be validated in bfloat16 ({src}: bfloat16): onnxruntime's CPU provider "
+                               "has no bfloat16 TopK and few bfloat16 kernels, so parity cannot run; use aoti or "
+                               f"eager for bfloat16, or set {src}: float32 for onnx")
+    if dtype == "float16" and ("onnx" in targets or "tensorrt" in targets):
+        raise RecipeError(key, f"onnx cannot be validated in float16 ({src}: float16): onnxruntime's CPU float16 "
+                               "kernels round differently from PyTorch's, its kept tokens differ from eager's at "
+                               "near-ties, and parity does not yet read the scores at the boundary from the graphs; "
+                               f"use aoti or eager for float16, or set {src}: float32 for onnx")
+
+
 def check_remote_code(recipe: Recipe, confirmed: bool) -> None:
     if recipe.model.trust_remote_code and not confirmed:
         raise RecipeError("model.trust_remote_code", "true runs Python code from the checkpoint directory; confirm "
@@ -308,6 +364,9 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
             f"prompts of up to {t_max} tokens exceed the decoder's sliding window of {window}; {fix}",
         )
     _check_weight_format(recipe, chosen)
+    dtype = resolve_export_dtype(recipe, config)
+    _check_dtype(recipe, dtype, chosen, "--targets" if targets is not None else "export.targets")
+    atol, rtol = parity_tolerance(recipe, dtype)
     chosen = _check_tensorrt(recipe, chosen, "--targets" if targets is not None else "export.targets")
     if (bad_range := check_ranges(recipe.export.tensorrt, recipe.inputs.batch_size, (N + 2, t_max))) is not None:
         raise RecipeError(*bad_range)
@@ -329,6 +388,9 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
         text_len_range=(N + 2, t_max),
         out_dir=out_dir,
         flops=flops.prefill_flops(geom, schedule, n_text, reducers),
+        dtype=dtype,
+        atol=atol,
+        rtol=rtol,
     )
 
 
@@ -379,6 +441,8 @@ def format_plan(plan: Plan) -> str:
     lines.append("            " + " ".join(f"L{i}:{n}" for i, n in enumerate(per_layer)))
     kept = per_layer[-1] if per_layer else g.n_image_tokens
     lines.append(f"kept        {kept} of {g.n_image_tokens} image tokens after the last step")
+    lines.append(f"dtype       {plan.dtype} graphs (weights load and quantize in float32); parity atol {plan.atol:g}, "
+                 f"rtol {plan.rtol:g}")
     lines.append(f"targets     {', '.join(plan.targets)}  ->  {plan.out_dir}")
     lines.append("")
     lines.append(flops.format_table(plan.flops))

@@ -296,7 +296,7 @@ class SaveConfig:
     save_trans: bool = _opt(False, _bool)
 
 
-_ONLY_FLOAT32 = "only float32 export is supported on this version; set export.dtype: float32"
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _min_opt_max(key: str, value: Any) -> tuple[int, int, int]:
@@ -324,9 +324,11 @@ def _tensorrt(key: str, value: Any) -> TensorRTConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """`export:` backends and export options; `weight_format: int4` also writes ONNX graphs with INT4 weights."""
+    """`export:` backends and export options; `weight_format: int4` also writes ONNX graphs with INT4 weights.
+    `dtype` is the graphs' precision; where the recipe does not write it, the plan takes a `model.torch_dtype` the
+    recipe writes (`auto`: the checkpoint config's dtype), else float32 (`plan.resolve_export_dtype`)."""
     targets: tuple[str, ...] = _opt(DEFAULT_TARGETS, _targets)
-    dtype: str = _opt("float32", _choice(("float32",), {"float16": _ONLY_FLOAT32, "bfloat16": _ONLY_FLOAT32}))
+    dtype: str = _opt("float32", _choice(EXPORT_DTYPES))
     opset: int | None = _opt(None, _nullable(_int(18, fix="use opset 18 or newer, or null for the default")))
     weight_format: str = _opt("float", _choice(("float", "int4")))
     tensorrt: TensorRTConfig = _opt(TensorRTConfig(), _tensorrt)

@@ -43,6 +43,8 @@ def fastv_reference(
     image_token_id: int,
     pruning_loc: int | None,
     keep: int | None,
+    forced: Tensor | None = None,
+    scores_out: list | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Next-token logits (V,) and kept image indices (k,) for ONE unpadded sample.
 
@@ -54,6 +56,9 @@ def fastv_reference(
         image_token_id: the image (or video) placeholder id.
         pruning_loc: K; None runs the unreduced model.
         keep: image tokens kept at K.
+        forced: kept image indices (k,) to use instead of the reference's own selection (a near-tie replayed with
+            the other side's selection, so the logits after it still compare).
+        scores_out: a list that receives the reference's fp32 scores (N,), for the near-tie rule.
     """
     with eager_attention(model):
         out = model(**sample, output_attentions=True, output_hidden_states=True, use_cache=False)
@@ -69,7 +74,9 @@ def fastv_reference(
     scores = attn.float().mean(dim=1)[0, -1, start : start + n_image]  # (N,)
     # Rank by (score descending, index ascending); Python's sort is stable.
     order = sorted(range(n_image), key=lambda j: -scores[j].item())
-    kept = torch.tensor(sorted(order[:keep]), dtype=torch.long)
+    kept = torch.tensor(sorted(order[:keep]), dtype=torch.long) if forced is None else forced.long()
+    if scores_out is not None:
+        scores_out.append(scores)
     keep_idx = torch.cat([torch.arange(start), start + kept, torch.arange(start + n_image, T)])  # (T',)
 
     lm = adapter.language_model(model)

@@ -114,7 +114,8 @@ def resolve_dtype(torch_dtype: str, config: Any) -> str:
 
 
 def load_model(path: str, config: Any, seed: int, trust_remote_code: bool) -> Any:
-    """Load weights in float32 (parity and CPU export run in fp32) with SDPA attention, in eval mode."""
+    """Load weights in float32 with SDPA attention, in eval mode. Quantization runs on them in float32; a half
+    precision export (`Plan.dtype`) casts the model afterwards, before the graphs are built."""
     import torch
 
     family = model_type_of(path)

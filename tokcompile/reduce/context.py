@@ -59,7 +59,7 @@ class VisionContext:
 
     def mean_keys(self) -> Tensor:
         """Keys averaged over heads: (B, t, dv)."""
-        return self.keys.mean(1)
+        return self.keys.float().mean(1)  # fp32 before the mean: half-precision keys rank in fp32
 
     def attention(self, rows: Tensor | None = None) -> Tensor:
         """Softmax attention probabilities in fp32 of the query rows `rows` ((r,) token indices; None: every
