@@ -40,7 +40,7 @@ def test_export_dtype_values_and_errors() -> None:
     ({"torch_dtype": "float16"}, {}, None, "float16"),  # torch_dtype honoured
     ({"torch_dtype": "bfloat16"}, {}, None, "bfloat16"),
     ({"torch_dtype": "float32"}, {}, "bfloat16", "float32"),
-    ({"torch_dtype": "auto"}, {}, "bfloat16", "bfloat16"),  # auto: the checkpoint config's dtype
+    ({"torch_dtype": "auto"}, {}, "bfloat16", "float32"),  # auto is a loading choice: LightCompress configs stay fp32
     ({"torch_dtype": "auto"}, {}, None, "float32"),
     ({"torch_dtype": "float16"}, {"dtype": "float32"}, None, "float32"),  # export.dtype wins
     ({"torch_dtype": "float32"}, {"dtype": "bfloat16"}, None, "bfloat16"),

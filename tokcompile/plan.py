@@ -250,12 +250,14 @@ def _check_tensorrt(recipe: Recipe, targets: tuple[str, ...], key: str) -> tuple
 
 
 def resolve_export_dtype(recipe: Recipe, config: Any) -> str:
-    """The graphs' dtype. `export.dtype` when given; else `model.torch_dtype` when the recipe writes it (`auto`:
-    the checkpoint config's dtype) and it names a half type; else float32. Weights always load and quantize in
-    float32; the model is cast to this dtype after quantization, before the graphs are built."""
+    """The graphs' dtype. `export.dtype` when given; else `model.torch_dtype` when the recipe writes a dtype by
+    name; else float32. `torch_dtype: auto`, which LightCompress's configs write for loading, does not pick the
+    export's precision: a config brought unchanged exports float32 (and stays exportable to ONNX). Weights always
+    load and quantize in float32; the model is cast to this dtype after quantization, before the graphs are
+    built."""
     if _written(recipe, "export", "dtype"):
         return recipe.export.dtype
-    if not _written(recipe, "model", "torch_dtype"):
+    if not _written(recipe, "model", "torch_dtype") or recipe.model.torch_dtype == "auto":
         return "float32"
     return resolve_dtype(recipe.model.torch_dtype, config)
 
