@@ -64,7 +64,8 @@ def test_manifest_describes_the_export(demo_export):
         data = (demo_export / rel).read_bytes()
         assert hashlib.sha256(data).hexdigest() == info["sha256"] and len(data) == info["bytes"]
     expected = {f"{g}.{ext}" for g in ("vision", "prefill", "decode")
-                for ext in ("onnx", "onnx.data", "pt2", "ep.pt2")}
+                for ext in ("onnx", "onnx.data", "ep.pt2")}
+    expected |= {"aoti.pt2", "weights.safetensors"}  # one AOTInductor package; eager and aoti share the weights
     assert expected | {"parity.json", "flops.json"} <= set(m["files"])
 
 
@@ -101,12 +102,16 @@ def test_artifacts_at_new_text_lengths(demo_export, demo_eager, processor, backe
                     "image_embeds": embeds, "image_source": source}
             return [torch.from_numpy(o) for o in prefill.run(["logits", "kept_0"], feed)]
     else:
-        vision, prefill = (torch._inductor.aoti_load_package(str(demo_export / f"{g}.pt2"))
-                           for g in ("vision", "prefill"))
+        from tokcompile.export import aoti
+
+        shared: dict = {}  # one package and one set of weights for both graphs
+        vision, prefill = (aoti._load(["aoti.pt2", "weights.safetensors"], names, g)(demo_export, shared) for g, names
+                           in (("vision", ["pixel_values"]),
+                               ("prefill", ["input_ids", "attention_mask", "image_embeds", "image_source"])))
 
         def run(b):
-            embeds, source = vision(b["pixel_values"])
-            return prefill(b["input_ids"], b["attention_mask"], embeds, source)
+            embeds, source = vision(b)[:2]
+            return prefill({**b, "image_embeds": embeds, "image_source": source})
 
     lengths = set()
     for seed, qs in enumerate([["Tell me a story about it?", "Why?"], ["x" * 90 + "?", "Colour of the sky here?"]]):
@@ -137,7 +142,7 @@ def test_force_replaces_an_export(demo_export, tmp_path):
     res = _compile(ROOT / "recipes" / "demo.yml", out, "--targets", "eager", "--force", "-q")
     assert res.returncode == 0, res.stderr
     m = json.loads((out / "manifest.json").read_text())
-    assert set(m["graphs"]["prefill"]["artifacts"]) == {"eager"} and not (out / "prefill.pt2").exists()
+    assert set(m["graphs"]["prefill"]["artifacts"]) == {"eager"} and not (out / "aoti.pt2").exists()
     assert not (out / "decode.onnx").exists()
     assert not list(tmp_path.glob(".copy*"))
 

@@ -371,7 +371,7 @@ def test_both_reductions_rejected() -> None:
 def test_export_errors() -> None:
     message = error({"model": MODEL, "export": {"targets": ["onxx"]}})
     assert message == ("export.targets: unknown target 'onxx' (did you mean 'onnx'?); choose from onnx, aoti, eager, "
-                       "tensorrt")
+                       "torch_compile, tensorrt")
     assert "name at least one" in error({"model": MODEL, "export": {"targets": []}})
     assert error({"model": MODEL, "export": {"dtype": "float64"}}).startswith(
         "export.dtype: 'float64' is not supported (did you mean 'float16'?); choose one of float32, float16, bfloat16")

@@ -28,7 +28,7 @@ from tokcompile.yaml_safe import YamlBoundError, load_bounded
 
 Check = Callable[[str, Any], Any]  # (dotted key, YAML value) -> checked value, or raise RecipeError
 
-EXPORT_TARGETS = ("onnx", "aoti", "eager", "tensorrt")
+EXPORT_TARGETS = ("onnx", "aoti", "eager", "torch_compile", "tensorrt")
 DEFAULT_TARGETS = ("onnx", "aoti")
 TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANT_METHODS = ("RTN", "GPTQ")

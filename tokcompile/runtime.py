@@ -18,7 +18,7 @@ from tokcompile.generation import GenerationConfig, generate
 from tokcompile.layout import GraphIO, GraphLayout
 from tokcompile.manifest import FORMAT_VERSION, sha256
 
-BACKENDS = {"onnxruntime": "onnx", "aoti": "aoti", "eager": "eager"}
+BACKENDS = {"onnxruntime": "onnx", "aoti": "aoti", "eager": "eager", "torch_compile": "torch_compile"}
 
 
 @dataclass
@@ -103,12 +103,14 @@ def layout_from_manifest(manifest: dict) -> GraphLayout:
 def _graph_runner(
     export_dir: Path, manifest: dict, graph: str, target: str, verify: bool = False
 ) -> Callable[[dict], tuple]:
-    from tokcompile.export import aoti, eager, onnx
+    from tokcompile.export import aoti, eager, onnx, torch_compile
 
     spec = manifest["graphs"].get(graph)
     if spec is None:
         raise _fail(str(export_dir), f"has no {graph} graph; recompile with this tokcompile version")
     art = spec["artifacts"].get(target)
+    if art is None and target == "torch_compile":  # it runs the eager target's saved programs just as well
+        art = spec["artifacts"].get("eager")
     if art is None:
         have = ", ".join(sorted(a["backend"] for a in spec["artifacts"].values()))
         raise _fail("--backend", f"this export has no {target} artifacts (it has: {have}); add {target} to "
@@ -122,14 +124,20 @@ def _graph_runner(
         if "bytes" in want and path.stat().st_size != want["bytes"]:
             raise _fail(str(path), f"has {path.stat().st_size} bytes, the manifest says {want['bytes']}; "
                                    "the file is corrupt, recompile the export")
-        if verify and "sha256" in want and sha256(path) != want["sha256"]:
-            raise _fail(str(path), "does not match its sha256 in the manifest; the file is corrupt, recompile")
+        checked = shared.setdefault("sha256_checked", set()) if shared is not None else set()  # files graphs share
+        if verify and "sha256" in want and f not in checked:
+            if sha256(path) != want["sha256"]:
+                raise _fail(str(path), "does not match its sha256 in the manifest; the file is corrupt, recompile")
+            checked.add(f)
     names = [i["name"] for i in spec["inputs"]]
-    loaders = {"onnx": onnx._load, "aoti": aoti._load, "eager": eager._load}
-    arg = art["files"] if target == "onnx" else art["files"][0]
+    loaders = {"onnx": onnx._load}
+    by_graph = {"aoti": aoti._load, "eager": eager._load, "torch_compile": torch_compile._load}  # + the graph name
     first_file = str(export_dir / art["files"][0])
     try:
-        run = loaders[target](arg, names)(export_dir)
+        if target in by_graph:
+            run = by_graph[target](art["files"], names, graph)(export_dir, shared)
+        else:
+            run = loaders[target](art["files"], names)(export_dir, shared)
     except TokcompileError:
         raise
     except Exception as e:  # backends raise their own types for unreadable files

@@ -1,24 +1,78 @@
-"""The `torch.export` program itself, saved with `torch.export.save` (`<graph>.ep.pt2`).
+"""The `torch.export` program itself, saved with `torch.export.save` (`<graph>.ep.pt2`), its weights in the
+export's one `weights.safetensors` (`torch_weights.py`).
 
-The runtime's "eager" backend loads it with `torch.export.load` and runs the graph module in eager PyTorch:
-no compiler, no model code, the same graph the other targets were built from.
+Each saved program holds one-element placeholders (zero-stride views of the right shape and dtype) where its
+parameters, buffers and tensor constants were, and no example inputs; the runtime's "eager" backend loads it with
+`torch.export.load`, binds it to the export's weights (read once for all graphs) and runs the graph module in eager
+PyTorch: no compiler, no model code, the same graph the other targets were built from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
 from pathlib import Path
 from typing import Any
 
 from tokcompile.errors import ExportError
-from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Runner
+from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Loader, Runner
+from tokcompile.export.torch_weights import pick, program_tensors, shared_tensors, weight_file
 
 
-def _load(file: str, input_names: list[str]) -> Callable[[Path], Runner]:
-    def loader(root: Path) -> Runner:
+def _rebuild(program: Any, state_dict: dict, constants: dict, example_inputs: Any = None) -> Any:
+    """`program` with other tensors in its state dict and constants (same graph, signature and names)."""
+    import torch
+
+    return torch.export.ExportedProgram(
+        root=program.graph_module, graph=program.graph, graph_signature=program.graph_signature,
+        state_dict=state_dict, range_constraints=program.range_constraints,
+        module_call_graph=program.module_call_graph, example_inputs=example_inputs, constants=constants,
+        verifiers=program.verifiers,
+    )
+
+
+def _swap(program: Any, value: Any) -> Any:
+    """`program` with each tensor `t` of its state dict and constants replaced by `value(name, t)`; parameters
+    stay parameters (without grad), other constants (script objects) stay as they are."""
+    import torch
+
+    def one(name: str, t: Any) -> Any:
+        new = value(name, t)
+        return torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
+
+    state = {k: one(k, t) for k, t in program.state_dict.items()}
+    consts = {k: one(k, t) if isinstance(t, torch.Tensor) else t for k, t in program.constants.items()}
+    return _rebuild(program, state, consts)
+
+
+def save_program(program: Any, path: Path) -> None:
+    """Write `program` without its weights: each tensor becomes a zero-stride view of one element."""
+    import torch
+
+    bare = _swap(program, lambda _, t: torch.zeros((), dtype=t.dtype).expand(t.shape))  # (*t.shape,), 1 element
+    with warnings.catch_warnings():  # the archive notes that a zero-stride view is not a whole storage
+        warnings.filterwarnings("ignore", message="No complete tensor found")
+        torch.export.save(bare, str(path))
+
+
+def load_module(root: Path, file: str, weights: str, shared: dict | None) -> Any:
+    """The saved program `file` as a module bound to the export's weights `weights` (read once per `shared`)."""
+    import torch
+
+    program = torch.export.load(str(root / file))
+    tensors = shared_tensors(root, shared, weights)
+    names = [*program.state_dict, *(k for k, t in program.constants.items() if isinstance(t, torch.Tensor))]
+    bound = pick(tensors, names, root / weights)
+    return _swap(program, lambda name, _: bound[name]).module()
+
+
+def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
+    def loader(root: Path, shared: dict | None = None) -> Runner:
         import torch
 
-        module = torch.export.load(str(root / file)).module()
+        if len(files) == 1:  # an export written before the weights were shared: they are inside the program
+            module = torch.export.load(str(root / files[0])).module()
+        else:
+            module = load_module(root, files[0], files[1], shared)
 
         def run(inputs: dict[str, Any]) -> tuple:
             with torch.no_grad():
@@ -29,14 +83,22 @@ def _load(file: str, input_names: list[str]) -> Callable[[Path], Runner]:
     return loader
 
 
-@EXPORTERS.register("eager")
-def export_eager(req: ExportRequest) -> Artifact:
-    import torch
-
+def write_program(req: ExportRequest) -> list[str]:
+    """`<graph>.ep.pt2` without weights, and the program's tensors added to the export's weight file."""
     path = req.out_dir / f"{req.graph}.ep.pt2"
+    pool = weight_file(req.shared, req.out_dir)
     try:
-        torch.export.save(req.program, str(path))
+        pool.add(program_tensors(req.program), req.graph)
+        save_program(req.program, path)
+    except ExportError:
+        raise
     except Exception as e:  # serialization raises many types; report one line
         raise ExportError(f"saving the exported {req.graph} program failed: {str(e).strip().splitlines()[0]}") from e
-    loader = _load(path.name, req.input_names)
-    return Artifact(target="eager", graph=req.graph, files=[path.name], backend="eager", loader=loader)
+    return [path.name, pool.name]
+
+
+@EXPORTERS.register("eager")
+def export_eager(req: ExportRequest) -> Artifact:
+    files = write_program(req)
+    return Artifact(target="eager", graph=req.graph, files=files, backend="eager",
+                    loader=_load(files, req.input_names, req.graph))
