@@ -8,6 +8,7 @@ measures, each in a fresh worker process so that peak memory is its own:
   hf_full        the HF model, eager, without compression (KV cache, greedy)
   eager_reduced  tokcompile's graph modules (VisionEncoder, Prefill, DecodeStep), eager PyTorch
   onnxruntime / aoti / eager   the exported vision, prefill and decode graphs through tokcompile.runtime
+  onnxruntime_no_prepack       onnxruntime with prepack=False: no per-graph packed copy of the MatMul weights
 and prints ratios against hf_full. TTFT is the vision graph then the prefill graph, timed as one chain (the
 whole prompt up to the first token's logits, as hf_full's one forward). Machines are noisy: compare the ratios
 of one run, not absolute times across runs.
@@ -28,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import processed_batch, reset_peak, smaps_mb, status_mb, timed  # noqa: E402
+
 QUESTION = "Describe this image in detail, please."
 
 
@@ -43,29 +46,6 @@ def _recipe(size: str, pruning_loc: int, rate: float, targets: list[str]) -> dic
         "export": {"targets": targets},
         "parity": {"samples": 1, "atol": 1e-3, "rtol": 1e-3},
     }
-
-
-def _inputs(processor, manifest):
-    import numpy as np
-
-    from tokcompile.models import ADAPTERS, Geometry
-    from tokcompile.parity import process
-
-    adapter = ADAPTERS.get(manifest["plan"]["model_type"])()
-    geom = dict(manifest["plan"]["geometry"])
-    geom["image_size"], geom["layout"] = tuple(geom["image_size"]), tuple(geom.get("layout", ()))
-    g = Geometry(**geom)
-    return process(processor, adapter, g, adapter.random_media(np.random.default_rng(0), 1, g), [QUESTION])
-
-
-def _timed(fn, times):
-    def run(feed):
-        t = time.perf_counter()
-        out = fn(feed)
-        times.append(time.perf_counter() - t)
-        return out
-
-    return run
 
 
 def _chain_timed(vision, prefill, times):
@@ -84,13 +64,6 @@ def _chain_timed(vision, prefill, times):
     return run_vision, run_prefill
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(variant: str, export_dir: Path, recipe: Path, size: str, new_tokens: int, repeats: int) -> dict:
     import onnxruntime  # noqa: F401  (every variant imports the same libraries, so baselines match)
     import torch
@@ -99,11 +72,9 @@ def worker(variant: str, export_dir: Path, recipe: Path, size: str, new_tokens: 
     import tokcompile.runtime  # noqa: F401
     from tokcompile.generation import GenerationConfig, generate
 
-    baseline = _status_mb("VmRSS")
-    try:  # reset the peak-RSS mark so the peak below is this variant's own (Linux)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    baseline = status_mb("VmRSS")
+    base_smaps = smaps_mb()
+    reset_peak()  # the peak below is this variant's own
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
     cfg = GenerationConfig(max_new_tokens=new_tokens)
@@ -113,7 +84,7 @@ def worker(variant: str, export_dir: Path, recipe: Path, size: str, new_tokens: 
 
         processor = build_processor("llava", size)
         model = build_model("llava", seed=42, size=size)
-        batch = _inputs(processor, manifest)
+        batch = processed_batch(processor, manifest, QUESTION)
         if variant == "hf_full":
 
             def prefill(feed):
@@ -133,10 +104,10 @@ def worker(variant: str, export_dir: Path, recipe: Path, size: str, new_tokens: 
 
             def run_once():
                 pre, dec = [], []
-                logits = _timed(prefill, pre)(batch)
+                logits = timed(prefill, pre)(batch)
                 for _ in range(new_tokens - 1):
                     tok = logits.argmax(-1, keepdim=True)
-                    logits = _timed(decode_tok, dec)(tok)
+                    logits = timed(decode_tok, dec)(tok)
                 return pre[0], dec
 
         else:
@@ -149,8 +120,10 @@ def worker(variant: str, export_dir: Path, recipe: Path, size: str, new_tokens: 
     else:
         from tokcompile.runtime import load
 
-        gen = load(export_dir, variant)
-        batch = _inputs(gen.processor, manifest)
+        backend = variant.removesuffix("_no_prepack")
+        gen = load(export_dir, backend, trust_export=True,  # compiled by this benchmark
+                   prepack=not variant.endswith("_no_prepack"))
+        batch = processed_batch(gen.processor, manifest, QUESTION)
         graphs, layout = gen.graphs, gen.layout
 
     if variant != "hf_full":
@@ -159,7 +132,7 @@ def worker(variant: str, export_dir: Path, recipe: Path, size: str, new_tokens: 
         def run_once():
             pre, dec = [], []
             vision, prefill = _chain_timed(vision_graph, prefill_graph, pre)
-            generate(vision, prefill, _timed(decode_graph, dec), batch, layout=layout, cfg=cfg)
+            generate(vision, prefill, timed(decode_graph, dec), batch, layout=layout, cfg=cfg)
             return pre[0], dec
 
     run_once()  # warm-up
@@ -172,8 +145,9 @@ def worker(variant: str, export_dir: Path, recipe: Path, size: str, new_tokens: 
         "variant": variant,
         "ttft_s": statistics.median(ttfts),
         "decode_tok_s": statistics.median(decode_rates),
-        "peak_rss_mb": _status_mb("VmHWM"),
-        "peak_over_baseline_mb": _status_mb("VmHWM") - baseline,
+        "peak_rss_mb": status_mb("VmHWM"),
+        "peak_over_baseline_mb": status_mb("VmHWM") - baseline,
+        **{f"{k}_over_baseline_mb": v - base_smaps[k] for k, v in smaps_mb().items()},
         "prompt_len": int(batch["input_ids"].shape[1]),
     }
 
@@ -204,7 +178,7 @@ def main() -> None:
     from tokcompile.pipeline import compile_recipe
 
     targets = [t for t in args.targets.split(",") if t]
-    backends = {"onnx": "onnxruntime", "aoti": "aoti", "eager": "eager"}
+    backends = {"onnx": ["onnxruntime", "onnxruntime_no_prepack"], "aoti": ["aoti"], "eager": ["eager"]}
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tokcompile-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -218,7 +192,7 @@ def main() -> None:
             compile_recipe(recipe_path, out=out, force=True, log=lambda m: None)
             print(f"  compiled in {time.perf_counter() - t:.0f}s", flush=True)
         rows = []
-        for variant in ["hf_full", "eager_reduced"] + [backends[t] for t in targets]:
+        for variant in ["hf_full", "eager_reduced"] + [v for t in targets for v in backends[t]]:
             res = subprocess.run(
                 [sys.executable, __file__, "--worker", variant, "--export", str(out), "--size", size,
                  "--recipe", str(recipe_path),
@@ -239,8 +213,8 @@ def main() -> None:
               f"tokens, FastV K={step['layer']} keeps {step['n_out']}; prompt {rows[0]['prompt_len'] if rows else '?'} "
               f"tokens, {args.new_tokens} new tokens, batch 1, {torch.get_num_threads()} threads, median of "
               f"{args.repeats}")
-        print(f"{'variant':<15}{'TTFT ms':>10}{'x hf_full':>11}{'decode tok/s':>14}{'x hf_full':>11}"
-              f"{'peak MB':>10}{'x hf_full':>11}")
+        print(f"{'variant':<21}{'TTFT ms':>10}{'x hf_full':>11}{'decode tok/s':>14}{'x hf_full':>11}"
+              f"{'peak MB':>10}{'x hf_full':>11}{'PSS MB':>9}{'anon MB':>9}")
         base = rows[0] if rows and rows[0]["variant"] == "hf_full" else None
         for r in rows:
 
@@ -249,11 +223,15 @@ def main() -> None:
                     return float("nan")
                 return base[key] / r[key] if inverse else r[key] / base[key]
 
-            print(f"{r['variant']:<15}{r['ttft_s'] * 1e3:>10.1f}{ratio('ttft_s', True):>10.2f}x"
+            print(f"{r['variant']:<21}{r['ttft_s'] * 1e3:>10.1f}{ratio('ttft_s', True):>10.2f}x"
                   f"{r['decode_tok_s']:>14.1f}{ratio('decode_tok_s'):>10.2f}x{r['peak_over_baseline_mb']:>10.0f}"
-                  f"{ratio('peak_over_baseline_mb'):>10.2f}x")
+                  f"{ratio('peak_over_baseline_mb'):>10.2f}x{r.get('pss_over_baseline_mb', float('nan')):>9.0f}"
+                  f"{r.get('anonymous_over_baseline_mb', float('nan')):>9.0f}")
         print("(TTFT ratio = speedup: hf_full TTFT / variant TTFT. Peak MB = peak resident memory above the same "
-              "imports, model build and loading included; its ratio = variant / hf_full)")
+              "imports, model build and loading included; its ratio = variant / hf_full. A file page mapped by "
+              "several sessions counts once per mapping there; PSS MB (after the run) counts it once, anon MB is "
+              "private memory. onnxruntime pre-packs MatMul weights per graph (the default); _no_prepack: "
+              "prepack=False, the mapped weight file the only copy)")
         results[size] = rows
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -138,7 +138,7 @@ def test_parity_failure_publishes_nothing(tmp_path, capsys, monkeypatch):
     def perturbed(req):
         module = req.program.module()
 
-        def loader(root):
+        def loader(root, shared=None):
             def run(inputs):
                 out = module(*[inputs[n] for n in req.input_names])
                 if req.graph != "prefill":  # only the prefill's logits drift

@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,10 +64,10 @@ def test_manifest_describes_the_export(demo_export):
     for rel, info in m["files"].items():  # every file is hashed, and the hashes hold
         data = (demo_export / rel).read_bytes()
         assert hashlib.sha256(data).hexdigest() == info["sha256"] and len(data) == info["bytes"]
-    expected = {f"{g}.{ext}" for g in ("vision", "prefill", "decode")
-                for ext in ("onnx", "onnx.data", "ep.pt2")}
+    expected = {f"{g}.{ext}" for g in ("vision", "prefill", "decode") for ext in ("onnx", "ep.pt2")}
     expected |= {"aoti.pt2", "weights.safetensors"}  # one AOTInductor package; eager and aoti share the weights
-    assert expected | {"parity.json", "flops.json"} <= set(m["files"])
+    assert expected | {"weights.onnx.data", "parity.json", "flops.json"} <= set(m["files"])
+    assert not any(f.endswith(".onnx.data") and f != "weights.onnx.data" for f in m["files"])  # one weight file
 
 
 def test_parity_and_flops_reports(demo_export):
@@ -178,6 +179,19 @@ def test_gptq_int4_and_the_two_step_flow(tmp_path):
     p = json.loads((out / "parity.json").read_text())
     assert p["int4"]["prefill.exact"]["passed"] and p["int4"]["decode.unfused"]["passed"]
     assert p["int4"]["generation_exact"]["passed"]
+    for graph in ("vision", "prefill", "decode"):  # the runtime's onnxruntime-int4 backend, one weight file
+        art = m["graphs"][graph]["artifacts"]["onnx_int4"]
+        assert art["backend"] == "onnxruntime-int4" and art["files"][1] == "weights.onnx.data"
+    assert m["graphs"]["prefill"]["artifacts"]["onnx_int4"]["files"][0] == "prefill.int4.onnx"
+    assert "onnxruntime-int4" in m["backends"]
+    from PIL import Image
+
+    from tokcompile.runtime import load
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 40, 3)).astype("uint8"))
+    answers = [load(out, backend).generate([image], ["What is this?"], max_new_tokens=8, stop_at_eos=False)
+               for backend in ("onnxruntime", "onnxruntime-int4")]
+    assert answers[0].token_ids == answers[1].token_ids and answers[0].kept == answers[1].kept
 
     import yaml
     from transformers import LlavaForConditionalGeneration

@@ -152,7 +152,7 @@ def image_file(tmp_path_factory) -> str:
 def test_runtime_takes_hf_formatted_prompts(demo_export, image_file):
     from tokcompile.runtime import load
 
-    gen = load(demo_export, "eager")
+    gen = load(demo_export, "eager", trust_export=True)
     prompt = FORMATTED["llava"]
     assert format_prompt(gen.processor, gen.adapter, QUESTION) == prompt  # so the token ids must be equal
     kw = {"max_new_tokens": 6, "stop_at_eos": False}
@@ -178,14 +178,15 @@ def test_cli_prompt_format(demo_export, image_file):
 
     def run(*args: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "tokcompile", "generate", str(demo_export), "--image", image_file,
-               "--backend", "eager", "--max-new-tokens", "4", "--no-eos", *args]
+               "--backend", "eager", "--trust-export", "--max-new-tokens", "4", "--no-eos", *args]
         return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
 
     ok = run("--prompt", FORMATTED["llava"], "--prompt-format", "raw")
     assert ok.returncode == 0, ok.stderr
     from tokcompile.runtime import load
 
-    want = load(demo_export, "eager").generate([image_file], [QUESTION], max_new_tokens=4, stop_at_eos=False)
+    want = load(demo_export, "eager", trust_export=True).generate([image_file], [QUESTION], max_new_tokens=4,
+                                                                  stop_at_eos=False)
     assert ok.stdout == "".join(f"{t}\n" for t in want.texts)
     bad = run("--prompt", QUESTION, "--prompt-format", "raw")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -33,7 +33,7 @@ def test_backends_agree_and_batching_changes_nothing(demo_export, image_files):
     prompts = ["What is in this image?", "Describe everything you see, in detail."]
     answers = {}
     for backend in ("onnxruntime", "aoti", "eager"):
-        gen = load(demo_export, backend)
+        gen = load(demo_export, backend, trust_export=True)
         answers[backend] = gen.generate(image_files, prompts, max_new_tokens=16, stop_at_eos=False)
     ref = answers["eager"]
     assert all(len(ids) == 16 for ids in ref.token_ids)
@@ -52,7 +52,7 @@ def test_backends_agree_and_batching_changes_nothing(demo_export, image_files):
 def test_cli_generate(demo_export, image_files):
     res = subprocess.run(
         [sys.executable, "-m", "tokcompile", "generate", str(demo_export), "--image", image_files[0], "--prompt",
-         "What is this?", "--max-new-tokens", "5", "--no-eos", "--show-kept", "--verify"],
+         "What is this?", "--max-new-tokens", "5", "--no-eos", "--show-kept", "--verify", "--no-prepack"],
         capture_output=True, text=True, cwd=ROOT,
     )
     assert res.returncode == 0, res.stderr
@@ -83,14 +83,14 @@ def test_missing_graph_file(broken):
     (broken / "decode.onnx").unlink()
     with pytest.raises(RecipeError, match="decode.onnx: is missing"):
         load(broken, "onnxruntime")
-    load(broken, "eager")  # other backends still load
+    load(broken, "eager", trust_export=True)  # other backends still load
 
 
 def test_truncated_graph_file(broken):
     data = (broken / "prefill.ep.pt2").read_bytes()
     (broken / "prefill.ep.pt2").write_bytes(data[: len(data) // 2])
     with pytest.raises(RecipeError, match="prefill.ep.pt2: has .* bytes, the manifest says"):
-        load(broken, "eager")
+        load(broken, "eager", trust_export=True)
 
 
 def test_corrupt_graph_file_same_size(broken):
@@ -119,11 +119,25 @@ def test_newer_format_version(broken):
 def test_not_an_export_and_unknown_backend(demo_export, tmp_path):
     with pytest.raises(RecipeError, match="no manifest.json"):
         load(tmp_path)
-    with pytest.raises(RecipeError, match="unknown backend 'tensorrt'"):
-        load(demo_export, "tensorrt")
+    with pytest.raises(RecipeError, match="unknown backend 'openvino'"):
+        load(demo_export, "openvino")
+    with pytest.raises(RecipeError, match="no tensorrt artifacts .* add tensorrt to export.targets"):
+        load(demo_export, "tensorrt", trust_export=True)
+    with pytest.raises(RecipeError, match=r"no onnx_int4 artifacts .* set export.weight_format: int4"):
+        load(demo_export, "onnxruntime-int4")
+
+
+def test_code_running_backends_need_trust(demo_export, image_files):
+    """aoti and eager run code stored in the export: refused unless the caller trusts it, before anything loads."""
+    for backend in ("aoti", "eager", "torch_compile", "tensorrt"):
+        with pytest.raises(RecipeError, match=f"the {backend} backend .* add --trust-export .* onnxruntime"):
+            load(demo_export, backend)
+    err = _cli_error(str(demo_export), "--backend", "eager", "--image", image_files[0], "--prompt", "hi")
+    assert "--trust-export" in err and len(err.strip().splitlines()) == 1
+    load(demo_export, "onnxruntime")  # data only: no trust needed
 
 
 def test_prompt_longer_than_compiled(demo_export, image_files):
-    gen = load(demo_export, "eager")
+    gen = load(demo_export, "eager", trust_export=True)
     with pytest.raises(RecipeError, match="more than the 320 this export was compiled for"):
         gen.generate(image_files[:1], ["word " * 100], max_new_tokens=2)

@@ -41,6 +41,9 @@ def _write(export, manifest) -> None:
     (export / "manifest.json").write_text(json.dumps(manifest))
 
 
+EAGER = ("--backend", "eager", "--trust-export")
+
+
 def _cli(capsys, *args: str) -> str:
     code = generate_main(list(args))
     err = capsys.readouterr().err.strip()
@@ -90,7 +93,7 @@ def test_linked_file_pointing_outside_is_refused(export, tmp_path):
 
 
 def test_weights_corrupted_at_the_same_size(export, image):
-    data = export / "prefill.onnx.data"
+    data = export / "weights.onnx.data"  # the one weight file all graphs read
     raw = np.frombuffer(data.read_bytes(), dtype=np.uint8).copy()
     raw[:] = np.random.default_rng(0).integers(0, 256, raw.size, dtype=np.uint8)
     data.write_bytes(raw.tobytes())
@@ -98,8 +101,8 @@ def test_weights_corrupted_at_the_same_size(export, image):
     try:
         gen.generate([image], ["What is this?"], max_new_tokens=2)
     except RecipeError as e:  # random weights usually break an index; then the error suggests --verify
-        assert "prefill" in str(e) and "--verify" in str(e) and "\n" not in str(e)
-    with pytest.raises(RecipeError, match="prefill.onnx.data: does not match its sha256"):
+        assert "graph failed to run" in str(e) and "--verify" in str(e) and "\n" not in str(e)
+    with pytest.raises(RecipeError, match="weights.onnx.data: does not match its sha256"):
         load(export, "onnxruntime", verify=True)
 
 
@@ -115,12 +118,12 @@ def _png_header_only(path, width: int, height: int) -> None:
 def test_bad_images(demo_export, tmp_path, capsys):
     bomb = tmp_path / "bomb.png"
     _png_header_only(bomb, 20000, 20000)
-    err = _cli(capsys, str(demo_export), "--backend", "eager", "--image", str(bomb), "--prompt", "hi")
+    err = _cli(capsys, str(demo_export), *EAGER, "--image", str(bomb), "--prompt", "hi")
     assert "--image" in err and "too large to decode safely" in err
-    err = _cli(capsys, str(demo_export), "--backend", "eager", "--image", str(tmp_path), "--prompt", "hi")
+    err = _cli(capsys, str(demo_export), *EAGER, "--image", str(tmp_path), "--prompt", "hi")
     assert "is a directory" in err
     (tmp_path / "text.png").write_text("not an image")
-    err = _cli(capsys, str(demo_export), "--backend", "eager", "--image", str(tmp_path / "text.png"), "--prompt", "hi")
+    err = _cli(capsys, str(demo_export), *EAGER, "--image", str(tmp_path / "text.png"), "--prompt", "hi")
     assert "is not a readable image" in err
 
 
@@ -133,7 +136,7 @@ def test_bad_images(demo_export, tmp_path, capsys):
     (("--max-new-tokens", "0"), "--max-new-tokens"),
 ])
 def test_bad_sampling_flags(demo_export, image, capsys, flags, key):
-    err = _cli(capsys, str(demo_export), "--backend", "eager", "--image", image, "--prompt", "hi", *flags)
+    err = _cli(capsys, str(demo_export), *EAGER, "--image", image, "--prompt", "hi", *flags)
     assert err.startswith(f"error: {key}: ")
 
 

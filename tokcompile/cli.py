@@ -108,7 +108,16 @@ def _generate_parser() -> argparse.ArgumentParser:
                    help="chat: wrap each prompt in the model's chat template; raw: use it as given (it holds the "
                         "image placeholder once, e.g. 'USER: <image>\\nWhat is shown? ASSISTANT:'); auto (default): "
                         "raw when the prompt holds the placeholder, else chat")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), aoti or eager")
+    p.add_argument("--backend", default="onnxruntime",
+                   help="onnxruntime (default; reads only data, safe for any export), onnxruntime-int4 (the INT4 "
+                        "graphs of an export.weight_format: int4 export), aoti, eager, torch_compile or tensorrt "
+                        "(these run code stored in the export and need --trust-export)")
+    p.add_argument("--trust-export", action="store_true",
+                   help="allow the aoti, eager, torch_compile and tensorrt backends, which load a shared library, "
+                        "pickled programs or engines from the export directory: only for an export you built or "
+                        "trust")
+    p.add_argument("--no-prepack", action="store_true",
+                   help="onnxruntime: no per-graph pre-packed weight copies; the mapped weight file is the only copy")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the recipe's inputs.max_new_tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -140,7 +149,8 @@ def generate_main(argv: list[str] | None = None) -> int:
         GenerationConfig(max_new_tokens=1 if args.max_new_tokens is None else args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p)
         images = [open_image(path) for path in args.image]
-        gen = load(args.export_dir, backend=args.backend, verify=args.verify)
+        gen = load(args.export_dir, backend=args.backend, verify=args.verify, trust_export=args.trust_export,
+                   prepack=not args.no_prepack)
         ans = gen.generate(
             images, args.prompt, max_new_tokens=args.max_new_tokens, stop_at_eos=not args.no_eos,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, prompt_format=args.prompt_format,

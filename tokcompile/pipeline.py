@@ -187,14 +187,16 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         DECODE: [as_case(layout.decode, specs[2].example_dict(), eager_decode(specs[2].example_dict()))],
     }
     artifacts = []
+    shared: dict[str, dict] = {}  # per target: what its graphs share while exporting (the ONNX weight file)
     for target in plan.targets:
         done = stage(target)
         runners = {}
         for spec in specs:
             art = EXPORTERS.get(target)(ExportRequest(
-                programs[spec.name], tmp, spec.name, spec.input_names, spec.output_names, recipe.export.opset
+                programs[spec.name], tmp, spec.name, spec.input_names, spec.output_names, recipe.export.opset,
+                shared=shared.setdefault(target, {}), plan=plan, labels=spec.labels,
             ))
-            runners[spec.name] = art.load(tmp)
+            runners[spec.name] = art.load(tmp, {})
             report["artifacts"][art.name] = {
                 "files": art.files,
                 **parity.check_artifact(art.name, runners[spec.name], spec.output_names, graph_cases[spec.name],
@@ -218,8 +220,10 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     int4 = None
     if int_weights:
         done = stage("int4")
-        int4 = _int4_onnx(specs, graph_cases, cases, eager_runs, int_weights, tmp, layout, gcfg, atol, rtol, log)
+        int4 = _int4_onnx(specs, graph_cases, cases, eager_runs, int_weights, tmp, layout, gcfg, atol, rtol, log,
+                          shared["onnx"]["onnx_weights"])
         report["int4"] = int4["parity"]
+        artifacts.extend(int4.pop("artifacts"))  # the runtime's onnxruntime-int4 backend
         done()
 
     report["passed"] = True
@@ -296,7 +300,7 @@ def _quantize(plan: Plan, model: Any, processor: Any, log: Log) -> tuple[Any, di
 
 
 def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, int_weights: dict, tmp: Path,
-               layout: Any, gcfg: Any, atol: float, rtol: float, log: Log) -> dict:
+               layout: Any, gcfg: Any, atol: float, rtol: float, log: Log, pool: Any) -> dict:
     """Write `<graph>.int4.onnx` next to each fake-quant ONNX graph that holds quantized weights (prefill and
     decode; the vision graph has none and serves as it is) and check it in onnxruntime: with MatMulNBits at
     accuracy level 0 and with optimisations off it must pass parity (and generate the same tokens); at
@@ -304,10 +308,11 @@ def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, in
     import torch
 
     from tokcompile import parity
-    from tokcompile.export.int4 import ort_session, write_int4_onnx
+    from tokcompile.export.int4 import int4_artifact, ort_session, write_int4_onnx
+    from tokcompile.export.tensorrt_check import check_onnx
     from tokcompile.generation import generate
 
-    out: dict[str, Any] = {"graphs": {}, "parity": {}}
+    out: dict[str, Any] = {"graphs": {}, "parity": {}, "artifacts": []}
     sessions: dict[str, dict[str, Any]] = {"exact": {}, "unfused": {}, "default": {}}
     for spec in specs:
         src, dst = tmp / f"{spec.name}.onnx", tmp / f"{spec.name}.int4.onnx"
@@ -320,14 +325,19 @@ def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, in
 
             for mode in sessions:
                 sessions[mode][spec.name] = run_vision
-            out["graphs"][spec.name] = {"files": [src.name, src.name + ".data"], "replaced": 0,
+            out["graphs"][spec.name] = {"files": [src.name, pool.name], "replaced": 0,
                                         "note": "no quantized weights; the float vision graph serves"}
+            out["artifacts"].append(int4_artifact(spec.name, [src.name, pool.name], spec.input_names,
+                                                  {"note": out["graphs"][spec.name]["note"]}))
             continue
         stats = write_int4_onnx(src, dst, int_weights)
-        size = lambda p: p.stat().st_size + (p.with_name(p.name + ".data").stat().st_size  # noqa: E731
-                                             if p.with_name(p.name + ".data").exists() else 0)
-        out["graphs"][spec.name] = {"files": [dst.name, dst.name + ".data"], "bytes": size(dst),
-                                    "float_bytes": size(src), "size_ratio": size(dst) / size(src), **stats}
+        stats["tensorrt"] = check_onnx(dst)
+        moved = pool.add(dst)  # INT4 codes and scales join the export's weight file; shared tensors are not copied
+        float_bytes = _weight_bytes(src)
+        out["graphs"][spec.name] = {"files": [dst.name, pool.name], "bytes": moved["bytes"],
+                                    "new_bytes": moved["new_bytes"], "float_bytes": float_bytes,
+                                    "size_ratio": moved["bytes"] / float_bytes, **stats}
+        out["artifacts"].append(int4_artifact(spec.name, [dst.name, pool.name], spec.input_names, stats))
         for mode in sessions:
             sess = ort_session(dst, mode)
 
@@ -355,6 +365,15 @@ def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, in
         f"{p['float_bytes'] / 1e6:.1f} MB fp32 ({p['size_ratio']:.2f}x); parity passed with MatMulNBits "
         f"exact and unfused; default-accuracy drift {out['parity']['prefill.default_accuracy_drift']:.3g}")
     return out
+
+
+def _weight_bytes(graph: Path) -> int:
+    """Bytes of the tensors an ONNX graph stores (external or inline)."""
+    import onnx
+
+    from tokcompile.export.onnx_weights import stored_bytes
+
+    return stored_bytes(onnx.load(str(graph), load_external_data=False))
 
 
 def _independent_reference(plan: Plan, model: Any, eager_out: list, inputs: list, atol: float, rtol: float,

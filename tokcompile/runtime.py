@@ -18,7 +18,17 @@ from tokcompile.generation import GenerationConfig, generate
 from tokcompile.layout import GraphIO, GraphLayout
 from tokcompile.manifest import FORMAT_VERSION, sha256
 
-BACKENDS = {"onnxruntime": "onnx", "aoti": "aoti", "eager": "eager", "torch_compile": "torch_compile"}
+BACKENDS = {"onnxruntime": "onnx", "onnxruntime-int4": "onnx_int4", "aoti": "aoti", "eager": "eager",
+            "torch_compile": "torch_compile", "tensorrt": "tensorrt"}
+
+# Backends that run code from the export directory: opening an export with them is as safe as running a program
+# its author gave you, so they need `trust_export=True` (`--trust-export`). onnxruntime reads only data.
+TRUST_NEEDED = {
+    "aoti": "loads a compiled shared library (native code) from the export directory",
+    "eager": "loads pickled torch.export programs from the export directory",
+    "torch_compile": "loads pickled torch.export programs from the export directory and compiles them",
+    "tensorrt": "deserializes TensorRT engines from the export directory (an engine is not checked for safety)",
+}
 
 
 @dataclass
@@ -101,9 +111,13 @@ def layout_from_manifest(manifest: dict) -> GraphLayout:
 
 
 def _graph_runner(
-    export_dir: Path, manifest: dict, graph: str, target: str, verify: bool = False
+    export_dir: Path, manifest: dict, graph: str, target: str, verify: bool = False, shared: dict | None = None
 ) -> Callable[[dict], tuple]:
-    from tokcompile.export import aoti, eager, onnx, torch_compile
+    from tokcompile.export import aoti, eager, onnx, tensorrt, torch_compile
+    from tokcompile.export.int4 import EXACT_CONFIG
+
+    def int4_loader(files: list[str], names: list[str]) -> Callable:
+        return onnx._load(files, names, EXACT_CONFIG)
 
     spec = manifest["graphs"].get(graph)
     if spec is None:
@@ -113,8 +127,10 @@ def _graph_runner(
         art = spec["artifacts"].get("eager")
     if art is None:
         have = ", ".join(sorted(a["backend"] for a in spec["artifacts"].values()))
-        raise _fail("--backend", f"this export has no {target} artifacts (it has: {have}); add {target} to "
-                                 "export.targets and recompile, or choose another backend")
+        fix = ("set export.weight_format: int4 (with onnx in export.targets)" if target == "onnx_int4"
+               else f"add {target} to export.targets")
+        raise _fail("--backend", f"this export has no {target} artifacts (it has: {have}); {fix} and recompile, "
+                                 "or choose another backend")
     recorded = manifest.get("files", {})
     for f in art["files"]:
         path = inside(export_dir, f, f"the {graph} graph file")
@@ -130,7 +146,7 @@ def _graph_runner(
                 raise _fail(str(path), "does not match its sha256 in the manifest; the file is corrupt, recompile")
             checked.add(f)
     names = [i["name"] for i in spec["inputs"]]
-    loaders = {"onnx": onnx._load}
+    loaders = {"onnx": onnx._load, "onnx_int4": int4_loader, "tensorrt": tensorrt._load}
     by_graph = {"aoti": aoti._load, "eager": eager._load, "torch_compile": torch_compile._load}  # + the graph name
     first_file = str(export_dir / art["files"][0])
     try:
@@ -186,22 +202,29 @@ def open_image(im: Any) -> Any:
 class Generator:
     """A loaded export: prefill and decode graphs of one backend, plus the model's processor."""
 
-    def __init__(self, export_dir: str | Path, backend: str = "onnxruntime", verify: bool = False):
+    def __init__(self, export_dir: str | Path, backend: str = "onnxruntime", verify: bool = False,
+                 trust_export: bool = False, prepack: bool = True):
         self.dir = Path(export_dir)
         if backend not in BACKENDS:
             raise _fail("--backend", f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
+        if backend in TRUST_NEEDED and not trust_export:
+            raise _fail("--backend", f"the {backend} backend {TRUST_NEEDED[backend]}, which can run arbitrary code; "
+                                     "add --trust-export (trust_export=True) only for an export you built or trust, "
+                                     "or use --backend onnxruntime, which is safe for any export")
         self.manifest = read_manifest(self.dir)
         self.backend = backend
         try:
-            self._open(BACKENDS[backend], verify)
+            self._open(BACKENDS[backend], verify, prepack)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise _fail(str(self.dir / "manifest.json"), f"is damaged ({type(e).__name__}: {_first_line(e)}); "
                                                          "recompile the export") from None
 
-    def _open(self, target: str, verify: bool) -> None:
+    def _open(self, target: str, verify: bool, prepack: bool) -> None:
         """Graphs, processor and geometry as the manifest records them."""
         self.layout = layout_from_manifest(self.manifest)
-        self.graphs = [self.layout.graph(g).wrap(_graph_runner(self.dir, self.manifest, g, target, verify))
+        # what one backend shares between the graphs of this export (e.g. one copy of weights), and its options
+        shared: dict = {"onnx_prepack": prepack}
+        self.graphs = [self.layout.graph(g).wrap(_graph_runner(self.dir, self.manifest, g, target, verify, shared))
                        for g in self.layout.graphs]
         self.batch_max = int(self.manifest["generation"]["batch_max"])
         self.image_size = tuple(self.manifest["plan"]["geometry"]["image_size"])
@@ -311,9 +334,16 @@ class Generator:
         return Answer(texts, ids, kept)
 
 
-def load(export_dir: str | Path, backend: str = "onnxruntime", verify: bool = False) -> Generator:
-    """Open an export directory with one backend: "onnxruntime", "aoti" or "eager".
+def load(export_dir: str | Path, backend: str = "onnxruntime", verify: bool = False,
+         trust_export: bool = False, prepack: bool = True) -> Generator:
+    """Open an export directory with one backend: "onnxruntime", "onnxruntime-int4" (the INT4-weight graphs of an
+    export compiled with `export.weight_format: int4`), "aoti", "eager", "torch_compile" or "tensorrt".
 
     File sizes are always checked against the manifest; `verify=True` also checks every graph file's sha256.
+    The onnxruntime backends only read data and are safe for an export from anywhere; the others run code
+    stored in the export (a shared library, pickled programs, engines) and need `trust_export=True`.
+
+    onnxruntime maps the export's one weight file in place, so all graphs share one copy in memory; `prepack=True`
+    lets its CPU kernels also keep a pre-packed copy of each MatMul weight per graph (faster prefill, more memory).
     """
-    return Generator(export_dir, backend, verify)
+    return Generator(export_dir, backend, verify, trust_export, prepack)

@@ -405,7 +405,7 @@ def test_tiny_twin_compiles_and_answers(compiles, family):
     image = Image.fromarray(rng.integers(0, 256, (150, 210, 3)).astype("uint8"))  # not the compiled 64x96
     answers = {}
     for backend in ["onnxruntime"] + (["aoti"] if "aoti" in targets else []):
-        ans = load(out, backend).generate([image], ["What is in this picture?"], max_new_tokens=6)
+        ans = load(out, backend, trust_export=True).generate([image], ["What is in this picture?"], max_new_tokens=6)
         assert isinstance(ans.texts[0], str) and len(ans.token_ids[0]) >= 1
         kept = ans.kept["kept_0"][0]
         assert len(kept) == 12 and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < 24

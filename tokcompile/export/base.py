@@ -15,6 +15,9 @@ from typing import Any, Protocol
 from tokcompile.registry import Registry
 
 Runner = Callable[[dict[str, Any]], tuple]
+# (export directory, shared) -> runner. `shared` is one dict per loaded export, the same for all its graphs, where a
+# backend may keep what the graphs share (one copy of the weights); None when a graph is loaded alone.
+Loader = Callable[[Path, "dict | None"], Runner]
 
 
 @dataclass
@@ -24,11 +27,11 @@ class Artifact:
     files: list[str]  # relative to the export directory
     backend: str  # runtime that executes it: "onnxruntime", "aoti"
     meta: dict[str, Any] = field(default_factory=dict)
-    loader: Callable[[Path], Runner] | None = field(default=None, repr=False)
+    loader: Loader | None = field(default=None, repr=False)
 
-    def load(self, root: Path) -> Runner:
+    def load(self, root: Path, shared: dict | None = None) -> Runner:
         assert self.loader is not None, f"{self.target} artifact has no loader"
-        return self.loader(root)
+        return self.loader(root, shared)
 
     @property
     def name(self) -> str:
@@ -45,6 +48,7 @@ class ExportRequest:
     input_names: list[str]
     output_names: list[str]
     opset: int | None = None
+    shared: dict = field(default_factory=dict)  # one dict per compile and target, for what its graphs share
     plan: Any = None  # the resolved Plan, for targets that need more than the program (tensorrt: profile ranges)
     labels: dict[str, dict[int, str]] = field(default_factory=dict)  # input name -> {axis: manifest dim name}
 

@@ -129,6 +129,19 @@ def write_int4_onnx(src: Path, dst: Path, weights: dict[str, IntWeight]) -> dict
     return {"replaced": len(replaced), "opset": max(MIN_OPSET, min(o.version for o in model.opset_import))}
 
 
+# What parity validates and the runtime's "onnxruntime-int4" backend runs: MatMulNBits computing in fp32.
+EXACT_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+
+
+def int4_artifact(graph: str, files: list[str], input_names: list[str], meta: dict[str, Any]) -> Any:
+    """The INT4 graph as an artifact of target "onnx_int4", run by onnxruntime with `EXACT_CONFIG`."""
+    from tokcompile.export import onnx as onnx_target
+    from tokcompile.export.base import Artifact
+
+    return Artifact(target="onnx_int4", graph=graph, files=files, backend="onnxruntime-int4", meta=meta,
+                    loader=onnx_target._load(files, input_names, EXACT_CONFIG))
+
+
 def ort_session(path: Path, mode: str) -> Any:
     """mode: "default" (MatMulNBits fusion at onnxruntime's default accuracy), "exact" (fusion with
     accuracy level 0, fp32 compute) or "unfused" (graph optimisations off: DequantizeLinear + MatMul)."""
@@ -137,7 +150,8 @@ def ort_session(path: Path, mode: str) -> Any:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if mode == "exact":
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        for key, value in EXACT_CONFIG.items():
+            opts.add_session_config_entry(key, value)
     elif mode == "unfused":
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

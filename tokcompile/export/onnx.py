@@ -1,4 +1,5 @@
-"""ONNX export with the dynamo exporter (`torch.onnx.export(dynamo=True)`), weights as external data.
+"""ONNX export with the dynamo exporter (`torch.onnx.export(dynamo=True)`), weights as external data in the
+export's one weight file (`onnx_weights.py`), which the runtime maps once for all graphs.
 
 The graph is translated from the same `torch.export` program the other targets use, so dynamic dimensions
 (the prompt length) carry over. onnxruntime (CPU) runs it for parity. This is the ONNX a TensorRT build
@@ -9,18 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tokcompile.errors import ExportError
-from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Runner
+from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Loader, Runner
 from tokcompile.export.onnx_graph import topk_constants
+from tokcompile.export.onnx_weights import WeightPool, session_options
 from tokcompile.export.tensorrt_check import check_onnx
 
 
-def _load(files: list[str], input_names: list[str]) -> Callable[[Path], Runner]:
-    def loader(root: Path) -> Runner:
+def _load(files: list[str], input_names: list[str], config: dict[str, str] | None = None) -> Loader:
+    """A runner over one onnxruntime CPU session; `config` holds extra session config entries."""
+    def loader(root: Path, shared: dict | None = None) -> Runner:
         import torch
 
         try:
@@ -29,6 +31,9 @@ def _load(files: list[str], input_names: list[str]) -> Callable[[Path], Runner]:
             raise ExportError("onnxruntime is not installed; pip install 'tokcompile[onnx]'") from None
         opts = ort.SessionOptions()
         opts.log_severity_level = 4  # fatal only: failures reach the caller as exceptions, reported once
+        session_options(opts, prepack=(shared or {}).get("onnx_prepack", True))  # see onnx_weights.py
+        for key, value in (config or {}).items():
+            opts.add_session_config_entry(key, value)
         # onnxruntime prints its provider-fallback notices with print(); the caller reports the failure itself
         with contextlib.redirect_stdout(io.StringIO()):
             session = ort.InferenceSession(str(root / files[0]), opts, providers=["CPUExecutionProvider"])
@@ -64,7 +69,11 @@ def export_onnx(req: ExportRequest) -> Artifact:
             )
     except Exception as e:  # the exporter raises many types; report one line and keep the log
         raise ExportError(f"ONNX export of the {req.graph} graph failed: {str(e).strip().splitlines()[0]}") from e
-    files = [path.name] + sorted(p.name for p in req.out_dir.glob(f"{req.graph}.onnx.data"))
+    if "onnx_weights" not in req.shared:  # the first graph of this compile starts the export's weight file
+        req.shared["onnx_weights"] = WeightPool(req.out_dir)
+    pool = req.shared["onnx_weights"]
+    moved = pool.add(path)  # this graph's weights into the export's one weight file
+    files = [path.name, pool.name]
     model = onnx.load(str(path), load_external_data=False)
     opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     ops = sorted({n.op_type for n in model.graph.node})
@@ -73,7 +82,8 @@ def export_onnx(req: ExportRequest) -> Artifact:
         graph=req.graph,
         files=files,
         backend="onnxruntime",
-        meta={"opset": opset_used, "ops": ops, "topk_k": topk_constants(model), "tensorrt": check_onnx(path)},
+        meta={"opset": opset_used, "ops": ops, "topk_k": topk_constants(model), "tensorrt": check_onnx(path),
+              "weights": moved},
         loader=_load(files, req.input_names),
     )
 
