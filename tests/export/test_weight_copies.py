@@ -73,7 +73,7 @@ def test_programs_share_one_weight_file_and_one_copy_in_memory(tmp_path):
         torch.testing.assert_close(got["first"], model(ids)[0], rtol=0, atol=0)
         torch.testing.assert_close(got["second"], Head(model)(ids)[0], rtol=0, atol=0)
     assert len(runtime) == 1  # the file was read once for both programs
-    first, second = (load_module(tmp_path, a.files[0], WEIGHTS_FILE, runtime) for a in arts.values())
+    first, second = (load_module(tmp_path, a.files[0], WEIGHTS_FILE, runtime, n) for n, a in arts.items())
     for name in ("body.weight", "embed.weight", "out.weight"):  # bound to the same tensors: one copy in memory
         assert first.get_parameter(name).data_ptr() == second.get_parameter(name).data_ptr()
     assert first.get_buffer("scale").data_ptr() == runtime[next(iter(runtime))]["scale"].data_ptr()

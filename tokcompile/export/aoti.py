@@ -35,7 +35,7 @@ def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
 
             runner = load_package(str(root / files[0]), model_name=graph)
             tensors = shared_tensors(root, shared, files[1])
-            bound = pick(tensors, runner.get_constant_fqns(), root / files[1])
+            bound = pick(tensors, runner.get_constant_fqns(), root / files[1], graph)
             runner.load_constants(bound, check_full_update=True, user_managed=True)  # no copy: keep them alive
 
         def run(inputs: dict[str, Any], _weights: dict = bound) -> tuple:
@@ -54,6 +54,12 @@ def _compile(program: Any) -> list:
     import torch
 
     module = program.module(check_guards=False)
+    buffers = dict(module.named_buffers())
+    for name in program.constants:  # lifted constants come back as plain attributes, which inductor's trace would
+        value = getattr(module, name, None)  # rename `_tensor_constant<i>`; as buffers they keep their names, the
+        if "." not in name and isinstance(value, torch.Tensor) and name not in buffers:  # weight file's
+            delattr(module, name)
+            module.register_buffer(name, value, persistent=False)
     args, kwargs = program.example_inputs
     return torch._inductor.aot_compile(module, args, kwargs, options=dict(OPTIONS))
 
@@ -80,7 +86,7 @@ def export_aoti(req: ExportRequest) -> Artifact:
     except Exception as e:  # inductor raises many types; report one line
         first = str(e).strip().splitlines()[0]
         raise ExportError(f"AOTInductor compile of the {req.graph} graph failed: {first}") from e
-    pool.add(program_tensors(req.program), req.graph)
+    pool.add(program_tensors(req.program, req.graph), req.graph)
     files = [path.name, pool.name]
     return Artifact(target="aoti", graph=req.graph, files=files, backend="aoti",
                     loader=_load(files, req.input_names, req.graph))

@@ -54,14 +54,14 @@ def save_program(program: Any, path: Path) -> None:
         torch.export.save(bare, str(path))
 
 
-def load_module(root: Path, file: str, weights: str, shared: dict | None) -> Any:
+def load_module(root: Path, file: str, weights: str, shared: dict | None, graph: str) -> Any:
     """The saved program `file` as a module bound to the export's weights `weights` (read once per `shared`)."""
     import torch
 
     program = torch.export.load(str(root / file))
     tensors = shared_tensors(root, shared, weights)
     names = [*program.state_dict, *(k for k, t in program.constants.items() if isinstance(t, torch.Tensor))]
-    bound = pick(tensors, names, root / weights)
+    bound = pick(tensors, names, root / weights, graph)
     return _swap(program, lambda name, _: bound[name]).module()
 
 
@@ -72,7 +72,7 @@ def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
         if len(files) == 1:  # an export written before the weights were shared: they are inside the program
             module = torch.export.load(str(root / files[0])).module()
         else:
-            module = load_module(root, files[0], files[1], shared)
+            module = load_module(root, files[0], files[1], shared, graph)
 
         def run(inputs: dict[str, Any]) -> tuple:
             with torch.no_grad():
@@ -88,7 +88,7 @@ def write_program(req: ExportRequest) -> list[str]:
     path = req.out_dir / f"{req.graph}.ep.pt2"
     pool = weight_file(req.shared, req.out_dir)
     try:
-        pool.add(program_tensors(req.program), req.graph)
+        pool.add(program_tensors(req.program, req.graph), req.graph)
         save_program(req.program, path)
     except ExportError:
         raise

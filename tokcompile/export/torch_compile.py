@@ -44,7 +44,7 @@ def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
     def loader(root: Path, shared: dict | None = None) -> Runner:
         import torch
 
-        module = torch.compile(load_module(root, files[0], files[1], shared), dynamic=True, **SETTINGS)
+        module = torch.compile(load_module(root, files[0], files[1], shared, graph), dynamic=True, **SETTINGS)
 
         def run(inputs: dict[str, Any]) -> tuple:
             args = [dense(torch.as_tensor(inputs[n])) for n in input_names]

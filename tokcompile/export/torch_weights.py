@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,23 @@ def weight_file(shared: dict, out_dir: Path) -> WeightFile:
     return shared["torch_weight_file"]
 
 
-def program_tensors(program: Any) -> dict[str, Any]:
-    """A `torch.export` program's parameters, buffers and tensor constants, by name."""
+# Names the exporter makes up for tensors a forward creates (`lifted_tensor_0`, ...): numbered per program, so the
+# same name means different tensors in two graphs. The weight file keeps them under "<graph>:<name>".
+_PER_PROGRAM = re.compile(r"(lifted_tensor|_tensor_constant)_?\d+")
+
+
+def file_key(graph: str, name: str) -> str:
+    """Where a program's tensor `name` lives in the weight file: its module name, or "<graph>:<name>" for a
+    constant the exporter named per program."""
+    return f"{graph}:{name}" if _PER_PROGRAM.fullmatch(name) else name
+
+
+def program_tensors(program: Any, graph: str) -> dict[str, Any]:
+    """A `torch.export` program's parameters, buffers and tensor constants, by their weight-file keys."""
     import torch
 
     out = dict(program.state_dict)
-    out.update({k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)})
+    out.update({file_key(graph, k): v for k, v in program.constants.items() if isinstance(v, torch.Tensor)})
     return out
 
 
@@ -146,9 +158,10 @@ def shared_tensors(root: Path, shared: dict | None, file: str = WEIGHTS_FILE) ->
     return tensors
 
 
-def pick(tensors: dict[str, Any], names: list[str], path: Path) -> dict[str, Any]:
-    """`tensors[n]` for every name a graph needs; one line naming the first one missing."""
-    missing = [n for n in names if n not in tensors]
+def pick(tensors: dict[str, Any], names: list[str], path: Path, graph: str) -> dict[str, Any]:
+    """The tensor for every name `graph` needs, by that name; one line naming the first one missing."""
+    missing = [n for n in names if file_key(graph, n) not in tensors]
     if missing:
-        raise ExportError(f"{path}: has no weight '{missing[0]}' ({len(missing)} missing); recompile the export")
-    return {n: tensors[n] for n in names}
+        raise ExportError(f"{path}: has no weight '{file_key(graph, missing[0])}' ({len(missing)} missing); "
+                          "recompile the export")
+    return {n: tensors[file_key(graph, n)] for n in names}
