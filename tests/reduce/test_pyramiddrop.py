@@ -124,7 +124,8 @@ def test_plan_cli_shows_the_stages(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_recipe_compiles_with_one_cache_group_per_stage(tmp_path):
-    res = compile_recipe(ROOT / "recipes/tiny/pyramiddrop.yml", tmp_path / "out", "--targets", "onnx,aoti")
+    # AOTInductor in CI: the demo and Qwen2.5-VL
+    res = compile_recipe(ROOT / "recipes/tiny/pyramiddrop.yml", tmp_path / "out", "--targets", "onnx")
     assert res.returncode == 0, res.stderr + res.stdout
     assert "parity passed" in res.stdout
     print("\n".join(line for line in res.stdout.splitlines() if re.search(r"max|parity|Δ", line)))

@@ -1,5 +1,5 @@
 """Static VTW against the independent reference (tiny LLaVA, tiny Qwen2.5-VL with M-RoPE), padding, plan errors,
-PACT's equivalent-layer keys and one full compile of the zero-kept step (ONNX and AOTInductor)."""
+PACT's equivalent-layer keys and one full compile of the zero-kept step (ONNX)."""
 
 from __future__ import annotations
 
@@ -176,7 +176,8 @@ def test_plan_cli(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_recipe_compiles_with_an_empty_kept_output(tmp_path):
-    res = compile_recipe(ROOT / "recipes/tiny/vtw.yml", tmp_path / "out", "--targets", "onnx,aoti")
+    # AOTInductor in CI: the demo and Qwen2.5-VL
+    res = compile_recipe(ROOT / "recipes/tiny/vtw.yml", tmp_path / "out", "--targets", "onnx")
     assert res.returncode == 0, res.stderr + res.stdout
     assert "parity passed" in res.stdout
     print("\n".join(line for line in res.stdout.splitlines() if re.search(r"max|parity|Δ", line)))
