@@ -113,11 +113,7 @@ def layout_from_manifest(manifest: dict) -> GraphLayout:
 def _graph_runner(
     export_dir: Path, manifest: dict, graph: str, target: str, verify: bool = False, shared: dict | None = None
 ) -> Callable[[dict], tuple]:
-    from tokcompile.export import aoti, eager, onnx, tensorrt, torch_compile
-    from tokcompile.export.int4 import EXACT_CONFIG
-
-    def int4_loader(files: list[str], names: list[str]) -> Callable:
-        return onnx._load(files, names, EXACT_CONFIG)
+    from tokcompile.export import aoti, eager, int4, onnx, tensorrt, torch_compile
 
     spec = manifest["graphs"].get(graph)
     if spec is None:
@@ -146,7 +142,7 @@ def _graph_runner(
                 raise _fail(str(path), "does not match its sha256 in the manifest; the file is corrupt, recompile")
             checked.add(f)
     names = [i["name"] for i in spec["inputs"]]
-    loaders = {"onnx": onnx._load, "onnx_int4": int4_loader, "tensorrt": tensorrt._load}
+    loaders = {"onnx": onnx._load, "onnx_int4": int4._load, "tensorrt": tensorrt._load}
     by_graph = {"aoti": aoti._load, "eager": eager._load, "torch_compile": torch_compile._load}  # + the graph name
     first_file = str(export_dir / art["files"][0])
     try:

@@ -133,13 +133,19 @@ def write_int4_onnx(src: Path, dst: Path, weights: dict[str, IntWeight]) -> dict
 EXACT_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
-def int4_artifact(graph: str, files: list[str], input_names: list[str], meta: dict[str, Any]) -> Any:
-    """The INT4 graph as an artifact of target "onnx_int4", run by onnxruntime with `EXACT_CONFIG`."""
+def _load(files: list[str], input_names: list[str]) -> Any:
+    """The loader of an INT4 graph: onnxruntime with `EXACT_CONFIG`."""
     from tokcompile.export import onnx as onnx_target
+
+    return onnx_target._load(files, input_names, EXACT_CONFIG)
+
+
+def int4_artifact(graph: str, files: list[str], input_names: list[str], meta: dict[str, Any]) -> Any:
+    """The INT4 graph as an artifact of target "onnx_int4" (runtime backend "onnxruntime-int4")."""
     from tokcompile.export.base import Artifact
 
     return Artifact(target="onnx_int4", graph=graph, files=files, backend="onnxruntime-int4", meta=meta,
-                    loader=onnx_target._load(files, input_names, EXACT_CONFIG))
+                    loader=_load(files, input_names))
 
 
 def ort_session(path: Path, mode: str) -> Any:
