@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,24 @@ from tokcompile.models.tiny import build_model, build_processor
 from tokcompile.parity import format_prompt, process, random_images
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (the default in pyproject.toml): one worker per core, at most 4. Most of a test's time is
+    single-threaded tracing in a compile subprocess, so workers scale with cores; past 4 the memory grows
+    faster than the time falls."""
+    return max(1, min(_cpus(), 4))
+
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # share the cores between the workers (and the compile subprocesses they start)
+    _THREADS = max(1, _cpus() // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -120,10 +139,19 @@ def compile_recipe(recipe: Path, out: Path, *extra: str) -> subprocess.Completed
 
 @pytest.fixture(scope="session")
 def demo_export(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("e2e") / "demo"
-    res = compile_recipe(ROOT / "recipes" / "demo.yml", out, "--targets", "onnx,aoti,eager")
-    assert res.returncode == 0, res.stderr + res.stdout
-    assert "parity passed" in res.stdout
+    """The demo recipe compiled once per test run (ONNX, AOTInductor, exported programs), read-only to tests.
+    Under pytest-xdist the workers share it: the first one to ask compiles it under a file lock."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's temp root, common to all workers
+    out = base / "shared_demo_export"
+    with FileLock(str(base / "shared_demo_export.lock")):
+        if not (out / "manifest.json").exists():
+            res = compile_recipe(ROOT / "recipes" / "demo.yml", out, "--targets", "onnx,aoti,eager")
+            assert res.returncode == 0, res.stderr + res.stdout
+            assert "parity passed" in res.stdout
     return out
 
 
