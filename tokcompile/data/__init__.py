@@ -1,0 +1,1 @@
+"""Datasets built in code (`shapes`) and readers of local evaluation data."""
