@@ -115,10 +115,11 @@ def test_sparse_seed_loads(tmp_path: Path) -> None:
     assert red is not None and red.method == "FastV"
     assert dict(red.params) == {"pruning_loc": 3, "rate": 0.778}
     assert (red.key, red.method_key) == ("sparse.special", "sparse.special.method")
-    assert recipe.eval == {"eval_pos": ["pretrain", "transformed"], "type": "vqa",
-                           "name": ["gqa", "mmbench_en_dev", "mme"], "bs": 1, "inference_per_block": False}
+    assert recipe.eval is not None
+    assert recipe.eval.positions == ("pretrain", "transformed")
+    assert recipe.eval.datasets == ("gqa", "mmbench_en_dev", "mme") and recipe.eval.batch_size == 1
     assert recipe.save == SaveConfig(save_path=str(tmp_path / "out"), save_fake=False, save_trans=False)
-    assert any(w.startswith("eval is accepted but not acted on") for w in recipe.warnings)
+    assert any(w.startswith("eval.inference_per_block is accepted but not acted on") for w in recipe.warnings)
     assert recipe.raw["sparse"]["special"]["method"] == "FastV"
 
 

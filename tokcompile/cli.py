@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: save.save_path, else exported/<recipe name>)")
     p.add_argument("--targets", help="comma-separated export targets, overriding export.targets (onnx,aoti)")
     p.add_argument("--force", action="store_true", help="replace an existing export directory")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the recipe's eval section (accuracy of the positions it names on its datasets)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="confirm the recipe's model.trust_remote_code: true (runs the checkpoint's Python code)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings, errors and the result")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             from tokcompile.plan import format_plan
 
             plan = plan_recipe(args.recipe, out=args.out, targets=targets, trust_remote_code=args.trust_remote_code,
-                               log=lambda line: print(line, file=sys.stderr, flush=True))
+                               log=lambda line: print(line, file=sys.stderr, flush=True), evaluate=not args.no_eval)
             for w in plan.recipe.warnings:
                 print(f"warning: {w}", file=sys.stderr)
             print(format_plan(plan))
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(msg, flush=True)
 
         compile_recipe(args.recipe, out=args.out, targets=targets, force=args.force, log=log,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, evaluate=not args.no_eval)
         return 0
     except TokcompileError as e:
         return _report(e, debug)

@@ -84,7 +84,7 @@ def build_manifest(
                            "(P2) as each step records; generated token t sits at the prefill's next_position + t",
         "media": _media(plan, next(s for s in specs if s.name == "vision")),
         "generation": {
-            "eos_token_id": _eos(plan),
+            "eos_token_id": eos_token_id(plan),
             "max_new_tokens": recipe.inputs.max_new_tokens,
             "batch_max": plan.batch_size,
         },
@@ -121,7 +121,8 @@ def _media(plan: Any, prefill: Any) -> dict:
     }
 
 
-def _eos(plan: Any) -> int | None:
+def eos_token_id(plan: Any) -> int | None:
+    """The id generation stops at: the text config's EOS (the first, where it lists several)."""
     tc = getattr(plan.config, "text_config", plan.config)
     eos = getattr(tc, "eos_token_id", None)
     return eos[0] if isinstance(eos, list) else eos

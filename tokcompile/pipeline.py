@@ -26,15 +26,22 @@ Log = Callable[[str], None]
 
 
 def plan_recipe(recipe_path: str | Path, out: str | Path | None = None, targets: tuple[str, ...] | None = None,
-                trust_remote_code: bool = False, log: Log | None = None) -> Plan:
-    """Resolve a recipe without loading weights. `log` receives the remote-code warning before any runs."""
-    recipe = load_recipe(recipe_path)
+                trust_remote_code: bool = False, log: Log | None = None, evaluate: bool = True) -> Plan:
+    """Resolve a recipe without loading weights. `log` receives the remote-code warning before any runs.
+    `evaluate=False` drops the recipe's `eval:` section (`--no-eval`)."""
+    recipe = _without_eval(load_recipe(recipe_path), evaluate)
     check_remote_code(recipe, trust_remote_code)
     if log is not None and (remote := remote_code_warning(recipe)) is not None:
         log(f"warning: {remote}")
     plan = resolve(recipe, out=out, targets=targets, trust_remote_code=trust_remote_code)
     outdir.check_path(plan.out_dir, _out_key(out))
     return plan
+
+
+def _without_eval(recipe: Any, evaluate: bool) -> Any:
+    from dataclasses import replace
+
+    return recipe if evaluate or recipe.eval is None else replace(recipe, eval=None)
 
 
 def _out_key(out: str | Path | None) -> str:
@@ -50,10 +57,12 @@ def compile_recipe(
     force: bool = False,
     log: Log = print,
     trust_remote_code: bool = False,
+    evaluate: bool = True,
 ) -> Path:
-    """Compile a recipe into a validated export directory and return its path."""
+    """Compile a recipe into a validated export directory and return its path. With an `eval:` section (and
+    `evaluate`), the positions it names answer its datasets and the export holds eval.json and eval.md."""
     t0 = time.perf_counter()
-    recipe = load_recipe(recipe_path)
+    recipe = _without_eval(load_recipe(recipe_path), evaluate)
     for w in recipe.warnings:
         log(f"warning: {w}")
     check_remote_code(recipe, trust_remote_code)
@@ -122,6 +131,16 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
             baseline.append(torch.cat([model(**smp).logits[:, -1] for smp in samples]))
     done()
 
+    evaluation = None
+    if recipe.eval is not None:
+        from tokcompile.eval.run import Evaluation
+
+        evaluation = Evaluation(recipe.eval, log)
+        if evaluation.wants("pretrain"):
+            done = stage("eval pretrain")
+            evaluation.eager("pretrain", plan, model, processor, reduce=False)
+            done()
+
     quant_report, quant_layers, int_weights = None, None, None
     if plan.quant is not None:
         done = stage("quantize")
@@ -139,6 +158,11 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
 
     if plan.dtype != "float32":  # quantized in float32; the graphs and their eager reference run in the export dtype
         model.to(getattr(torch, plan.dtype))
+    if evaluation is not None and (evaluation.wants("fake_quant") or evaluation.wants("transformed")):
+        done = stage("eval fake_quant, transformed")
+        evaluation.eager("fake_quant", plan, model, processor, reduce=False)
+        evaluation.eager("transformed", plan, model, processor, reduce=True)
+        done()
     reduced, decode = build_modules(plan, model)
     layout = reduced.layout
     report: dict[str, Any] = {"atol": atol, "rtol": rtol, "dtype": plan.dtype, "greedy_tokens": GREEDY_TOKENS,
@@ -237,6 +261,12 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     if int4 is not None:
         manifest["int4_onnx"] = {k: v for k, v in int4.items() if k != "parity"}
     _write_json(tmp / "manifest.json", manifest)
+    if evaluation is not None:
+        done = stage("eval")
+        evaluation.exported(tmp)  # through the runtime, from the files just written
+        manifest["eval"] = evaluation.write(tmp)
+        _write_json(tmp / "manifest.json", manifest)
+        done()
 
 
 def _quantize(plan: Plan, model: Any, processor: Any, log: Log) -> tuple[Any, dict | None, dict | None]:

@@ -370,6 +370,10 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
     _check_dtype(recipe, dtype, chosen, "--targets" if targets is not None else "export.targets")
     atol, rtol = parity_tolerance(recipe, dtype)
     chosen = _check_tensorrt(recipe, chosen, "--targets" if targets is not None else "export.targets")
+    if recipe.eval is not None:
+        from tokcompile.eval.spec import check_plan
+
+        check_plan(recipe.eval, chosen, recipe.export.weight_format)
     if (bad_range := check_ranges(recipe.export.tensorrt, recipe.inputs.batch_size, (N + 2, t_max))) is not None:
         raise RecipeError(*bad_range)
     n_text = max_text if max_text is not None else DEFAULT_FLOPS_TEXT_TOKENS
@@ -446,6 +450,11 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"dtype       {plan.dtype} graphs (weights load and quantize in float32); parity atol {plan.atol:g}, "
                  f"rtol {plan.rtol:g}")
     lines.append(f"targets     {', '.join(plan.targets)}  ->  {plan.out_dir}")
+    if (ev := plan.recipe.eval) is not None:
+        n = f"first {ev.num_samples}" if ev.num_samples else "every sample"
+        via = f"; exported answers through {ev.backend}" if "exported" in ev.positions else ""
+        lines.append(f"eval        {', '.join(ev.positions)} on {', '.join(ev.datasets)} ({n}, batches of "
+                     f"{ev.batch_size}){via}")
     lines.append("")
     lines.append(flops.format_table(plan.flops))
     return "\n".join(lines)

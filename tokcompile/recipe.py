@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from tokcompile.errors import RecipeError
+from tokcompile.eval.spec import EvalConfig, parse_eval
 from tokcompile.registry import suggest
 from tokcompile.yaml_safe import YamlBoundError, load_bounded
 
@@ -353,7 +354,7 @@ class Recipe:
     inputs: InputsConfig
     quant: QuantConfig | None
     sparse: SparseConfig | None
-    eval: dict[str, Any] | None
+    eval: EvalConfig | None  # tokcompile.eval.spec
     save: SaveConfig
     export: ExportConfig
     parity: ParityConfig
@@ -565,12 +566,12 @@ def load_recipe_dict(data: dict[str, Any], name: str, source: str = "<dict>") ->
               for s, parse in _PARSERS.items()}
     eval_section = top.get("eval", _nullable(_mapping))
     if eval_section is not None:
-        notes.append("eval is accepted but not acted on yet (no accuracy evaluation); the section is ignored")
+        eval_section = parse_eval(eval_section, notes)
     quant = parsed["quant"]
     if parsed["sparse"] is not None and quant is not None and quant.token_reduction is not None:
         raise RecipeError("quant.token_reduction", "sparse.special and quant.token_reduction both name a "
                                                    "token reduction; give one of the two")
-    return Recipe(name=name, source=source, eval=copy.deepcopy(eval_section), warnings=tuple(notes),
+    return Recipe(name=name, source=source, eval=eval_section, warnings=tuple(notes),
                   raw=copy.deepcopy(data), **parsed)
 
 

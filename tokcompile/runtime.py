@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tokcompile.errors import RecipeError, TokcompileError
 from tokcompile.generation import GenerationConfig, generate
 from tokcompile.layout import GraphIO, GraphLayout
@@ -36,6 +38,7 @@ class Answer:
     texts: list[str]
     token_ids: list[list[int]]
     kept: dict[str, list[list[int]]]  # per reduction step (layout name: kept_j / assign_j), per sample
+    first_logits: Any = None  # [N, V] float32 logits of the first answer token, with first_logits=True
 
 
 def _fail(key: str, msg: str) -> RecipeError:
@@ -280,6 +283,7 @@ class Generator:
         top_p: float = 1.0,
         seed: int | None = None,
         prompt_format: str = "auto",
+        first_logits: bool = False,
     ) -> Answer:
         """Answer each (image, prompt) pair, or each (video, prompt) pair for an export compiled for video
         (`images` then holds one video per prompt: a list of frames or a (F, H, W, 3) uint8 array). Greedy by
@@ -288,7 +292,9 @@ class Generator:
 
         A prompt is a bare question, wrapped in the model's chat template, or a prompt formatted already that holds
         the model's placeholder once (LLaVA: "USER: <image>\\nWhat is shown? ASSISTANT:"), used as is.
-        `prompt_format` "auto" tells them apart by the placeholder; "chat" or "raw" insists on one kind."""
+        `prompt_format` "auto" tells them apart by the placeholder; "chat" or "raw" insists on one kind.
+        `first_logits=True` also returns the logits the first answer token was chosen from (`Answer.first_logits`,
+        [N, V]), which accuracy reports compare between models."""
         from tokcompile.parity import process
 
         media = self.geometry.media
@@ -301,7 +307,7 @@ class Generator:
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, temperature=temperature,
                                top_p=top_p, seed=seed)
         imgs = self._videos(images) if media == "video" else self._images(images)
-        texts, ids = [], []
+        texts, ids, firsts = [], [], []
         kept: dict[str, list[list[int]]] = {n: [] for n in self.layout.step_outputs}
         for start in range(0, len(imgs), self.batch_max):
             chunk = slice(start, start + self.batch_max)
@@ -319,7 +325,9 @@ class Generator:
             if limit is not None and batch["input_ids"].shape[1] > limit:
                 raise _fail("prompts", f"a prompt needs {batch['input_ids'].shape[1]} tokens, more than the {limit} "
                                        "this export was compiled for; shorten it or raise inputs.max_prompt_len")
-            result = generate(*self.graphs, dict(batch), layout=self.layout, cfg=cfg)
+            result = generate(*self.graphs, dict(batch), layout=self.layout, cfg=cfg, keep_logits=first_logits)
+            if first_logits:
+                firsts.append(result.step_logits[0])
             for seq in result.sequences():
                 if eos is not None and seq and seq[-1] == eos:
                     seq = seq[:-1]
@@ -327,7 +335,7 @@ class Generator:
                 texts.append(self.processor.tokenizer.decode(seq, skip_special_tokens=True))
             for name, k in result.kept.items():
                 kept[name].extend(k.tolist())
-        return Answer(texts, ids, kept)
+        return Answer(texts, ids, kept, torch.cat(firsts) if firsts else None)
 
 
 def load(export_dir: str | Path, backend: str = "onnxruntime", verify: bool = False,

@@ -1,0 +1,1 @@
+"""Accuracy: the recipe's `eval` section, its datasets, scoring and reports."""

@@ -1,0 +1,105 @@
+"""Evaluation datasets: the built-in `shapes` task, or local files in the calibration formats.
+
+- `shapes` (`tokcompile/data/shapes.py`): `eval.split` (default test), the first `num_samples` (default 200).
+- A folder with `img_qa.json` (LightCompress's layout: a list of {"image", "question", "answer"}), or a JSONL
+  file with one {"image", "question" (or "prompt"), "answer"} per line. `answer` is a string, or a list of
+  human answers (scored with the VQAv2 soft score). Image paths are relative to the file's folder.
+- Any other name is looked up under `eval.path` (`<path>/<name>` as a folder or `<path>/<name>.jsonl`).
+
+Nothing is downloaded: a dataset that is not on disk is a one-line error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokcompile.errors import RecipeError
+
+BUILTIN = ("shapes",)
+SHAPES_DEFAULT_SAMPLES = 200
+
+
+@dataclass(frozen=True)
+class QA:
+    id: str
+    image: Any  # PIL RGB image
+    question: str
+    answers: tuple[str, ...]  # one reference answer, or several human answers (VQAv2)
+    qtype: str = ""  # the question type where the dataset has one
+
+
+def _rows(p: Path, key: str) -> tuple[list[Any], Path]:
+    if p.is_dir():
+        index = p / "img_qa.json"
+        if not index.is_file():
+            raise RecipeError(key, f"{p} has no img_qa.json; add one (a list of image/question/answer entries)")
+        try:
+            rows = json.loads(index.read_text())
+        except ValueError as e:
+            raise RecipeError(key, f"{index} is not valid JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise RecipeError(key, f"{index} holds a JSON {type(rows).__name__}; it must be a list of entries")
+        return rows, p
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise RecipeError(key, f"{p} line {n} is not valid JSON ({e})") from None
+    return rows, p.parent
+
+
+def _local(p: Path, name: str, limit: int | None, key: str) -> list[QA]:
+    from PIL import Image
+
+    rows, base = _rows(p, key)
+    out = []
+    for i, row in enumerate(rows[:limit] if limit else rows):
+        question = row.get("question") or row.get("prompt") if isinstance(row, dict) else None
+        answer = row.get("answer", row.get("answers")) if isinstance(row, dict) else None
+        if not isinstance(row, dict) or "image" not in row or not question or answer in (None, "", []):
+            raise RecipeError(key, f"entry {i} of {p} needs 'image', 'question' and 'answer' (a string or a list)")
+        answers = tuple(str(a) for a in answer) if isinstance(answer, list) else (str(answer),)
+        img_path = base / str(row["image"])
+        try:
+            image = Image.open(img_path).convert("RGB")
+        except OSError as e:
+            raise RecipeError(key, f"cannot read image {img_path} ({e.strerror or e})") from None
+        out.append(QA(f"{name}-{row.get('id', i)}", image, str(question), answers, str(row.get("type", ""))))
+    if not out:
+        raise RecipeError(key, f"{p} lists no samples")
+    return out
+
+
+def locate(name: str, path: str | None) -> Path | None:
+    """The local file or folder for a dataset name (None for the built-in task)."""
+    if name in BUILTIN:
+        return None
+    candidates = [Path(name)]
+    if path is not None:
+        base = Path(path)
+        candidates += [base / name, base / f"{name}.jsonl"]
+    for c in candidates:
+        try:
+            if c.is_dir() and (c / "img_qa.json").is_file() or c.is_file():
+                return c
+        except (OSError, ValueError):  # a name no file system takes (too long, a NUL byte)
+            continue
+    where = f" under eval.path {path}" if path else ""
+    raise RecipeError("eval.name", f"dataset '{name}' was not found{where}; use shapes (built in), a folder with "
+                                   "img_qa.json or a JSONL file of image/question/answer entries, or set eval.path to "
+                                   "the folder that holds it (nothing is downloaded), or compile with --no-eval")
+
+
+def load_dataset(name: str, path: str | None, num_samples: int | None, split: str = "test") -> list[QA]:
+    """The first `num_samples` samples of a dataset (every one for None; `shapes` defaults to 200)."""
+    if name == "shapes":
+        from tokcompile.data import shapes
+
+        n = num_samples or SHAPES_DEFAULT_SAMPLES
+        return [QA(s.id, s.image, s.question, (s.answer,), s.qtype) for s in shapes.samples(split, n)]
+    return _local(locate(name, path), name, num_samples, "eval.name")
