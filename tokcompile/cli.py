@@ -165,3 +165,33 @@ def generate_main(argv: list[str] | None = None) -> int:
         return 0
     except TokcompileError as e:
         return _report(e, debug)
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """python -m tokcompile report EXPORT_DIR... --out REPORT_DIR [--measure N]"""
+    p = argparse.ArgumentParser(
+        prog="python -m tokcompile report",
+        description="Gather exports compiled with an eval section (methods and budgets of one model) into one "
+                    "report: Markdown and HTML tables, and plots of accuracy against FLOPs and time to first token.")
+    p.add_argument("export_dirs", nargs="+", help="export directories holding eval.json")
+    p.add_argument("--out", required=True, help="the folder to write report.md, report.html and the plots into")
+    p.add_argument("--measure", type=int, default=8,
+                   help="prompts timed per export for the time to first token (onnxruntime, batch 1); 0 skips it")
+    args = p.parse_args(argv)
+    if not os.environ.get("TOKCOMPILE_DEBUG") == "1":
+        warnings.filterwarnings("ignore")
+    try:
+        from pathlib import Path
+
+        from tokcompile.eval.compare import write_report
+
+        if args.measure < 0:
+            from tokcompile.errors import RecipeError
+
+            raise RecipeError("--measure", f"got {args.measure}; use 0 (no timing) or a number of prompts")
+        result = write_report([Path(d) for d in args.export_dirs], Path(args.out), args.measure)
+        plots = f" and {len(result['plots'])} plot(s)" if result["plots"] else " (no plots: matplotlib is missing)"
+        print(f"wrote {Path(args.out) / 'report.md'}, report.html{plots}")
+        return 0
+    except TokcompileError as e:
+        return _report(e, os.environ.get("TOKCOMPILE_DEBUG") == "1")
