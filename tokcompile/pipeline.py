@@ -136,6 +136,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         from tokcompile.eval.run import Evaluation
 
         evaluation = Evaluation(recipe.eval, log)
+        evaluation.check_prompts(plan, processor)
         if evaluation.wants("pretrain"):
             done = stage("eval pretrain")
             evaluation.eager("pretrain", plan, model, processor, reduce=False)

@@ -373,7 +373,7 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
     if recipe.eval is not None:
         from tokcompile.eval.spec import check_plan
 
-        check_plan(recipe.eval, chosen, recipe.export.weight_format)
+        check_plan(recipe.eval, chosen, recipe.export.weight_format, geom.media)
     if (bad_range := check_ranges(recipe.export.tensorrt, recipe.inputs.batch_size, (N + 2, t_max))) is not None:
         raise RecipeError(*bad_range)
     n_text = max_text if max_text is not None else DEFAULT_FLOPS_TEXT_TOKENS

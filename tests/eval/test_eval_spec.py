@@ -84,3 +84,29 @@ def test_local_datasets_in_both_layouts(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "red.png", "question": "What?"}) + "\n")
     with pytest.raises(RecipeError, match="needs 'image', 'question' and 'answer'"):
         load_dataset(str(tmp_path / "bad.jsonl"), None, None)
+
+
+def test_video_compiles_refuse_image_datasets():
+    from tokcompile.plan import resolve
+
+    data = {"model": {"path": "tiny-random:llava_onevision"}, "inputs": {"video_frames": 4},
+            "export": {"targets": ["onnx"]}, "eval": {"name": "shapes"}}
+    with pytest.raises(RecipeError) as e:
+        resolve(load_recipe_dict(data, "t"))
+    assert e.value.key == "eval" and "video" in str(e.value)
+
+
+def test_a_question_longer_than_the_export_fails_before_any_work(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(tmp_path / "blue.png")
+    (tmp_path / "long.jsonl").write_text(json.dumps({"image": "blue.png", "question": "Why? " * 60,
+                                                     "answer": "blue"}) + "\n")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"model": MODEL, "inputs": {"batch_size": 1, "max_prompt_len": 128},
+                                      "export": {"targets": ["onnx"]},
+                                      "eval": {"eval_pos": ["exported"], "name": [str(tmp_path / "long.jsonl")]}}))
+    res = subprocess.run([sys.executable, str(ROOT / "compile.py"), str(recipe), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 2 and "inputs.max_prompt_len" in res.stderr and "Traceback" not in res.stderr
+    assert "[quantize]" not in res.stdout and not (tmp_path / "out").exists()

@@ -128,6 +128,25 @@ class Evaluation:
         self.data = {name: load_dataset(name, cfg.path, cfg.num_samples, cfg.split) for name in cfg.datasets}
         self.answers: dict[str, dict[str, PositionAnswers]] = {name: {} for name in cfg.datasets}
 
+    def check_prompts(self, plan: Any, processor: Any) -> None:
+        """Before any answering: every question fits the export's compiled prompt length (`exported` answers
+        with the graphs), so a long question fails in seconds, not after the compile."""
+        from tokcompile.errors import RecipeError
+        from tokcompile.parity import process
+
+        if not self.wants("exported"):
+            return
+        limit = plan.text_len_range[1]
+        for name, data in self.data.items():
+            for i in range(0, len(data), 32):
+                chunk = data[i : i + 32]
+                ids = process(processor, plan.adapter, plan.geometry, [q.image for q in chunk],
+                              [q.question for q in chunk], key="eval.name")["input_ids"]
+                if ids.shape[1] > limit:
+                    raise RecipeError("inputs.max_prompt_len", f"a question of {name} needs {ids.shape[1]} tokens "
+                                                               f"(image tokens included), more than the {limit} the "
+                                                               "export is compiled for; raise it")
+
     def wants(self, position: str) -> bool:
         return position in self.cfg.positions
 

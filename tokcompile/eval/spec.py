@@ -112,10 +112,14 @@ def parse_eval(value: Any, notes: list[str]) -> EvalConfig:
     )
 
 
-def check_plan(cfg: EvalConfig, targets: tuple[str, ...], weight_format: str | None) -> None:
-    """What `--plan` can check before any weights load: the datasets are on disk, and the export will hold the
-    graphs `exported` answers with."""
+def check_plan(cfg: EvalConfig, targets: tuple[str, ...], weight_format: str | None, media: str) -> None:
+    """What `--plan` can check before any weights load: the compile takes images, the datasets are on disk, and
+    the export will hold the graphs `exported` answers with."""
     from tokcompile.eval.datasets import locate
+
+    if media != "image":
+        raise RecipeError("eval", f"the datasets hold image questions, but this compile takes {media} prompts; "
+                                  "remove the eval section or compile for images")
 
     for name in cfg.datasets:
         locate(name, cfg.path)
