@@ -1,15 +1,18 @@
 """python -m tokcompile compile recipe.yml [...]   (the same as python compile.py recipe.yml)
 python -m tokcompile generate EXPORT_DIR --image PATH --prompt TEXT [--backend onnxruntime|aoti|eager]
-python -m tokcompile report EXPORT_DIR... --out REPORT_DIR   (accuracy against cost, from exports' eval.json)"""
+python -m tokcompile report EXPORT_DIR... --out REPORT_DIR   (accuracy against cost, from exports' eval.json)
+python -m tokcompile save-model tiny-random:llava DIR        (a built-in model as a Hugging Face directory)"""
 
 import sys
 
-from tokcompile.cli import generate_main, main, report_main
+from tokcompile.cli import generate_main, main, report_main, save_model_main
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args and args[0] == "generate":
         sys.exit(generate_main(args[1:]))
+    if args and args[0] == "save-model":
+        sys.exit(save_model_main(args[1:]))
     if args and args[0] == "report":
         sys.exit(report_main(args[1:]))
     if args and args[0] == "compile":

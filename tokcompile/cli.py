@@ -195,3 +195,38 @@ def report_main(argv: list[str] | None = None) -> int:
         return 0
     except TokcompileError as e:
         return _report(e, os.environ.get("TOKCOMPILE_DEBUG") == "1")
+
+
+def save_model_main(argv: list[str] | None = None) -> int:
+    """python -m tokcompile save-model tiny-random:llava DIR"""
+    p = argparse.ArgumentParser(
+        prog="python -m tokcompile save-model",
+        description="Write a built-in model (tiny-random:<family>[@size]) as an ordinary Hugging Face checkpoint "
+                    "directory (config.json, model.safetensors, tokenizer and processor files).")
+    p.add_argument("model", help="tiny-random:llava, tiny-random:qwen2_vl@medium, ...")
+    p.add_argument("out", help="the directory to write (it must not exist, or be empty)")
+    p.add_argument("--seed", type=int, default=0, help="the random weights' seed (default 0)")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    try:
+        from pathlib import Path
+
+        from tokcompile.errors import RecipeError
+        from tokcompile.models import tiny
+        from tokcompile.models.loading import model_type_of
+
+        if not tiny.is_tiny(args.model):
+            raise RecipeError("model", f"'{args.model}' is not a built-in model; use tiny-random:<family>[@size]")
+        model_type_of(args.model)  # an unknown built-in name: one line listing the known ones
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise RecipeError("out", f"{out} exists and is not an empty directory; choose a new one")
+        model = tiny.build_from_path(args.model, seed=args.seed)
+        processor = tiny.build_processor(tiny.tiny_family(args.model), tiny.tiny_size(args.model))
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out), safe_serialization=True)
+        processor.save_pretrained(str(out))
+        print(f"wrote {out}")
+        return 0
+    except TokcompileError as e:
+        return _report(e, os.environ.get("TOKCOMPILE_DEBUG") == "1")

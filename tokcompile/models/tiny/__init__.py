@@ -76,3 +76,8 @@ def build_model(family: str, seed: int = 0, size: str = "tiny") -> Any:
         torch.manual_seed(seed)
         model = _module(family).model_class(family)(config)
     return model.eval()
+
+
+def build_from_path(path: str, seed: int = 0) -> Any:
+    """The built-in model `path` names (`tiny-random:<family>[@size]`), with random weights from `seed`."""
+    return build_model(tiny_family(path), seed=seed, size=tiny_size(path))
