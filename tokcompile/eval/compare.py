@@ -106,33 +106,40 @@ def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
-def _plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
+def plot_accuracy(rows: list[dict[str, Any]], key: str, label: str, path: Path) -> bool:
+    """Accuracy (the first dataset's) against `rows[i][key]`, one series per method, as a PNG at `path`.
+    False where matplotlib is missing or no row has `key`."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
-    files = []
+        return False
     dataset = sorted({n for r in rows for n in r["accuracy"]})[0]
+    points = [r for r in rows if r.get(key) is not None and dataset in r["accuracy"]]
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for method in sorted({r["method"] for r in points}):
+        series = sorted((r[key], r["accuracy"][dataset]) for r in points if r["method"] == method)
+        ax.plot([x for x, _ in series], [y for _, y in series], marker="o", label=method)
+    ax.set_xlabel(label)
+    ax.set_ylabel(f"{dataset} accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
+    files = []
     for key, label, name in (("flops_ratio", "prefill FLOPs ratio (reduced / dense)", "accuracy_vs_flops.png"),
                              ("ttft_ms", "time to first token (ms, onnxruntime, batch 1)", "accuracy_vs_ttft.png")):
-        points = [r for r in rows if r.get(key) is not None and dataset in r["accuracy"]]
-        if not points:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        for method in sorted({r["method"] for r in points}):
-            series = sorted((r[key], r["accuracy"][dataset]) for r in points if r["method"] == method)
-            ax.plot([x for x, _ in series], [y for _, y in series], marker="o", label=method)
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"{dataset} accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / name)
-        plt.close(fig)
-        files.append(name)
+        if plot_accuracy(rows, key, label, out / name):
+            files.append(name)
     return files
 
 
