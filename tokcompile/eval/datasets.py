@@ -11,12 +11,12 @@ Nothing is downloaded: a dataset that is not on disk is a one-line error naming 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokcompile.errors import RecipeError
+from tokcompile.qa_files import read_entries
 
 BUILTIN = ("shapes",)
 SHAPES_DEFAULT_SAMPLES = 200
@@ -31,32 +31,10 @@ class QA:
     qtype: str = ""  # the question type where the dataset has one
 
 
-def _rows(p: Path, key: str) -> tuple[list[Any], Path]:
-    if p.is_dir():
-        index = p / "img_qa.json"
-        if not index.is_file():
-            raise RecipeError(key, f"{p} has no img_qa.json; add one (a list of image/question/answer entries)")
-        try:
-            rows = json.loads(index.read_text())
-        except ValueError as e:
-            raise RecipeError(key, f"{index} is not valid JSON ({e})") from None
-        if not isinstance(rows, list):
-            raise RecipeError(key, f"{index} holds a JSON {type(rows).__name__}; it must be a list of entries")
-        return rows, p
-    rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise RecipeError(key, f"{p} line {n} is not valid JSON ({e})") from None
-    return rows, p.parent
-
-
 def _local(p: Path, name: str, limit: int | None, key: str) -> list[QA]:
     from PIL import Image
 
-    rows, base = _rows(p, key)
+    rows, base = read_entries(p, key, "image/question/answer entries")
     out = []
     for i, row in enumerate(rows[:limit] if limit else rows):
         question = row.get("question") or row.get("prompt") if isinstance(row, dict) else None

@@ -11,13 +11,13 @@ Sources (`quant.calib.name`):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tokcompile.errors import RecipeError
+from tokcompile.qa_files import read_entries
 
 SOURCES = ("synthetic", "custom_mm", "custom")
 
@@ -37,26 +37,7 @@ def _pairs_from_path(path: str) -> list[tuple[Any, str]]:
     from PIL import Image
 
     p = Path(path).expanduser()
-    if p.is_dir():
-        index = p / "img_qa.json"
-        if not index.is_file():
-            raise RecipeError("quant.calib.path", f"{p} has no img_qa.json; add one (a list of image/question pairs)")
-        try:
-            rows = json.loads(index.read_text())
-        except ValueError as e:
-            raise RecipeError("quant.calib.path", f"{index} is not valid JSON ({e})") from None
-        base = p
-    elif p.is_file():
-        rows = []
-        for n, line in enumerate(p.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as e:
-                    raise RecipeError("quant.calib.path", f"{p} line {n} is not valid JSON ({e})") from None
-        base = p.parent
-    else:
-        raise RecipeError("quant.calib.path", f"{p} does not exist; give a folder with img_qa.json or a JSONL file")
+    rows, base = read_entries(p, "quant.calib.path", "image/question pairs")
     pairs = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "image" not in row or not (row.get("question") or row.get("prompt")):
