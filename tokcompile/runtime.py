@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tokcompile.errors import RecipeError, TokcompileError
-from tokcompile.generation import GenerationConfig, generate
+from tokcompile.generation import GenerationConfig, continuation_logprobs, generate
 from tokcompile.layout import GraphIO, GraphLayout
 from tokcompile.manifest import FORMAT_VERSION, sha256
 
@@ -39,6 +39,15 @@ class Answer:
     token_ids: list[list[int]]
     kept: dict[str, list[list[int]]]  # per reduction step (layout name: kept_j / assign_j), per sample
     first_logits: Any = None  # [N, V] float32 logits of the first answer token, with first_logits=True
+
+
+@dataclass(frozen=True)
+class Score:
+    """A continuation scored after its prompt (`Generator.score`)."""
+
+    logprob: float  # sum over its tokens of log p(token | prompt, tokens before it)
+    tokens: int
+    greedy: bool  # greedy decoding would write exactly these tokens
 
 
 def _fail(key: str, msg: str) -> RecipeError:
@@ -272,6 +281,27 @@ class Generator:
                                       "or a (frames, height, width, 3) uint8 array per prompt")
         return out
 
+    def _batch(self, media: list[Any], prompts: list[str], prompt_format: str) -> dict[str, Any]:
+        """The graphs' inputs for one chunk of (media, prompt) pairs, checked against what the export is compiled
+        for (the fixed media inputs, the longest prompt)."""
+        from tokcompile.parity import process
+
+        try:
+            batch = process(self.processor, self.adapter, self.geometry, media, prompts, prompt_format,
+                            key="--prompt")
+        except ValueError as e:  # media the compiled geometry cannot take (e.g. a video's frame count)
+            raise _fail(f"--{self.geometry.media}", str(e)) from None
+        for name, want in self.fixed_inputs.items():
+            got = [row.tolist() for row in batch[name]]
+            if any(row != want for row in got):
+                raise _fail("--image", f"the processor produced {name} {got[0]}, but this export is compiled "
+                                       f"for {want}; recompile with inputs.image_size for that resolution")
+        limit = self.manifest["graphs"]["prefill"].get("prompt_len", {}).get("max")
+        if limit is not None and batch["input_ids"].shape[1] > limit:
+            raise _fail("prompts", f"a prompt needs {batch['input_ids'].shape[1]} tokens, more than the {limit} "
+                                   "this export was compiled for; shorten it or raise inputs.max_prompt_len")
+        return dict(batch)
+
     def generate(
         self,
         images: list[Any],
@@ -295,7 +325,6 @@ class Generator:
         `prompt_format` "auto" tells them apart by the placeholder; "chat" or "raw" insists on one kind.
         `first_logits=True` also returns the logits the first answer token was chosen from (`Answer.first_logits`,
         [N, V]), which accuracy reports compare between models."""
-        from tokcompile.parity import process
 
         media = self.geometry.media
         if len(images) != len(prompts):
@@ -311,21 +340,8 @@ class Generator:
         kept: dict[str, list[list[int]]] = {n: [] for n in self.layout.step_outputs}
         for start in range(0, len(imgs), self.batch_max):
             chunk = slice(start, start + self.batch_max)
-            try:
-                batch = process(self.processor, self.adapter, self.geometry, imgs[chunk], list(prompts[chunk]),
-                                prompt_format, key="--prompt")
-            except ValueError as e:  # media the compiled geometry cannot take (e.g. a video's frame count)
-                raise _fail(f"--{media}", str(e)) from None
-            for name, want in self.fixed_inputs.items():
-                got = [row.tolist() for row in batch[name]]
-                if any(row != want for row in got):
-                    raise _fail("--image", f"the processor produced {name} {got[0]}, but this export is compiled "
-                                           f"for {want}; recompile with inputs.image_size for that resolution")
-            limit = self.manifest["graphs"]["prefill"].get("prompt_len", {}).get("max")
-            if limit is not None and batch["input_ids"].shape[1] > limit:
-                raise _fail("prompts", f"a prompt needs {batch['input_ids'].shape[1]} tokens, more than the {limit} "
-                                       "this export was compiled for; shorten it or raise inputs.max_prompt_len")
-            result = generate(*self.graphs, dict(batch), layout=self.layout, cfg=cfg, keep_logits=first_logits)
+            batch = self._batch(imgs[chunk], list(prompts[chunk]), prompt_format)
+            result = generate(*self.graphs, batch, layout=self.layout, cfg=cfg, keep_logits=first_logits)
             if first_logits:
                 firsts.append(result.step_logits[0])
             for seq in result.sequences():
@@ -336,6 +352,48 @@ class Generator:
             for name, k in result.kept.items():
                 kept[name].extend(k.tolist())
         return Answer(texts, ids, kept, torch.cat(firsts) if firsts else None)
+
+
+    def score(self, images: list[Any], prompts: list[str], continuations: list[str] | list[list[int]], *,
+              prompt_format: str = "auto") -> list[Score]:
+        """For each (image, prompt, continuation): the log-probability the export gives the continuation as the
+        answer's start, its token count, and whether greedy decoding would write exactly those tokens.
+
+        The continuation's tokens are those the tokenizer gives the formatted prompt followed by the
+        continuation, past the prompt's own tokens (so a leading space joins the word as it would in the
+        answer); where the prompt's tokens change at the join, the continuation is tokenized alone."""
+        from tokcompile.parity import format_prompt
+
+        if not len(images) == len(prompts) == len(continuations):
+            raise _fail("prompts", f"got {len(images)} {self.geometry.media}s, {len(prompts)} prompts and "
+                                   f"{len(continuations)} continuations; give one of each per request")
+        tok = self.processor.tokenizer
+        imgs = self._videos(images) if self.geometry.media == "video" else self._images(images)
+        scores: list[Score] = []
+        for start in range(0, len(imgs), self.batch_max):
+            chunk = slice(start, start + self.batch_max)
+            batch = self._batch(imgs[chunk], list(prompts[chunk]), prompt_format)
+            rows = []
+            for prompt, cont in zip(prompts[chunk], continuations[chunk]):
+                if isinstance(cont, str):
+                    text = format_prompt(self.processor, self.adapter, prompt, self.geometry.media, prompt_format)
+                    head = tok(text, add_special_tokens=False)["input_ids"]
+                    whole = tok(text + cont, add_special_tokens=False)["input_ids"]
+                    ids = whole[len(head):] if whole[:len(head)] == head else \
+                        tok(cont, add_special_tokens=False)["input_ids"]
+                else:
+                    ids = [int(t) for t in cont]
+                if not ids:
+                    raise _fail("continuations", f"{cont!r} has no tokens; give a non-empty continuation")
+                rows.append(ids)
+            width = max(len(r) for r in rows)
+            pad = tok.eos_token_id if tok.eos_token_id is not None else 0
+            continuation = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (b, n)
+            logprobs, greedy = continuation_logprobs(*self.graphs, batch, layout=self.layout,
+                                                     continuation=continuation)
+            for b, r in enumerate(rows):
+                scores.append(Score(float(logprobs[b, :len(r)].sum()), len(r), bool(greedy[b, :len(r)].all())))
+        return scores
 
 
 def load(export_dir: str | Path, backend: str = "onnxruntime", verify: bool = False,
