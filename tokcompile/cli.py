@@ -230,3 +230,34 @@ def save_model_main(argv: list[str] | None = None) -> int:
         return 0
     except TokcompileError as e:
         return _report(e, os.environ.get("TOKCOMPILE_DEBUG") == "1")
+
+
+def vtw_search_main(argv: list[str] | None = None) -> int:
+    """python -m tokcompile vtw-search recipe.yml [--eta X] [--start K] [--samples N]"""
+    p = argparse.ArgumentParser(
+        prog="python -m tokcompile vtw-search",
+        description="Pick VTW's withdrawal layer K by its KL criterion on the recipe's calibration prompts: the "
+                    "first layer whose withdrawal keeps the mean KL(withdrawn || full) of the next token at or "
+                    "below eta. Prints every candidate's KL and the recipe line to write.")
+    p.add_argument("recipe", help="a recipe whose token reduction is VTW (any pruning_loc)")
+    p.add_argument("--eta", type=float, default=None, help="the KL threshold (default: the recipe's VTW eta, "
+                                                             "else 0.003 as the official search)")
+    p.add_argument("--start", type=int, default=None,
+                   help="the first candidate layer (default 5 as the official search, 1 for models of 5 layers "
+                        "or fewer)")
+    p.add_argument("--samples", type=int, default=None, help="calibration prompts (default: quant.calib.n_samples)")
+    p.add_argument("--trust-remote-code", action="store_true", help="confirm the recipe's model.trust_remote_code")
+    args = p.parse_args(argv)
+    if not os.environ.get("TOKCOMPILE_DEBUG") == "1":
+        warnings.filterwarnings("ignore")
+    try:
+        from tokcompile.vtw_search import format_result, require_choice, search
+
+        result = search(args.recipe, args.eta, args.start, args.samples, args.trust_remote_code)
+        print(format_result(result))
+        k = require_choice(result)
+        print(f"K = {k}: write  sparse: {{special: {{method: VTW, pruning_loc: {k}}}}}  (or quant.token_reduction "
+              f"with the same special)")
+        return 0
+    except TokcompileError as e:
+        return _report(e, os.environ.get("TOKCOMPILE_DEBUG") == "1")

@@ -10,8 +10,9 @@ keeps its original RoPE position ids (the official `pe_type="keep"`, policy P1),
 Static-export deviations from the paper and the official code (lzhxmu/VTW `VTWLlamaModel.forward`):
 - The image span is found from the image placeholder id, not hard-coded to [35, 611) for LLaVA-1.5, and each
   sample of a padded batch withdraws its own span; the withdrawal is a fixed-size gather (T -> T - N).
-- K is fixed when the recipe is resolved (the official `--findk` KL-threshold search is not offered); PACT's
-  rule (orailix/PACT) that picks K to match a single-layer reduction's average visual-token count is.
+- K is fixed when the recipe is resolved. The official `--findk` KL-threshold search is a separate command,
+  `python -m tokcompile vtw-search recipe.yml` (`tokcompile/vtw_search.py`), which prints the K to write; PACT's
+  rule (orailix/PACT) that picks K to match a single-layer reduction's average visual-token count is a key.
 - K must lie in 1..L-1: K = 0 would give the decoder no image at all and K = L would withdraw nothing.
 - The step reports an empty kept set, a (B, 0) int64 output, so parity and the layout treat VTW like any
   other pruning step (FastV keeping 0 tokens).
@@ -68,12 +69,15 @@ class VTWConfig:
         withdraw_visual_tokens: PACT's switch; true with the two keys below to pick K by PACT's rule.
         VTW_equivalant_layer_for_reduction: PACT's K0, the layer of the single-layer reduction to match.
         equivalent_reduc_percentage_vtw: PACT's p, the fraction of visual tokens that reduction KEEPS at K0.
+        eta: the KL threshold `python -m tokcompile vtw-search` picks K with (the official `--findk`'s eta;
+            0.003 when absent). The compile itself does not read it.
     """
 
     pruning_loc: int | None = None
     withdraw_visual_tokens: bool | None = None
     VTW_equivalant_layer_for_reduction: int | None = None
     equivalent_reduc_percentage_vtw: float | None = None
+    eta: float | None = None
 
     method: ClassVar[str] = "VTW"
     sites: ClassVar[frozenset[Site]] = frozenset({Site.DECODER_LAYER})
@@ -132,6 +136,8 @@ class VTWConfig:
         return K
 
     def plan(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
+        if self.eta is not None and (not _is_number(self.eta) or not self.eta > 0):
+            raise RecipeError(f"{key}.eta", f"got {self.eta!r}; use a KL threshold above 0 (official: 0.003)")
         K = self.withdrawal_layer(geom.n_layers, key)
         return (Step("vtw", Site.DECODER_LAYER, K, entering.image_tokens, 0),)
 
