@@ -21,6 +21,7 @@ from tokcompile.models import ADAPTERS, Geometry, VLMAdapter, tiny
 from tokcompile.models.loading import check_weights_present, load_config, model_type_of, resolve_dtype
 from tokcompile.recipe import EXPORT_TARGETS, Recipe
 from tokcompile.reduce import REDUCERS, Entering, Positions, Schedule, Site, Step, config_from_params
+from tokcompile.reduce.base import sites_used
 from tokcompile.reduce.schedule import decoder_image_tokens_in, image_tokens_per_decoder_layer
 from tokcompile.registry import suggest
 
@@ -173,7 +174,7 @@ def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Sch
             )
         cls = REDUCERS.get(spec.method)
         cfg = config_from_params(cls, dict(spec.params), spec.key)
-        for site in cls.sites - adapter.sites:
+        for site in sites_used(cfg) - adapter.sites:
             reason = adapter.site_refusals.get(site, "the adapter does not expose this site")
             raise RecipeError(spec.method_key, f"{cls.method} runs {_SITE_WHERE[site]}, which {geom.family} does "
                                                f"not support: {reason}")
@@ -446,6 +447,8 @@ def format_plan(plan: Plan) -> str:
     lines.append("schedule    image tokens entering each decoder layer:")
     lines.append("            " + " ".join(f"L{i}:{n}" for i, n in enumerate(per_layer)))
     kept = per_layer[-1] if per_layer else g.n_image_tokens
+    if plan.schedule and plan.schedule[-1].site is Site.DECODER_MID:  # it shortens the last layer's MLP input
+        kept = plan.schedule[-1].n_out
     lines.append(f"kept        {kept} of {g.n_image_tokens} image tokens after the last step")
     lines.append(f"dtype       {plan.dtype} graphs (weights load and quantize in float32); parity atol {plan.atol:g}, "
                  f"rtol {plan.rtol:g}")

@@ -85,7 +85,8 @@ def test_plan_counts(geometry):
 
 
 @pytest.mark.parametrize("params, key, text", [
-    ({"AT": True, "control_encoding_layer": 0}, "AT", "not offered yet"),
+    ({"AT": True, "control_encoding_layer": 0, "llm_r": 100, "llm_control_encoding_layer": 0}, "llm_r",
+     "leaves no image token"),
     ({"faithful": True, "control_encoding_layer": 0}, "faithful", "no static"),
     ({"merge_visual": False, "control_encoding_layer": 0}, "merge_visual", "nothing to do"),
     ({"control_encoding_layer": 1}, "control_encoding_layer", "leaves no vision block"),

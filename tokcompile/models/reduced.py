@@ -225,10 +225,10 @@ class Prefill(nn.Module):
         if layer not in self.mid:
             return replace(state, hidden=a.run_decoder_layer(mod, state.hidden, mask, rope, state.positions, cache))
         h = a.run_decoder_attention(mod, state.hidden, mask, rope, cache)  # (B, T, D) after the residual
-        state = replace(state, hidden=h)
+        entering, state = state, replace(state, hidden=h)
         for name, step, red in self.mid[layer]:
             ctx = DecoderContext(layer, self.ops, state, prev[0] if prev else None, prev[1] if prev else None,
-                                 keys_here=cache.keys[layer])
+                                 keys_here=cache.keys[layer], state_in=entering)
             state, idx = red.apply(state, ctx, step, (forced or {}).get(name))
             outputs[name] = idx
         return replace(state, hidden=a.run_decoder_mlp(mod, state.hidden))

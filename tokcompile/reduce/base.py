@@ -42,6 +42,10 @@ class Entering:
 
 
 class Reducer(Protocol):
+    """A token-reduction method's parameters. `sites` declares every site the method can use; a method whose
+    parameters choose among them (FiCoCo: the tower, the decoder or both) also defines
+    `sites_used() -> frozenset[Site]`, and only those must be supported by the model family."""
+
     method: ClassVar[str]
     sites: ClassVar[frozenset[Site]]
 
@@ -51,6 +55,12 @@ class Reducer(Protocol):
 
 
 REDUCERS: Registry[type] = Registry("token-reduction method")
+
+
+def sites_used(cfg: Any) -> frozenset[Site]:
+    """The sites these parameters make the method use (all it declares, unless it says otherwise)."""
+    used = getattr(cfg, "sites_used", None)
+    return used() if callable(used) else type(cfg).sites
 
 
 def _type_ok(value: Any, typ: Any) -> bool:

@@ -89,6 +89,8 @@ class DecoderContext:
         prev_state: the tokens that entered the previous layer's attention (None at layer 0).
         prev_keys: (B, Hkv, T_prev, d) the keys the previous layer's attention used, after RoPE (None at 0).
         keys_here: (B, Hkv, T, d) this layer's own keys, at DECODER_MID only (as its attention used them).
+        state_in: the tokens that entered this layer's attention, at DECODER_MID only (the same tokens as
+            `state`, before the attention residual), for methods that score with the layer's queries.
     """
 
     layer: int
@@ -97,6 +99,7 @@ class DecoderContext:
     prev_state: TokenState | None
     prev_keys: Tensor | None
     keys_here: Tensor | None = None
+    state_in: TokenState | None = None
 
     def _last_row(self, layer: int, st: TokenState, keys: Tensor) -> Tensor:
         h_last = gather_tokens(st.hidden, st.last[:, None])  # (B, 1, D)
@@ -129,6 +132,21 @@ class DecoderContext:
         if self.keys_here is not None:
             return self.keys_here
         return self.ops.keys(self.layer, self.state.hidden, self.state.positions)
+
+    def current_queries(self) -> Tensor:
+        """This layer's queries over the tokens entering its attention: (B, H, T, d) after the input norm, q
+        projection and RoPE (at DECODER_MID: as its attention computed them, from `state_in`)."""
+        st = self.state_in if self.state_in is not None else self.state
+        return self.ops.query(self.layer, st.hidden, st.positions)
+
+    def head_mean_logits(self) -> Tensor:
+        """This layer's raw attention logits q·kᵀ/√d averaged over heads, every query row against every key, no
+        mask applied (causal or padding): (B, T, T) fp32. GQA query head h reads KV head h // (H / Hkv), as
+        the attention does."""
+        q = self.current_queries().float()  # (B, H, T, d)
+        k = self.current_keys().float()  # (B, Hkv, T, d)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, T, d)
+        return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).mean(1)  # (B, T, T)
 
     def image_span(self, n: int) -> Tensor:
         """(B, n) indices of the current image tokens in the sequence."""
