@@ -325,7 +325,6 @@ class Generator:
         `prompt_format` "auto" tells them apart by the placeholder; "chat" or "raw" insists on one kind.
         `first_logits=True` also returns the logits the first answer token was chosen from (`Answer.first_logits`,
         [N, V]), which accuracy reports compare between models."""
-
         media = self.geometry.media
         if len(images) != len(prompts):
             raise _fail("prompts",
@@ -352,7 +351,6 @@ class Generator:
             for name, k in result.kept.items():
                 kept[name].extend(k.tolist())
         return Answer(texts, ids, kept, torch.cat(firsts) if firsts else None)
-
 
     def score(self, images: list[Any], prompts: list[str], continuations: list[str] | list[list[int]], *,
               prompt_format: str = "auto") -> list[Score]:
