@@ -70,10 +70,8 @@ metric_list:
 '''
 
 
-@pytest.fixture(scope="module")
-def lmms_run(demo_export, tmp_path_factory):
-    """The two tasks written to a folder, and lmms-eval's CLI run on the demo export with --log_samples."""
-    root = tmp_path_factory.mktemp("lmms")
+def write_tasks(root: Path) -> tuple[list[dict], Path]:
+    """N_DOCS shapes test samples as PNG files and a JSONL file, and the two task YAMLs over them."""
     rows = []
     for s in shapes.samples("test", N_DOCS):
         image = root / f"{s.id}.png"
@@ -86,6 +84,14 @@ def lmms_run(demo_export, tmp_path_factory):
     (tasks / "utils.py").write_text(TASK_UTILS.format(choices=shapes.answers()))
     (tasks / "answers.yaml").write_text(GENERATE_TASK.format(data=data))
     (tasks / "choice.yaml").write_text(CHOICE_TASK.format(data=data, choices=json.dumps(shapes.answers())))
+    return rows, tasks
+
+
+@pytest.fixture(scope="module")
+def lmms_run(demo_export, tmp_path_factory):
+    """The two tasks written to a folder, and lmms-eval's CLI run on the demo export with --log_samples."""
+    root = tmp_path_factory.mktemp("lmms")
+    rows, tasks = write_tasks(root)
     out = root / "out"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf")}
     res = subprocess.run(
@@ -159,3 +165,20 @@ def test_the_entry_point_names_the_model():
 
     assert get_model("tokcompile") is TokcompileLMM
     assert Path(sys.modules[TokcompileLMM.__module__].__file__).name == "lmms_model.py"
+
+
+def test_the_eval_section_reads_an_lmms_eval_task(tmp_path):
+    """`eval.name` naming an lmms-eval task (here one of our own under `eval.path`, lmms-eval's include path):
+    its documents become the eval questions, and a multiple-choice task or a task without local data is one
+    clear error."""
+    from tokcompile.eval.datasets import LMMS_TASK, load_dataset, locate
+
+    rows, tasks = write_tasks(tmp_path)
+    assert locate("shapes_local_answers", str(tasks)) == LMMS_TASK
+    got = load_dataset("shapes_local_answers", str(tasks), 3)
+    assert [(q.question, q.answers) for q in got] == [(r["question"], (r["answer"],)) for r in rows[:3]]
+    assert got[0].image.size == shapes.sample("test", 0).image.size
+    with pytest.raises(RecipeError, match="is multiple_choice; the eval section answers generate_until"):
+        load_dataset("shapes_local_choice", str(tasks), 3)
+    with pytest.raises(RecipeError, match="'gqa' needs dataset .* not on this machine"):
+        locate("gqa", None)

@@ -4,7 +4,8 @@
 - A folder with `img_qa.json` (LightCompress's layout: a list of {"image", "question", "answer"}), or a JSONL
   file with one {"image", "question" (or "prompt"), "answer"} per line. `answer` is a string, or a list of
   human answers (scored with the VQAv2 soft score). Image paths are relative to the file's folder.
-- Any other name is looked up under `eval.path` (`<path>/<name>` as a folder or `<path>/<name>.jsonl`).
+- Any other name is looked up under `eval.path` (`<path>/<name>` as a folder or `<path>/<name>.jsonl`), then,
+  where lmms-eval is installed, among its tasks and the task YAMLs under `eval.path` (`lmms_tasks.py`).
 
 Nothing is downloaded: a dataset that is not on disk is a one-line error naming it.
 """
@@ -19,6 +20,7 @@ from tokcompile.errors import RecipeError
 from tokcompile.qa_files import read_entries
 
 BUILTIN = ("shapes",)
+LMMS_TASK = "lmms-eval task"  # what `locate` returns for a name lmms-eval knows
 SHAPES_DEFAULT_SAMPLES = 200
 
 
@@ -53,8 +55,9 @@ def _local(p: Path, name: str, limit: int | None, key: str) -> list[QA]:
     return out
 
 
-def locate(name: str, path: str | None) -> Path | None:
-    """The local file or folder for a dataset name (None for the built-in task)."""
+def locate(name: str, path: str | None) -> Path | str | None:
+    """The local file or folder for a dataset name (None for the built-in task, LMMS_TASK for an lmms-eval
+    task)."""
     if name in BUILTIN:
         return None
     candidates = [Path(name)]
@@ -67,10 +70,18 @@ def locate(name: str, path: str | None) -> Path | None:
                 return c
         except (OSError, ValueError):  # a name no file system takes (too long, a NUL byte)
             continue
+    from tokcompile.eval import lmms_tasks
+
+    include = path if path is not None and Path(path).is_dir() else None
+    if lmms_tasks.known(name, include):
+        lmms_tasks.check(name, include)
+        return LMMS_TASK
     where = f" under eval.path {path}" if path else ""
-    raise RecipeError("eval.name", f"dataset '{name}' was not found{where}; use shapes (built in), a folder with "
-                                   "img_qa.json or a JSONL file of image/question/answer entries, or set eval.path to "
-                                   "the folder that holds it (nothing is downloaded), or compile with --no-eval")
+    tasks = "" if lmms_tasks.available() else " (lmms-eval tasks need lmms-eval: requirements-lmms.txt)"
+    raise RecipeError("eval.name", f"dataset '{name}' was not found{where}{tasks}; use shapes (built in), a "
+                                   "folder with img_qa.json or a JSONL file of image/question/answer entries, or set "
+                                   "eval.path to the folder that holds it (nothing is downloaded), or compile with "
+                                   "--no-eval")
 
 
 def load_dataset(name: str, path: str | None, num_samples: int | None, split: str = "test") -> list[QA]:
@@ -80,4 +91,10 @@ def load_dataset(name: str, path: str | None, num_samples: int | None, split: st
 
         n = num_samples or SHAPES_DEFAULT_SAMPLES
         return [QA(s.id, s.image, s.question, (s.answer,), s.qtype) for s in shapes.samples(split, n)]
-    return _local(locate(name, path), name, num_samples, "eval.name")
+    where = locate(name, path)
+    if where == LMMS_TASK:
+        from tokcompile.eval import lmms_tasks
+
+        include = path if path is not None and Path(path).is_dir() else None
+        return lmms_tasks.load_task(name, include, num_samples, QA)
+    return _local(where, name, num_samples, "eval.name")
