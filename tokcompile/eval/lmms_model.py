@@ -92,8 +92,14 @@ class TokcompileLMM(lmms):
         raise RecipeError(f"task {task}", f"document {doc_id} has {got} visuals; a tokcompile export answers "
                                           "one image (or one video) per question")
 
+    def _progress(self, total: int, what: str) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=f"tokcompile {what}", disable=self.rank != 0)
+
     def generate_until(self, requests: list[Any]) -> list[str]:
         answers: list[str] = []
+        bar = self._progress(len(requests), "answers")
         for start in range(0, len(requests), self.batch_size_per_call):
             chunk = [r.args for r in requests[start:start + self.batch_size_per_call]]
             by_settings: dict[str, list[int]] = {}  # one runtime call per distinct generation setting
@@ -115,6 +121,8 @@ class TokcompileLMM(lmms):
             for i, args in enumerate(chunk):
                 answers.append(texts[i])
                 self.cache_hook.add_partial("generate_until", (args[0], args[1]), texts[i])
+            bar.update(len(chunk))
+        bar.close()
         return answers
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
@@ -122,6 +130,7 @@ class TokcompileLMM(lmms):
         smallest): the mean negative log-likelihood of the continuation's tokens, and whether greedy decoding
         writes exactly them."""
         scores: list[tuple[float, bool]] = []
+        bar = self._progress(len(requests), "scores")
         for start in range(0, len(requests), self.batch_size_per_call):
             chunk = [r.args for r in requests[start:start + self.batch_size_per_call]]
             continuations = []
@@ -130,6 +139,8 @@ class TokcompileLMM(lmms):
                 continuations.append(target if isinstance(target, str) else target(doc))
             for s in self.generator.score([self._media(a) for a in chunk], [a[0] for a in chunk], continuations):
                 scores.append(_passed_through((-s.logprob / s.tokens, s.greedy)))
+            bar.update(len(chunk))
+        bar.close()
         return scores
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
