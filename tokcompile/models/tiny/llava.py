@@ -24,6 +24,9 @@ SIZES: dict[str, tuple[int, ...]] = {
     # ~235M parameters with LLaVA-1.5's 576 image tokens (336 px, patch 14), for benchmarks. The vision tower is
     # small next to the decoder, as in LLaVA-1.5-7B (about 4% of prefill FLOPs there, about 6% here).
     "medium": (1024, 16, 16, 8, 2816, 384, 6, 6, 1536, 336, 14),
+    # LLaVA-1.5-7B's exact geometry (Vicuna-7B decoder, CLIP ViT-L/14 at 336 px, 576 image tokens), random weights:
+    # for the GPU check (benchmarks/gpu.py); the byte-level vocabulary stays small
+    "llava7b": (4096, 32, 32, 32, 11008, 1024, 24, 16, 4096, 336, 14),
     # the architecture of `tiny-trained:shapes` (models/trained.py): 64 px shapes scenes, 256 image tokens
     "shapes": (128, 4, 4, 2, 256, 64, 4, 4, 128, 64, 4),
 }
