@@ -139,14 +139,27 @@ class DecoderContext:
         st = self.state_in if self.state_in is not None else self.state
         return self.ops.query(self.layer, st.hidden, st.positions)
 
-    def head_mean_logits(self) -> Tensor:
-        """This layer's raw attention logits q·kᵀ/√d averaged over heads, every query row against every key, no
-        mask applied (causal or padding): (B, T, T) fp32. GQA query head h reads KV head h // (H / Hkv), as
-        the attention does."""
-        q = self.current_queries().float()  # (B, H, T, d)
-        k = self.current_keys().float()  # (B, Hkv, T, d)
+    def attention_logits(self, which: str = "current") -> Tensor:
+        """Raw attention logits q·kᵀ/√d per head, every query row against every key, no mask applied (causal or
+        padding): (B, H, T, T) fp32. which="current": this layer (at DECODER_MID, as its attention ran);
+        "previous": layer `layer`-1 as it ran, over the tokens that entered it. GQA query head h reads KV head
+        h // (H / Hkv), as the attention does."""
+        if which == "current":
+            q, k = self.current_queries(), self.current_keys()  # (B, H, T, d), (B, Hkv, T, d)
+        elif which == "previous":
+            if self.prev_state is None or self.prev_keys is None:
+                raise ValueError("a step at decoder layer 0 has no previous layer to score with")
+            st = self.prev_state
+            q, k = self.ops.query(self.layer - 1, st.hidden, st.positions), self.prev_keys
+        else:
+            raise ValueError(f"which must be 'previous' or 'current', not {which!r}")
+        q, k = q.float(), k.float()
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, T, d)
-        return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).mean(1)  # (B, T, T)
+        return q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+
+    def head_mean_logits(self) -> Tensor:
+        """This layer's raw attention logits averaged over heads, unmasked: (B, T, T) fp32."""
+        return self.attention_logits("current").mean(1)
 
     def image_span(self, n: int) -> Tensor:
         """(B, n) indices of the current image tokens in the sequence."""
