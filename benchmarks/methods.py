@@ -96,6 +96,13 @@ CONFIGS: tuple[Config, ...] = (
                               pivot_text_token=4)),
     Config("randomprune-r0.778", "randomprune", lambda n: "RandomPrune K=2 R=0.778",
            lambda n: _special("RandomPrune", pruning_loc=2, prune_ratio=0.778)),
+    # FiCoCo-L: the official 14 per layer from layer 5 of 32 leaves 198 of 576; 29 from layer 3 of 16 leaves 199
+    Config("ficoco-l-r29", "ficoco", lambda n: f"FiCoCo-L r=29 from layer {_layer(2, n) + 1}",
+           lambda n: _special("FiCoCo", merge_visual=False, AT=True, r=29, control_encoding_layer=_layer(2, n))),
+    # AIM: the official piecewise schedule (layers 14..21 of 28) at this depth
+    Config("aim-piecewise", "aim", lambda n: f"AIM piecewise {_layer(8, n)}..{_layer(12, n)}",
+           lambda n: _special("AIM", prune_scheduler="piecewise", prune_start_layer=_layer(8, n),
+                              prune_end_layer=_layer(12, n))),
 )
 
 BUDGETS = (64, 128, 192)  # image tokens kept of LLaVA-1.5's 576, as the method papers report them
