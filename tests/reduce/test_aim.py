@@ -61,8 +61,8 @@ def test_static_aim_matches_the_reference_without_pruned_rows(fam, params):
     retain = _retain(fam, cfg)
     for b in range(2):
         sample = fam.adapter.sample_inputs(fam.batch, b, fam.geom)
-        logits, kept = aim_reference(fam.model, fam.adapter, sample, image_token_id=fam.image_id, retain=retain,
-                                     walk_masked_rows=False)
+        logits, kept, _ = aim_reference(fam.model, fam.adapter, sample, image_token_id=fam.image_id,
+                                        retain=retain, walk_masked_rows=False)
         assert [k.tolist() for k in kept] == _original_indices(out, b, len(schedule))
         torch.testing.assert_close(out["logits"][b], logits, atol=1e-5, rtol=1e-5)
 
@@ -77,7 +77,7 @@ def test_the_official_walk_over_pruned_rows_is_measured(fam):
     overlaps = []
     for b in range(2):
         sample = fam.adapter.sample_inputs(fam.batch, b, fam.geom)
-        _, official = aim_reference(fam.model, fam.adapter, sample, image_token_id=fam.image_id, retain=retain)
+        _, official, _ = aim_reference(fam.model, fam.adapter, sample, image_token_id=fam.image_id, retain=retain)
         ours = _original_indices(out, b, len(schedule))
         assert official[0].tolist() == ours[0]  # the first step walks the same rows
         for o, s in zip(official[1:], ours[1:]):
@@ -105,7 +105,7 @@ def test_schedules_compile_to_counts():
 
 
 @pytest.mark.parametrize("params,key,text", [
-    ({"merge_ratio": 0.5}, "merge_ratio", "stage 1"),
+    ({"merge_ratio": 0.6}, "merge_ratio", "is not 1 - 2^-k"),
     ({"prune_scheduler": "fast"}, "prune_scheduler", "unknown scheduler"),
     ({"prune_start_layer": 3, "prune_end_layer": 3}, "prune_start_layer", "leaves no layer"),
     ({"prune_start_layer": 2, "prune_end_layer": 1}, "prune_start_layer", "start <= end"),
@@ -123,7 +123,43 @@ def test_plan_errors_name_the_key(params, key, text):
 
 
 def test_tiny_recipe_compiles_with_parity(tmp_path):
-    res = compile_recipe(ROOT / "recipes" / "tiny" / "aim.yml", tmp_path / "aim", "--targets", "onnx")
+    """Both stages end to end (aim_merge.yml: a merge at the projector output, then two pruning steps)."""
+    res = compile_recipe(ROOT / "recipes" / "tiny" / "aim_merge.yml", tmp_path / "aim", "--targets", "onnx")
     assert res.returncode == 0, res.stderr + res.stdout
     assert "onnx: vision, prefill and decode parity passed; greedy generation equals eager" in res.stdout
     assert "eager generation with KV cache equals the no-cache reference" in res.stdout
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_stage1_merge_then_pruning_matches_the_official_merge(family):
+    """Stage 1 (merge_ratio 0.75: two halving iterations at the projector output) then stage 2: the merged
+    tokens' order and representatives equal the official `bipartite_soft_matching_merge`, the kept tokens and
+    the logits equal the reference's."""
+    f = padded_family_case(family)
+    params = {"merge_ratio": 0.75, "prune_start_layer": 1, "prune_end_layer": 2}
+    vlm, schedule, cfg = _vlm(f, params)
+    N = f.geom.n_image_tokens
+    assert [(s.method, s.n_in, s.n_out) for s in schedule[:2]] == [("aim_merge", N, N // 2),
+                                                                    ("aim_merge", N // 2, N // 4)]
+    names = list(vlm.layout.step_outputs)
+    with torch.no_grad():
+        out = vlm.run({n: f.batch[n] for n in f.adapter.input_names_for(f.geom)})
+    retain = _retain(f, cfg)
+    for b in range(2):
+        sample = f.adapter.sample_inputs(f.batch, b, f.geom)
+        logits, kept, rep = aim_reference(f.model, f.adapter, sample, image_token_id=f.image_id, retain=retain,
+                                          walk_masked_rows=False, merge_iterations=2)
+        assert out["image_source"][b].tolist() == rep.tolist()
+        current, ours = None, []
+        for name in names[2:]:
+            k = out[name][b].tolist()
+            current = k if current is None else [current[i] for i in k]
+            ours.append(current)
+        assert [k.tolist() for k in kept] == ours
+        torch.testing.assert_close(out["logits"][b], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_stage1_is_refused_where_the_span_is_not_one_grid():
+    f = padded_family_case("llava_onevision")
+    with pytest.raises(RecipeError, match="merges one image's grid"):
+        AIMConfig(merge_ratio=0.5, prune_start_layer=1, prune_end_layer=2).plan(f.geom, "k", Entering.start(f.geom))

@@ -14,10 +14,19 @@ Source read: LaVi-Lab/AIM, `other_packages/transformers/src/transformers/models/
   tokens still run as queries, and positions never change.
 * The scheduler: ρ_l = 1 for l < 14, else max(0, 1 - (l - 14 + 1)·0.125) (28 layers); here any per-layer ρ.
 
+* Stage 1 (`llava/model/token_merge.py`, `bipartite_soft_matching_merge`): r = min(r, t // 2); metric = the
+  features over their norm; a = even tokens (sources), b = odd ones (destinations); scores = a·bᵀ; each source's
+  max and argmax; sources sorted by that max, descending; the first r merge (`scatter_reduce(mean,
+  include_self=True)` into their destination), the rest stay; output = unmerged sources in that order, then
+  the destinations. Called with r_i = N₀ // 2^i for each iteration i.
+
 Where this reference differs from the official code, and why:
 * `walk_masked_rows=False` drops the masked tokens' rows from the PageRank walk (and from its uniform start),
   which is what removing them from the sequence does. The default (True) walks them as the official code does;
   the tests measure how far the two are apart.
+* Stage 1 on the image span of the first layer's input (the projected features as HF splices them in);
+  after it, 1-D RoPE positions run contiguously over the shorter prompt and M-RoPE tokens keep the ids of
+  their destination (or of themselves), the project's P0 policy; the official code has no M-RoPE.
 * Ties in the ranking go to the lower index (stable descending sort); one unpadded sample, batch 1, fp32,
   eager attention with an explicit additive mask; only the prefill's next-token logits.
 """
@@ -61,17 +70,52 @@ def importance(logits: Tensor, key_ok: Tensor, rows: Tensor, tau: float = 0.1, i
     return pi[:, 0].pow(2).mean(0).sqrt()
 
 
+def official_merge(x: Tensor, r: int, index: Tensor) -> tuple[Tensor, Tensor]:
+    """`bipartite_soft_matching_merge` on (t, D) features; also carries each output token's representative
+    original index (the destination's, or the unmerged source's own) from `index` (t,)."""
+    t = x.shape[0]
+    r = min(r, t // 2)
+    m = x / x.norm(dim=-1, keepdim=True)
+    a, b = m[0::2], m[1::2]
+    scores = a.float() @ b.float().T  # (na, nb)
+    node_max = scores.max(-1).values
+    node_idx = torch.tensor([min(j for j in range(scores.shape[1]) if scores[i, j] == node_max[i])
+                             for i in range(scores.shape[0])])
+    edge = sorted(range(a.shape[0]), key=lambda i: (-float(node_max[i]), i))
+    unm, src = edge[r:], edge[:r]
+    xa, xb = x[0::2], x[1::2].clone()
+    sums, counts = xb.clone(), torch.ones(xb.shape[0])
+    for i in src:
+        sums[node_idx[i]] += xa[i]
+        counts[node_idx[i]] += 1
+    dst = sums / counts[:, None]
+    out = torch.cat([xa[unm], dst])
+    rep = torch.cat([index[0::2][unm], index[1::2]])
+    return out, rep
+
+
 @torch.no_grad()
 def aim_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *, image_token_id: int,
-                  retain: Sequence[float], walk_masked_rows: bool = True) -> tuple[Tensor, list[Tensor]]:
-    """Next-token logits (V,) and the image tokens (indices into the image span, ascending) still unmasked after
-    each layer whose count drops. `retain[l]` is ρ_l, applied after layer l."""
+                  retain: Sequence[float], walk_masked_rows: bool = True,
+                  merge_iterations: int = 0) -> tuple[Tensor, list[Tensor], Tensor]:
+    """Next-token logits (V,), the image tokens (indices into the image span after stage 1, ascending) still
+    unmasked after each layer whose count drops, and stage 1's representative of each merged token (indices into
+    the original span). `retain[l]` is ρ_l, applied after layer l, of the image tokens after stage 1."""
     lm = adapter.language_model(model)
     ids = sample["input_ids"][0].tolist()
     start, n = ids.index(image_token_id), ids.count(image_token_id)
     with _eager(model):
         h = model(**sample, output_hidden_states=True, use_cache=False).hidden_states[0]  # (1, T, D)
     positions = adapter.hf_position_ids(model, sample)
+    rep = torch.arange(n)
+    if merge_iterations:
+        feats, n0 = h[0, start:start + n], n
+        for i in range(1, merge_iterations + 1):
+            feats, rep = official_merge(feats, n0 // 2 ** i, rep)
+        keep = torch.cat([torch.arange(start), start + rep, torch.arange(start + n, h.shape[1])])
+        h = torch.cat([h[:, :start], feats[None], h[:, start + n:]], dim=1)
+        positions = (torch.arange(h.shape[1])[None] if positions.dim() == 2 else positions[..., keep])
+        n = feats.shape[0]
     T = h.shape[1]
     alive = torch.ones(T, dtype=torch.bool)  # keys not pruned
     image = torch.zeros(T, dtype=torch.bool)
@@ -102,4 +146,4 @@ def aim_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *, 
             live = torch.nonzero(alive[start:start + n]).flatten()  # span indices still alive
             kept_after.append(live)
     logits = adapter.lm_head(model)(lm.norm(h))[0, -1]
-    return logits.float(), kept_after
+    return logits.float(), kept_after, rep
