@@ -94,6 +94,8 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert err.startswith("error: sparse.special.eta: no candidate layer") and err.count("\n") == 1
     assert vtw_search_main([_recipe(tmp_path, "llava", ", eta: -1")]) == 2
     assert "sparse.special.eta" in capsys.readouterr().err
+    assert vtw_search_main([_recipe(tmp_path, "llava"), "--samples", "0"]) == 2
+    assert "error: --samples: got 0" in capsys.readouterr().err
     fastv = tmp_path / "fastv.yml"
     fastv.write_text(RECIPE.format(family="llava", extra="").replace("VTW, pruning_loc: 1", "FastV, pruning_loc: 1, "
                                                                                          "rate: 0.5"))

@@ -163,3 +163,14 @@ def test_stage1_is_refused_where_the_span_is_not_one_grid():
     f = padded_family_case("llava_onevision")
     with pytest.raises(RecipeError, match="merges one image's grid"):
         AIMConfig(merge_ratio=0.5, prune_start_layer=1, prune_end_layer=2).plan(f.geom, "k", Entering.start(f.geom))
+
+
+def test_one_image_grid_is_what_stage_1_needs():
+    """The geometry says whether the image span is one image's grid: LLaVA-1.5 and the Qwen families, not the
+    tiled families or video (where stage 1 is refused)."""
+    from tests.reduce.test_contract import FAMILY_RECIPES
+    from tokcompile.pipeline import plan_recipe
+
+    grid = {case: plan_recipe(ROOT / path).geometry.one_image_grid for case, path in FAMILY_RECIPES.items()}
+    assert grid == {"llava": True, "llava_next": False, "llava_onevision": False, "llava_onevision_video": False,
+                    "qwen2_vl": True, "qwen2_5_vl": True}

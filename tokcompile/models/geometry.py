@@ -52,6 +52,12 @@ class Geometry:
     vision_images: int = 1
     layout: tuple[int, ...] = ()
 
+    @property
+    def one_image_grid(self) -> bool:
+        """The image span is one image's patch grid in order (one vision pass over one image: no tiles, row-end
+        tokens or frames), which methods that work within an image (merging neighbours) need."""
+        return self.media == "image" and self.vision_images == 1
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["image_size"] = list(self.image_size)

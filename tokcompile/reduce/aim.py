@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from tokcompile.errors import RecipeError
-from tokcompile.reduce.base import REDUCERS, Entering
+from tokcompile.reduce.base import REDUCERS, Entering, is_number
 from tokcompile.reduce.ops import gather_tokens, rank_desc, topk_sorted
 from tokcompile.reduce.prune import keep_image_tokens
 from tokcompile.reduce.schedule import Output, Schedule, Site, Step
@@ -115,10 +115,6 @@ def bipartite_mean_merge(x: Tensor, r: int, forced: Tensor | None = None) -> tup
     return merged, assign
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 @REDUCERS.register("aim")
 @dataclass(frozen=True)
 class AIMConfig:
@@ -143,17 +139,16 @@ class AIMConfig:
 
     method: ClassVar[str] = "AIM"
     sites: ClassVar[frozenset[Site]] = frozenset({Site.PROJECTOR_OUT, Site.DECODER_LAYER})
-    single_grid_families: ClassVar[frozenset[str]] = frozenset({"llava", "qwen2_vl", "qwen2_5_vl"})
 
     def sites_used(self) -> frozenset[Site]:
         return self.sites if self.merge_ratio is not None else frozenset({Site.DECODER_LAYER})
 
     def _check(self, geom: Geometry, key: str) -> None:
         if self.merge_ratio is not None:
-            if not _is_number(self.merge_ratio) or merge_iterations(self.merge_ratio) is None:
+            if not is_number(self.merge_ratio) or merge_iterations(self.merge_ratio) is None:
                 raise RecipeError(f"{key}.merge_ratio", f"{self.merge_ratio!r} is not 1 - 2^-k: use 0.5, 0.75, 0.875, "
                                                         "... (k halving iterations), or remove it to skip stage 1")
-            if geom.family not in self.single_grid_families or geom.media != "image":
+            if not geom.one_image_grid:
                 raise RecipeError(f"{key}.merge_ratio", f"stage 1 merges one image's grid; {geom.family} "
                                                         f"({geom.media}) puts several tiles, row ends or frames in "
                                                         "its span: remove merge_ratio")
@@ -168,9 +163,9 @@ class AIMConfig:
         if self.prune_scheduler == "piecewise" and s > last - 1:
             raise RecipeError(f"{key}.prune_start_layer", f"{s} leaves no layer after it to prune for (layers "
                                                           f"0..{last}); use at most {last - 1}")
-        if not _is_number(self.final_prune_ratio) or not 0.0 <= self.final_prune_ratio <= 1.0:
+        if not is_number(self.final_prune_ratio) or not 0.0 <= self.final_prune_ratio <= 1.0:
             raise RecipeError(f"{key}.final_prune_ratio", f"{self.final_prune_ratio!r} is outside [0, 1]")
-        if not _is_number(self.tau_imp) or not self.tau_imp > 0:
+        if not is_number(self.tau_imp) or not self.tau_imp > 0:
             raise RecipeError(f"{key}.tau_imp", f"{self.tau_imp!r}: use a temperature above 0 (official 0.1)")
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
             raise RecipeError(f"{key}.iters", f"{self.iters!r}: use at least 1 PageRank step (official 5)")

@@ -57,6 +57,16 @@ class Reducer(Protocol):
 REDUCERS: Registry[type] = Registry("token-reduction method")
 
 
+def is_int(v: Any) -> bool:
+    """An integer recipe value (YAML's true/false are not)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """A numeric recipe value (YAML's true/false are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def sites_used(cfg: Any) -> frozenset[Site]:
     """The sites these parameters make the method use (all it declares, unless it says otherwise)."""
     used = getattr(cfg, "sites_used", None)

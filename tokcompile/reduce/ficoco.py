@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from tokcompile.reduce.state import ImageTokens
 
 PROTECTED = 1  # CLIP's CLS token
+DEFAULT_R = 42  # the official tower settings (clip_encoder.py)
+DEFAULT_CONTROL_LAYER = 11
 BETA = 0.35
 QUANTILE = 0.998
 WINDOW = 2  # the local penalty's window side, in patches
@@ -213,8 +215,8 @@ class FiCoCoConfig:
         return tuple(steps)
 
     def _plan_vision(self, geom: Geometry, key: str, entering: Entering) -> list[Step]:
-        r = 42 if self.r is None else self.r
-        control = 11 if self.control_encoding_layer is None else self.control_encoding_layer
+        r = DEFAULT_R if self.r is None else self.r
+        control = DEFAULT_CONTROL_LAYER if self.control_encoding_layer is None else self.control_encoding_layer
         patches = geom.vision_tokens - PROTECTED
         if math.isqrt(patches) ** 2 != patches:
             raise RecipeError(f"{key}.method", f"FiCoCo's local penalty needs a square patch grid, got {patches} "

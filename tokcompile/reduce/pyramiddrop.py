@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from tokcompile.errors import RecipeError
-from tokcompile.reduce.base import REDUCERS, Entering
+from tokcompile.reduce.base import REDUCERS, Entering, is_int, is_number
 from tokcompile.reduce.ops import topk_sorted
 from tokcompile.reduce.prune import keep_image_tokens
 from tokcompile.reduce.schedule import Positions, Schedule, Site, Step
@@ -42,14 +42,6 @@ if TYPE_CHECKING:
 def keep_count(n_original: int, ratio: float) -> int:
     """LightCompress's stage count `int(N·ratio)` (floor), of the ORIGINAL image-token count N."""
     return int(n_original * ratio)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @REDUCERS.register("pyramiddrop")
@@ -75,10 +67,10 @@ class PyramidDropConfig:
 
     def _lists(self, key: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
         layers, ratios = self.layer_list, self.image_token_ratio_list
-        if not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(x) for x in layers):
+        if not isinstance(layers, (list, tuple)) or not layers or not all(is_int(x) for x in layers):
             raise RecipeError(f"{key}.layer_list", f"expected a non-empty list of decoder layer indices, got "
                                                    f"{layers!r}; e.g. [8, 16, 24]")
-        if not isinstance(ratios, (list, tuple)) or not all(_is_number(r) for r in ratios):
+        if not isinstance(ratios, (list, tuple)) or not all(is_number(r) for r in ratios):
             raise RecipeError(f"{key}.image_token_ratio_list", f"expected a list of fractions, got {ratios!r}; "
                                                                "e.g. [0.5, 0.25, 0.125]")
         if len(ratios) != len(layers):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from tokcompile.errors import RecipeError
-from tokcompile.reduce.base import REDUCERS, Entering
+from tokcompile.reduce.base import REDUCERS, Entering, is_int, is_number
 from tokcompile.reduce.ops import gather_tokens, rank_desc, topk_sorted
 from tokcompile.reduce.schedule import Output, Schedule, Site, Step
 
@@ -43,14 +43,6 @@ if TYPE_CHECKING:
     from tokcompile.reduce.state import ImageTokens
 
 PROTECTED = 1  # CLIP's CLS token: never a source (`class_token=True`)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @REDUCERS.register("tome")
@@ -77,10 +69,10 @@ class ToMeConfig:
         """r_l for each vision block that runs (before the (t-1)//2 clamp)."""
         L, r = geom.vision_layers, self.r
         if self.inflect is not None:
-            if not _is_num(self.inflect):
+            if not is_number(self.inflect):
                 raise RecipeError(f"{key}.inflect", f"expected a number, got {type(self.inflect).__name__} "
                                                     f"{self.inflect!r}")
-            if not _is_int(r):
+            if not is_int(r):
                 raise RecipeError(f"{key}.inflect", f"ToMe's inflect schedule needs an int r, not {r!r}; give r: "
                                                     "<int> or drop inflect")
             if r < 0:
@@ -89,11 +81,11 @@ class ToMeConfig:
             hi = 2 * r - lo
             step = (hi - lo) / (L - 1) if L > 1 else 0.0
             return [max(int(lo + step * i), 0) for i in range(L)]
-        if _is_int(r):
+        if is_int(r):
             if r < 0:
                 raise RecipeError(f"{key}.r", f"{r} is negative; use the tokens merged per block (>= 0)")
             return [r] * L
-        if not isinstance(r, (list, tuple)) or not all(_is_num(v) for v in r):
+        if not isinstance(r, (list, tuple)) or not all(is_number(v) for v in r):
             raise RecipeError(f"{key}.r", f"expected an int, [start, step] or one int per vision block, got {r!r}")
         if len(r) == 2:  # LightCompress: (start, step), clamped at 0
             start, step = r
@@ -102,7 +94,7 @@ class ToMeConfig:
             raise RecipeError(f"{key}.r", f"a list gives one r per vision block: {L} entries (the blocks that run) "
                                           f"or {L + 1} (the whole tower), got {len(r)}; or an int, or [start, step] "
                                           "(how every 2-entry list is read)")
-        bad = [v for v in r if not _is_int(v) or v < 0]
+        bad = [v for v in r if not is_int(v) or v < 0]
         if bad:
             raise RecipeError(f"{key}.r", f"entry {bad[0]!r} is not an int >= 0")
         return [int(v) for v in r[:L]]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from tokcompile.errors import RecipeError
-from tokcompile.reduce.base import REDUCERS, Entering
+from tokcompile.reduce.base import REDUCERS, Entering, is_int, is_number
 from tokcompile.reduce.prune import keep_image_tokens
 from tokcompile.reduce.schedule import Schedule, Site, Step
 
@@ -49,14 +49,6 @@ def equivalent_layer(n_layers: int, k0: int, p: float) -> int:
     """
     share = 1 - (1 - p) * ((n_layers - k0) / n_layers)
     return round(share * n_layers)
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @REDUCERS.register("vtw")
@@ -93,7 +85,7 @@ class VTWConfig:
             )
         if self.pruning_loc is not None:
             K = self.pruning_loc
-            if not _is_int(K):
+            if not is_int(K):
                 raise RecipeError(f"{key}.pruning_loc", f"expected an integer, got {type(K).__name__} {K!r}")
             if not 1 <= K <= L - 1:
                 raise RecipeError(
@@ -119,10 +111,10 @@ class VTWConfig:
                 raise RecipeError(f"{key}.{name}", "required with withdraw_visual_tokens: true (PACT picks the "
                                                    "withdrawal layer from VTW_equivalant_layer_for_reduction K0 "
                                                    "and equivalent_reduc_percentage_vtw p)")
-        if not _is_int(k0) or not 0 <= k0 <= L:
+        if not is_int(k0) or not 0 <= k0 <= L:
             raise RecipeError(f"{key}.VTW_equivalant_layer_for_reduction",
                               f"{k0!r} is not a decoder layer in 0..{L} of this model")
-        if not _is_number(p) or not 0.0 <= p <= 1.0:
+        if not is_number(p) or not 0.0 <= p <= 1.0:
             raise RecipeError(f"{key}.equivalent_reduc_percentage_vtw",
                               f"{p!r} is outside [0, 1]; it is the fraction of visual tokens kept at K0")
         K = equivalent_layer(L, k0, float(p))
@@ -136,7 +128,7 @@ class VTWConfig:
         return K
 
     def plan(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
-        if self.eta is not None and (not _is_number(self.eta) or not self.eta > 0):
+        if self.eta is not None and (not is_number(self.eta) or not self.eta > 0):
             raise RecipeError(f"{key}.eta", f"got {self.eta!r}; use a KL threshold above 0 (official: 0.003)")
         K = self.withdrawal_layer(geom.n_layers, key)
         return (Step("vtw", Site.DECODER_LAYER, K, entering.image_tokens, 0),)
