@@ -5,7 +5,8 @@ slices outputs by position. Modules return tuples in the layout's order (what ex
 turn them into dicts with `named()`.
 
 - vision:  the processor's media inputs -> image_embeds (B, N', D), image_source (B, N') and the parity
-           output of every vision-graph step (`kept_j` (B, k) or `assign_j` (B, n_in), j its schedule index).
+           output of every vision-graph step (`kept_j` (B, k), `assign_j` or `cluster_j` (B, n_in): see
+           `reduce.schedule.Output`; j is its schedule index).
 - prefill: the processor's text inputs, image_embeds, image_source -> logits (B, V), the parity output of
            every decoder step, cache_mask_g (B, T_g) per cache group g, cache_bias_g (B, T_g) float for groups
            whose tokens carry sizes (log size, proportional attention), next_position (B, 1), and
@@ -21,12 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tokcompile.reduce.schedule import Schedule, Site
+from tokcompile.reduce.schedule import Output, Schedule, Site
 
 VISION, PREFILL, DECODE = "vision", "prefill", "decode"
 IMAGE_OUTPUTS = ("image_embeds", "image_source")
 # Outputs compared exactly (indices and masks), not within a tolerance.
-EXACT_PREFIXES = ("kept_", "assign_", "cache_mask_", "image_source")
+EXACT_PREFIXES = (*(f"{o.value}_" for o in Output), "cache_mask_", "image_source")
 
 
 def _cut(step: Any) -> int:
@@ -87,7 +88,7 @@ class GraphLayout:
     prefill: GraphIO
     decode: GraphIO
     groups: tuple[tuple[int, int], ...]
-    step_outputs: tuple[str, ...]  # per schedule step, in order: "kept_j" or "assign_j"
+    step_outputs: tuple[str, ...]  # per schedule step, in order: "<output kind>_j" (kept_j, assign_j, ...)
     n_layers: int
     biased_groups: tuple[int, ...] = ()  # cache groups whose keys carry a size bias (proportional attention)
 

@@ -63,12 +63,12 @@ def compile_recipe(
     `evaluate`), the positions it names answer its datasets and the export holds eval.json and eval.md."""
     t0 = time.perf_counter()
     recipe = _without_eval(load_recipe(recipe_path), evaluate)
-    for w in recipe.warnings:
-        log(f"warning: {w}")
     check_remote_code(recipe, trust_remote_code)
     if (remote := remote_code_warning(recipe)) is not None:
         log(f"warning: {remote}")
     plan = resolve(recipe, out=out, targets=targets, trust_remote_code=trust_remote_code)
+    for w in plan.recipe.warnings:  # the recipe's own and its reducers' (see `Reducer`)
+        log(f"warning: {w}")
     key = _out_key(out)
     dest = outdir.check_destination(plan.out_dir, force, key)  # before any weights load
     with publish.staging(dest, force, key, log) as staged:

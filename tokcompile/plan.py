@@ -20,7 +20,7 @@ from tokcompile.layout import GraphLayout, build_layout
 from tokcompile.models import ADAPTERS, Geometry, VLMAdapter, tiny
 from tokcompile.models.loading import check_weights_present, load_config, model_type_of, resolve_dtype
 from tokcompile.recipe import EXPORT_TARGETS, Recipe
-from tokcompile.reduce import REDUCERS, Entering, Positions, Schedule, Site, Step, config_from_params
+from tokcompile.reduce import REDUCERS, Entering, Output, Positions, Schedule, Site, Step, config_from_params
 from tokcompile.reduce.base import sites_used
 from tokcompile.reduce.schedule import decoder_image_tokens_in, image_tokens_per_decoder_layer
 from tokcompile.registry import suggest
@@ -208,6 +208,17 @@ def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Sch
     return tuple(steps), tuple(reducers)
 
 
+def _with_reducer_warnings(recipe: Recipe, reducers: tuple) -> Recipe:
+    """The recipe with every reducer's `warnings()` (options accepted but without effect) added to its own."""
+    from dataclasses import replace
+
+    extra: list[str] = []
+    for cfg in {id(c): c for c in reducers}.values():  # each config once, in order
+        warn = getattr(cfg, "warnings", None)
+        extra += [w for w in (warn() if callable(warn) else ()) if w not in extra]
+    return replace(recipe, warnings=recipe.warnings + tuple(extra)) if extra else recipe
+
+
 def _check_weight_format(recipe: Recipe, targets: tuple[str, ...]) -> None:
     if recipe.export.weight_format != "int4":
         return
@@ -340,6 +351,7 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
         key = "inputs.video_frames" if frames is not None and "frame" in str(e) else "inputs.image_size"
         raise RecipeError(key, str(e)) from None
     schedule, reducers = _reduction(recipe, adapter, geom)
+    recipe = _with_reducer_warnings(recipe, reducers)
     quant, include, ignore = _quant(recipe, adapter, geom)
 
     if targets is not None:
@@ -435,9 +447,11 @@ def format_plan(plan: Plan) -> str:
     if plan.schedule:
         for s in plan.schedule:
             what = "vision-tower tokens" if s.site.in_vision_tower else "image tokens"
-            how = "merged to" if s.output.value == "assign" else "->"
+            how = {Output.KEPT: "->", Output.ASSIGN: "merged to"}.get(s.output, "clustered into at most")
             pos = " (positions renumbered)" if s.positions is Positions.RENUMBER else ""
-            lines.append(f"reduction   {s.method} at {s.site.value} {s.layer}: {s.n_in} {how} {s.n_out} {what}{pos}")
+            slots = "; unused slots masked" if s.output is Output.CLUSTER else ""
+            lines.append(f"reduction   {s.method} at {s.site.value} {s.layer}: {s.n_in} {how} {s.n_out} {what}"
+                         f"{pos}{slots}")
     else:
         lines.append("reduction   none")
     per_layer = plan.image_tokens_per_layer()

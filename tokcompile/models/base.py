@@ -149,7 +149,8 @@ class VLMAdapter:
         """(cos, sin) for `positions` ((B, T) or (B, T, R)), in the form the decoder layers take: (B, T, d)."""
         return self.language_model(model).rotary_emb(hidden, positions)
 
-    def _projection(self, model: nn.Module, layer: nn.Module, hidden: Tensor, positions: Tensor, which: str) -> Tensor:
+    def _projection(self, model: nn.Module, layer: nn.Module, hidden: Tensor, positions: Tensor, which: str,
+                    rope: bool = True) -> Tensor:
         attn = layer.self_attn
         B, T = hidden.shape[:2]
         x = layer.input_layernorm(hidden)  # (B, T, D)
@@ -157,17 +158,22 @@ class VLMAdapter:
         norm = getattr(attn, f"{which}_norm", None)
         if norm is not None:
             out = norm(out)
+        if not rope:
+            return out
         cos, sin = self.rotary(model, hidden, positions)  # (B, T, d)
         return apply_rope(out, cos, sin)
 
-    def layer_query(self, model: nn.Module, layer: nn.Module, hidden: Tensor, positions: Tensor) -> Tensor:
+    def layer_query(self, model: nn.Module, layer: nn.Module, hidden: Tensor, positions: Tensor,
+                    rope: bool = True) -> Tensor:
         """Queries of `hidden` (B, T, D) after the layer's input norm, q projection (and q norm, where the layer
-        has one) and rotate-half RoPE with this family's `rotary`: (B, H, T, d)."""
-        return self._projection(model, layer, hidden, positions, "q")
+        has one) and rotate-half RoPE with this family's `rotary` (`rope=False`: before RoPE): (B, H, T, d)."""
+        return self._projection(model, layer, hidden, positions, "q", rope)
 
-    def layer_keys(self, model: nn.Module, layer: nn.Module, hidden: Tensor, positions: Tensor) -> Tensor:
-        """Keys of `hidden` (B, T, D) as the layer's attention computes them: (B, Hkv, T, d) after RoPE."""
-        return self._projection(model, layer, hidden, positions, "k")
+    def layer_keys(self, model: nn.Module, layer: nn.Module, hidden: Tensor, positions: Tensor,
+                   rope: bool = True) -> Tensor:
+        """Keys of `hidden` (B, T, D) as the layer's attention computes them: (B, Hkv, T, d) after RoPE
+        (`rope=False`: before it)."""
+        return self._projection(model, layer, hidden, positions, "k", rope)
 
     def run_decoder_attention(self, layer: nn.Module, hidden: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor],
                               cache: Any) -> Tensor:

@@ -62,11 +62,13 @@ class LayerOps:
     def __init__(self, adapter: VLMAdapter, model: nn.Module):
         self.adapter, self.model = adapter, model
 
-    def query(self, layer: int, hidden: Tensor, positions: Tensor) -> Tensor:
-        return self.adapter.layer_query(self.model, self.adapter.decoder_layers(self.model)[layer], hidden, positions)
+    def query(self, layer: int, hidden: Tensor, positions: Tensor, rope: bool = True) -> Tensor:
+        mod = self.adapter.decoder_layers(self.model)[layer]
+        return self.adapter.layer_query(self.model, mod, hidden, positions, rope)
 
-    def keys(self, layer: int, hidden: Tensor, positions: Tensor) -> Tensor:
-        return self.adapter.layer_keys(self.model, self.adapter.decoder_layers(self.model)[layer], hidden, positions)
+    def keys(self, layer: int, hidden: Tensor, positions: Tensor, rope: bool = True) -> Tensor:
+        mod = self.adapter.decoder_layers(self.model)[layer]
+        return self.adapter.layer_keys(self.model, mod, hidden, positions, rope)
 
     def final_norm(self, hidden: Tensor) -> Tensor:
         return self.adapter.final_norm(self.model)(hidden)

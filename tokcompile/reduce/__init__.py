@@ -10,6 +10,7 @@ from tokcompile.reduce import (  # noqa: F401
     fastervlm,
     fastv,
     ficoco,
+    pact,
     pyramiddrop,
     randomprune,
     tome,

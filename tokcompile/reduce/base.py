@@ -44,7 +44,9 @@ class Entering:
 class Reducer(Protocol):
     """A token-reduction method's parameters. `sites` declares every site the method can use; a method whose
     parameters choose among them (FiCoCo: the tower, the decoder or both) also defines
-    `sites_used() -> frozenset[Site]`, and only those must be supported by the model family."""
+    `sites_used() -> frozenset[Site]`, and only those must be supported by the model family. A method that
+    accepts options without effect here (another toolkit's logging switches) defines `warnings() -> tuple[str,
+    ...]`: the plan adds them to the recipe's warnings."""
 
     method: ClassVar[str]
     sites: ClassVar[frozenset[Site]]

@@ -21,14 +21,14 @@ from tokcompile.reduce.state import TokenState
 class LayerOps(Protocol):
     """Projections of one decoder layer, exactly as its attention computes them."""
 
-    def query(self, layer: int, hidden: Tensor, positions: Tensor) -> Tensor:
+    def query(self, layer: int, hidden: Tensor, positions: Tensor, rope: bool = True) -> Tensor:
         """hidden (B, T, D) entering `layer` -> queries (B, H, T, d) after the input norm, q projection (and q
-        norm) and RoPE."""
+        norm) and RoPE (`rope=False`: before RoPE, as methods that score unrotated vectors need)."""
         ...
 
-    def keys(self, layer: int, hidden: Tensor, positions: Tensor) -> Tensor:
+    def keys(self, layer: int, hidden: Tensor, positions: Tensor, rope: bool = True) -> Tensor:
         """hidden (B, T, D) entering `layer` -> keys (B, Hkv, T, d) after the input norm, k projection (and k
-        norm) and RoPE."""
+        norm) and RoPE (`rope=False`: before RoPE)."""
         ...
 
     def final_norm(self, hidden: Tensor) -> Tensor:

@@ -17,6 +17,17 @@ def contiguous_positions(valid: Tensor) -> Tensor:
     return (valid.long().cumsum(1) - 1).clamp(min=0)
 
 
+def renumber(positions: Tensor, valid: Tensor, n_appended: int) -> Tensor:
+    """P2: positions (B, T) renumbered 0.. over the valid tokens, except the `n_appended` trailing generated
+    tokens of a no-cache reference, which stay at T + t, where cached decode puts them."""
+    renumbered = contiguous_positions(valid)  # (B, T)
+    if n_appended:
+        T = valid.shape[1]
+        tail = torch.arange(T, device=valid.device)[None] >= T - n_appended  # (1, T)
+        renumbered = torch.where(tail, positions, renumbered)
+    return renumbered
+
+
 def keep_image_tokens(state: TokenState, kept: Tensor, step: Step) -> TokenState:
     """The sequence with only the image tokens `kept` (B, k) (ascending, relative to the current image span)
     and every text token, under the step's position policy.
@@ -32,12 +43,7 @@ def keep_image_tokens(state: TokenState, kept: Tensor, step: Step) -> TokenState
     valid = gather_tokens(state.valid, src)  # (B, T')
     positions = gather_tokens(state.positions, src)  # (B, T') or (B, T', R): original ids
     if step.positions is Positions.RENUMBER:
-        renumbered = contiguous_positions(valid)  # (B, T')
-        if state.n_appended:  # generated tokens re-run without a cache stay at T + t, as cached decode puts them
-            T2 = src.shape[1]
-            tail = torch.arange(T2, device=src.device)[None] >= T2 - state.n_appended  # (1, T')
-            renumbered = torch.where(tail, positions, renumbered)
-        positions = renumbered
+        positions = renumber(positions, valid, state.n_appended)
     return replace(
         state,
         hidden=gather_tokens(state.hidden, src),  # (B, T', D)

@@ -43,6 +43,9 @@ class Output(str, enum.Enum):
 
     KEPT = "kept"  # (B, n_out) indices of the surviving tokens among the n_in entering, ascending
     ASSIGN = "assign"  # (B, n_in) slot of the output sequence that every entering token went to (merges)
+    # (B, n_in) for clusterings whose cluster count depends on the data: the entering index of the token whose
+    # slot holds each entering token's cluster (its centre; a centre gives its own index), -1 when dropped
+    CLUSTER = "cluster"
 
 
 class Positions(str, enum.Enum):
