@@ -1,0 +1,211 @@
+"""Static PACT against the independent reference written the official way (tiny LLaVA-OneVision and Qwen2-VL,
+PACT's own families, and LLaVA-1.5), DBDPC against the official loop on synthetic data, plan errors, the
+official configuration file, and one full compile."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, compile_recipe, padded_family_case
+from tests.references.pact import dbdpc, pact_reference
+from tokcompile.errors import RecipeError
+from tokcompile.models import ReducedVLM
+from tokcompile.reduce.base import Entering
+from tokcompile.reduce.dbdpc import find_centres
+from tokcompile.reduce.pact import PACTConfig
+from tokcompile.reduce.schedule import Output, Positions, Site
+
+# configs/pact.json of orailix/PACT, as published
+OFFICIAL_JSON = """{
+    "visual_token_reduction": true, "layer_for_reduction": 4, "use_DBDPC": true, "cutoff": 0.21,
+    "vector_to_use_in_distance_clustering": "current_k_cosine", "take_mean": true, "include_pruned_in_mean": true,
+    "coef_pruned": 1.5, "token_pruning": true, "use_cosine_in_token_pruning": false,
+    "use_attention_in_token_pruning": false, "use_mask_in_use_attention_in_token_pruning": false,
+    "pruning_filter_wth_percentage": true, "pruning_tokeep_percentage_value": 0.55, "multiply_by_norm": true,
+    "norm_to_use": 2, "synchro": false, "keep_casual": true, "get_performance_metrics": false,
+    "get_reduction_ratio": true, "log_output_path": "agg_pact_logs"
+}"""
+
+
+@pytest.fixture(scope="module", params=["llava_onevision", "qwen2_vl", "llava"])
+def fam(request):
+    return padded_family_case(request.param)
+
+
+def _check_against_reference(f, **options) -> list[dict]:
+    """Run the static PACT on the padded batch of two and the reference on each sample alone: the same cluster
+    of every image token and logits within 1e-5. Returns the reference's stats per sample."""
+    cfg = PACTConfig(**{"layer_for_reduction": 1, **options})
+    schedule = cfg.plan(f.geom, "sparse.special", Entering.start(f.geom))
+    vlm = ReducedVLM(f.model, f.adapter, f.geom, schedule, (cfg,), f.image_id).eval()
+    with torch.no_grad():
+        out = vlm.run({n: f.batch[n] for n in f.adapter.input_names_for(f.geom)})
+    step = schedule[0]
+    stats = []
+    for b in range(2):
+        sample = f.adapter.sample_inputs(f.batch, b, f.geom)
+        ref_logits, ref_label, st = pact_reference(f.model, f.adapter, sample, image_token_id=f.image_id,
+                                                   cfg=dataclasses.asdict(cfg))
+        ours = out[f"{step.output_name}_0"][b]
+        want = torch.nonzero(ref_label >= 0)[:, 0] if step.output is Output.KEPT else ref_label
+        assert torch.equal(ours, want), (options, b, ours.tolist(), want.tolist())
+        torch.testing.assert_close(out["logits"][b], ref_logits, atol=1e-5, rtol=1e-5)
+        stats.append(st)
+    return stats
+
+
+def test_default_pact_matches_the_reference(fam):
+    """The official configuration at several cutoffs: the same clusters, retrieval and logits; across them both
+    halves of the centre search run (several rounds, and centres found by the sequential scan)."""
+    stats = []
+    for cutoff in (0.05, 0.1, 0.21, 0.5):
+        stats += _check_against_reference(fam, cutoff=cutoff)
+    assert max(s["clusters"] for s in stats) > min(s["clusters"] for s in stats)
+    assert any(s["scan_centres"] for s in stats)
+    if fam.family != "qwen2_vl":  # 13 kept tokens there: one round always ends the loop
+        assert max(s["rounds"] for s in stats) >= 2
+
+
+OPTIONS = [
+    {"use_attention_in_token_pruning": True},
+    {"use_attention_in_token_pruning": True, "use_mask_in_use_attention_in_token_pruning": True,
+     "use_all_non_text_pruning": False},
+    {"use_cosine_in_token_pruning": True, "use_all_non_text_pruning": False},
+    {"token_pruning": False, "prune_with_norm": True},
+    {"use_DBDPC": False},
+    {"use_DBDPC": False, "avoid_numerical_instability_prune": False, "multiply_by_norm": False},
+    {"use_DBDPC": False, "use_IQR_in_token_pruning": True, "pruning_filter_wth_percentage": False, "alpha_IQR": 0.2},
+    {"use_IQR_in_token_pruning": True, "pruning_filter_wth_percentage": False, "cutoff": 0.3},
+    {"token_pruning": False},
+    {"take_mean": False, "include_pruned_in_mean": False, "cutoff": 0.35},
+    {"no_proportional_attention": True},
+    {"vector_to_use_in_distance_clustering": "current_k", "cutoff": 0.1},
+    {"vector_to_use_in_distance_clustering": "current_q_cosine", "cutoff": 0.1},
+    {"avoid_numerical_instability_DBDPC": False, "cutoff": 0.1},
+    {"do_not_upcast_to_full_precision_for_pruning": True, "norm_to_use": 1},
+    {"coef_pruned": 0.5, "cutoff": 0.3},
+    {"get_mean_position_id": True, "change_position_ids": True, "layer_for_reduction": 0},
+]
+
+
+POSITION_OPTIONS = {"get_mean_position_id", "change_position_ids"}  # 1-D RoPE only (refusal tested below)
+OPTION_CASES = [(fam, o) for fam in ("llava", "qwen2_vl") for o in OPTIONS
+                if fam == "llava" or not POSITION_OPTIONS & set(o)]
+
+
+@pytest.mark.parametrize(("family", "options"), OPTION_CASES,
+                         ids=[f"{fam}-" + "-".join(f"{k}={v}" for k, v in o.items()) for fam, o in OPTION_CASES])
+def test_options_match_the_reference(family, options):
+    _check_against_reference(padded_family_case(family), **options)
+
+
+def test_dbdpc_equals_the_official_loop_on_synthetic_clusters():
+    """Points spread over a patch of a plane (in cosine terms) make the centre search run several rounds of at
+    least 10 new centres; blobs end it early in the sequential scan. A batch mixing both, with a quarter of the
+    points not taking part, gives every sample its own centres."""
+    g = torch.Generator().manual_seed(0)
+    batch, n = 4, 160
+    x = torch.empty(batch, n, 3)
+    for b in range(batch):
+        if b % 2 == 0:
+            x[b] = torch.cat([torch.rand(n, 2, generator=g) * 4, torch.full((n, 1), 3.0)], dim=1)
+        else:
+            centres = torch.randn(6 * b, 3, generator=g)
+            x[b] = centres[torch.randint(0, 6 * b, (n,), generator=g)] + 0.05 * torch.randn(n, 3, generator=g)
+    member = torch.rand(batch, n, generator=g) < 0.75
+    rounds, scanned = set(), 0
+    for cutoff in (0.002, 0.005, 0.01, 0.05):
+        got = find_centres(x, member, cutoff)
+        for b in range(batch):
+            rows = torch.nonzero(member[b])[:, 0]
+            stats: dict = {}
+            want = sorted(int(rows[i]) for i in set(dbdpc(x[b, rows], cutoff, True, stats)))
+            assert torch.nonzero(got.is_centre[b])[:, 0].tolist() == want, (cutoff, b)
+            rounds.add(stats["rounds"])
+            scanned += stats["scan_centres"]
+    assert max(rounds) >= 3 and len(rounds) >= 3 and scanned > 0, (rounds, scanned)
+
+
+def test_plan_slots_outputs_and_positions():
+    f = padded_family_case("llava_onevision")
+    n = f.geom.n_image_tokens
+    plan = lambda **kw: PACTConfig(layer_for_reduction=2, **kw).plan(f.geom, "k", Entering.start(f.geom))[0]  # noqa: E731
+    step = plan()
+    assert (step.site, step.layer, step.n_in, step.n_out) == (Site.DECODER_LAYER, 2, n, int(n * 0.55))
+    assert step.output is Output.CLUSTER and step.sizes and step.positions is Positions.KEEP
+    assert plan(use_DBDPC=False).output is Output.KEPT and not plan(use_DBDPC=False).sizes
+    assert plan(use_IQR_in_token_pruning=True, pruning_filter_wth_percentage=False).n_out == n  # the maximum
+    assert not plan(no_proportional_attention=True).sizes
+    assert plan(change_position_ids=True).positions is Positions.RENUMBER
+
+
+@pytest.mark.parametrize(
+    "options,key,text",
+    [
+        ({"visual_token_reduction": False}, "visual_token_reduction", "turns PACT off"),
+        ({"use_kmeans": True}, "use_kmeans", "two clusterings"),
+        ({"use_DBDPC": False, "use_dbscan": True}, "use_dbscan", "not supported yet"),
+        ({"prune_with_norm": True}, "token_pruning", "two pruning rules"),
+        ({"token_pruning": False, "withdraw_visual_tokens": True}, "withdraw_visual_tokens", "method: VTW"),
+        ({"use_custom_merging": True}, "use_custom_merging", "placeholders"),
+        ({"progessive_reduction": True}, "progessive_reduction", "not supported yet"),
+        ({"use_IQR_in_token_pruning": True}, "use_IQR_in_token_pruning", "exactly one"),
+        ({"vector_to_use_in_distance_clustering": "keys"}, "vector_to_use_in_distance_clustering", "not one of"),
+        ({"layer_for_reduction": 9}, "layer_for_reduction", "outside the decoder's layers"),
+        ({"cutoff": 0.0}, "cutoff", "above 0"),
+        ({"pruning_tokeep_percentage_value": 0.001}, "pruning_tokeep_percentage_value", "keeps 0"),
+        ({"use_DBDPC": False, "token_pruning": False}, "use_DBDPC", "reduces nothing"),
+        ({"do_not_consider_non_image_tokens_as_pruned": False}, "do_not_consider_non_image_tokens_as_pruned",
+         "only pruned image tokens"),
+        ({"need_kq": False}, "need_kq", "keys and queries"),
+    ],
+)
+def test_plan_errors_name_the_key(options, key, text):
+    f = padded_family_case("llava")
+    with pytest.raises(RecipeError, match=text) as e:
+        PACTConfig(**{"layer_for_reduction": 1, **options}).plan(f.geom, "sparse.special", Entering.start(f.geom))
+    assert e.value.key == f"sparse.special.{key}"
+
+
+def test_position_options_are_refused_on_m_rope():
+    f = padded_family_case("qwen2_vl")
+    for name in ("get_mean_position_id", "change_position_ids"):
+        with pytest.raises(RecipeError, match="mrope RoPE keeps the tokens' position ids"):
+            PACTConfig(layer_for_reduction=1, **{name: True}).plan(f.geom, "k", Entering.start(f.geom))
+
+
+def test_the_official_configuration_file_loads_unchanged(tmp_path):
+    """configs/pact.json with only `method: PACT` added plans at its own values (layer 4 of the 16-layer medium
+    OneVision, planned without weights); the logging options it sets are accepted with a warning each."""
+    from tokcompile.pipeline import plan_recipe
+
+    special = {"method": "PACT", **json.loads(OFFICIAL_JSON)}
+    recipe = tmp_path / "official.yml"
+    recipe.write_text(
+        'model: {type: Llava_OneVision, path: "tiny-random:llava_onevision@medium"}\n'
+        "inputs: {batch_size: 1, image_size: [384, 384]}\n"
+        "sparse:\n  method: TokenReduction\n  special: " + json.dumps(special) + "\n")
+    plan = plan_recipe(recipe, out=tmp_path / "out")
+    (step,) = plan.schedule
+    n = plan.geometry.n_image_tokens
+    assert (step.layer, step.n_in, step.n_out, step.output, step.sizes) == (4, n, int(n * 0.55), Output.CLUSTER,
+                                                                           True)
+    warned = " ".join(plan.recipe.warnings)
+    assert "get_reduction_ratio" in warned and "log_output_path" in warned and "synchro" not in warned
+
+
+def test_tiny_recipe_compiles_with_parity(tmp_path):
+    """The tiny recipe end to end (ONNX): parity of the cluster labels and logits, and greedy generation equal to
+    eager through the proportional-attention bias the cache carries into decode."""
+    out = tmp_path / "pact"
+    res = compile_recipe(ROOT / "recipes" / "tiny" / "pact.yml", out, "--targets", "onnx")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "onnx: vision, prefill and decode parity passed; greedy generation equals eager" in res.stdout
+    assert "eager generation with KV cache equals the no-cache reference" in res.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    (step,) = manifest["plan"]["schedule"]
+    assert (step["output"], step["n_in"], step["n_out"], step["sizes"]) == ("cluster", 64, 35, True)

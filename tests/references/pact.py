@@ -1,0 +1,221 @@
+"""Independent eager reference of PACT (CVPR 2025), written the way the official code runs it.
+
+Source read: orailix/PACT, `transformers/PACT/utils.py` (`load_config`, `DBDPC.fit_variant`, `merge_clusters`,
+`token_reduction`) and the reduction loop of `transformers/models/qwen2/modeling_qwen2.py` (`get_key_query_value`,
+the pruning block, the attention's `weights`). What the official code does, in my words:
+* At `layer_for_reduction`, before the layer runs: the layer's input norm, then q/k projections (pre-RoPE) and
+  their RoPE'd versions, heads flattened.
+* Pruning: the mean of the non-text queries (positions 0..last image token) attends over the non-text keys;
+  softmax in fp32, mean over heads, the image columns, times the L2 norm of the residual stream; the threshold
+  is the int(n·λ)-th largest score; ties at it are filled in ascending index order to exactly that count.
+* DBDPC on the kept tokens: cosine distances (clamped at 0, zero diagonal), Gaussian density with d_c = 2 turned
+  into ranks, then rounds: δ to the nearest denser unassigned point, centres where δ > c, points within c of a
+  new centre leave; a round with fewer than 10 new centres ends in the sequential scan (candidates with δ <= c,
+  by density descending, not within c of a centre; each unmarked one becomes a centre and marks later ones
+  within c). Every kept token and every pruned one joins its nearest centre (first in list order on ties);
+  with retrieval on, only within coef·c (kept tokens too).
+* Merge: each cluster is the mean of its members at its centre's place; sizes become log weights added to
+  every key's logit in this layer and all later ones; the sequence is cut to text plus centres.
+
+Where this reference differs, as the static form does: density ranks and tie orders go to the lower index (the
+official argsorts leave them open); scores and distances are computed in fp32. One unpadded sample, batch 1,
+eager attention with an explicit additive causal mask, next-token logits of the prefill only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tests.references.pyramiddrop import _rotate_half
+from tokcompile.reference import eager_attention as _eager
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def _key_query(layer: nn.Module, rotary_emb: nn.Module, h: Tensor, positions: Tensor) -> dict[str, Tensor]:
+    """The four vectors of `get_key_query_value`, (T, F) each: current_k/q (pre-RoPE), *_cosine (RoPE'd)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    T, d = x.shape[1], attn.head_dim
+    k = attn.k_proj(x).view(1, T, -1, d).transpose(1, 2)  # (1, Hkv, T, d)
+    q = attn.q_proj(x).view(1, T, -1, d).transpose(1, 2)  # (1, H, T, d)
+    cos, sin = rotary_emb(x, positions)
+    flat = lambda v: v.transpose(1, 2).flatten(2, 3)[0]  # noqa: E731  (T, heads·d)
+    return {"current_k": flat(k), "current_q": flat(q), "current_k_cosine": flat(_rope(k, cos, sin)),
+            "current_q_cosine": flat(_rope(q, cos, sin)), "heads": (q.shape[1], k.shape[1], d)}
+
+
+def _prune(cfg: dict, vec: dict, h: Tensor, image: list[int], non_text: int) -> list[bool]:
+    """The official pruning block: a keep flag per image token."""
+    H, Hkv, d = vec["heads"]
+    n = len(image)
+    if cfg["prune_with_norm"]:
+        scores = h[0, image].float().norm(dim=-1)
+    else:
+        tag = "_cosine" if cfg["use_cosine_in_token_pruning"] else ""
+        k_rows = list(range(non_text)) if cfg["use_all_non_text_pruning"] else image
+        q = vec["current_q" + tag][:non_text].view(non_text, H, d).transpose(0, 1)  # (H, NT, d)
+        k = vec["current_k" + tag][k_rows].view(len(k_rows), Hkv, d).transpose(0, 1)
+        k = k.repeat_interleave(H // Hkv, dim=0)  # (H, K, d)
+        gq = q if cfg["use_attention_in_token_pruning"] else q.mean(1, keepdim=True)
+        if not cfg["do_not_upcast_to_full_precision_for_pruning"]:
+            gq, k = gq.float(), k.float()
+        s = (gq / math.sqrt(d)) @ k.transpose(1, 2)  # (H, 1 or NT, K)
+        if cfg["use_attention_in_token_pruning"] and cfg["use_mask_in_use_attention_in_token_pruning"]:
+            tri = torch.triu(torch.ones(non_text, non_text), diagonal=1).bool()
+            s = s.masked_fill(tri[:, k_rows] if not cfg["use_all_non_text_pruning"] else tri, float("-inf"))
+        s = torch.nan_to_num(torch.softmax(s, dim=-1, dtype=torch.float32).mean(0), nan=0.0)  # (1|NT, K)
+        s = s.mean(0)  # (K,)
+        scores = s[image] if cfg["use_all_non_text_pruning"] else s
+        if cfg["multiply_by_norm"]:
+            scores = scores.float() * h[0, image].float().norm(dim=-1, p=cfg["norm_to_use"])
+    if cfg["token_pruning"] and cfg["use_IQR_in_token_pruning"]:
+        q1, q3 = torch.quantile(scores, 0.25), torch.quantile(scores, 0.75)
+        return (scores > q1 + cfg["alpha_IQR"] * (q3 - q1)).tolist()
+    if not (cfg["token_pruning"] or cfg["prune_with_norm"]):
+        return [True] * n
+    keep_n = int(n * cfg["pruning_tokeep_percentage_value"])
+    thresh = torch.sort(scores, descending=True).values[keep_n - 1]
+    keep = (scores > thresh).tolist()
+    if cfg["token_pruning"] and cfg["avoid_numerical_instability_prune"]:
+        for i in range(n):
+            if sum(keep) < keep_n and float(scores[i]) == float(thresh):
+                keep[i] = True
+    return keep
+
+
+def _stable_order(values: list[float], descending: bool) -> list[int]:
+    return sorted(range(len(values)), key=lambda i: (-values[i] if descending else values[i], i))
+
+
+def dbdpc(x: Tensor, cutoff: float, rank_density: bool, stats: dict) -> list[int]:
+    """Cluster centres of the rows of x (m, F), in the official list order (duplicates removed)."""
+    m = x.shape[0]
+    unit = F.normalize(x.float(), p=2.0, dim=1)
+    dist = (1 - unit @ unit.t()).clamp(min=0)
+    dist.fill_diagonal_(0)
+    rho = torch.exp(-(dist / 2) ** 2).sum(1)
+    if rank_density:
+        ranks = torch.empty(m)
+        for r, i in enumerate(_stable_order(rho.tolist(), descending=False)):
+            ranks[i] = r
+        rho = ranks
+    centres: list[int] = []
+    unassigned = [True] * m
+    stats.update(rounds=0, scan_centres=0)
+    while True:
+        W = [i for i in range(m) if unassigned[i]]
+        if not W:
+            break
+        stats["rounds"] += 1
+        delta = {}
+        top = max(float(rho[i]) for i in W)
+        for i in W:
+            denser = [float(dist[i, j]) for j in W if j != i and not float(rho[i]) > float(rho[j])]
+            delta[i] = math.inf if float(rho[i]) == top or not denser else min(denser)
+        new = [i for i in W if delta[i] > cutoff]
+        if not new:
+            break
+        centres += new
+        for i in W:
+            if i in new or any(float(dist[i, c]) <= cutoff for c in new):
+                unassigned[i] = False
+        if len(new) < 10:
+            rest = [i for i in W if delta[i] <= cutoff]
+            rest = [rest[p] for p in _stable_order([float(rho[i]) for i in rest], descending=True)]
+            rest = [i for i in rest if all(float(dist[i, c]) > cutoff for c in centres)]
+            marked = [False] * len(rest)
+            for a, i in enumerate(rest):
+                if not marked[a]:
+                    centres.append(i)
+                    stats["scan_centres"] += 1
+                    for b in range(a + 1, len(rest)):
+                        marked[b] = marked[b] or float(dist[i, rest[b]]) <= cutoff
+            break
+    return centres
+
+
+@torch.no_grad()
+def pact_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *, image_token_id: int,
+                   cfg: dict) -> tuple[Tensor, Tensor, dict]:
+    """Next-token logits (V,), the cluster of every image token ((n,) int64: the image index of its centre, -1
+    when dropped; without clustering: its own index or -1) and stats (rounds, scan_centres, clusters).
+
+    `cfg`: PACT's options by their official names (every one, defaults filled in by the caller).
+    """
+    lm = adapter.language_model(model)
+    ids = sample["input_ids"][0].tolist()
+    image = [i for i, t in enumerate(ids) if t == image_token_id]
+    n, non_text = len(image), image[-1] + 1
+    with _eager(model):
+        h = model(**sample, output_hidden_states=True, use_cache=False).hidden_states[0]  # (1, T, D)
+    positions = adapter.hf_position_ids(model, sample)  # (1, T) or (R, 1, T)
+    log_w = None
+    stats: dict = {}
+    label = torch.arange(n)
+    L = cfg["layer_for_reduction"]
+    with _eager(model):
+        for idx, layer in enumerate(lm.layers):
+            if idx == L:
+                vec = _key_query(layer, lm.rotary_emb, h, positions)
+                keep = _prune(cfg, vec, h, image, non_text)
+                kept = [image[i] for i in range(n) if keep[i]]
+                pruned = [image[i] for i in range(n) if not keep[i]]
+                weight = {t: 1.0 for t in range(h.shape[1])}
+                if cfg["use_DBDPC"]:
+                    x = vec[cfg["vector_to_use_in_distance_clustering"]]
+                    order = dbdpc(x[kept], cfg["cutoff"], cfg["avoid_numerical_instability_DBDPC"], stats)
+                    order = list(dict.fromkeys(order))
+                    unit = F.normalize(x.float(), p=2.0, dim=1)
+                    members: dict[int, list[int]] = {kept[c]: [] for c in order}
+                    limit = cfg["cutoff"] * cfg["coef_pruned"]
+                    for t in kept + (pruned if cfg["include_pruned_in_mean"] else []):
+                        if t in members:  # a centre
+                            members[t].append(t)
+                            continue
+                        d = [float(1 - unit[t] @ unit[kept[c]]) for c in order]
+                        d = [max(0.0, v) for v in d] if t in kept else d  # kept tokens: the clamped matrix
+                        j = min(range(len(order)), key=lambda a: (d[a], a))  # first in list order on ties
+                        if cfg["include_pruned_in_mean"] and d[j] > limit:
+                            continue  # dropped for good
+                        members[kept[order[j]]].append(t)
+                    stats["clusters"] = len(members)
+                    new_h, original = h.clone(), positions
+                    positions = positions.clone()
+                    for c, ms in members.items():
+                        if cfg["take_mean"]:
+                            new_h[0, c] = h[0, ms].float().mean(0).to(h.dtype)
+                        weight[c] = float(len(ms))
+                        if cfg["get_mean_position_id"]:
+                            positions[..., c] = torch.round(original[..., ms].float().mean()).long()
+                    h = new_h
+                    survivors = set(members)
+                    centre_of = {t: c for c, ms in members.items() for t in ms}
+                    label = torch.tensor([image.index(centre_of[t]) if t in centre_of else -1 for t in image])
+                else:
+                    survivors = set(kept)
+                    label = torch.tensor([i if keep[i] else -1 for i in range(n)])
+                rows = [t for t in range(h.shape[1]) if t not in image or t in survivors]
+                h, positions = h[:, rows], positions[..., rows]
+                if cfg["change_position_ids"]:
+                    positions = torch.arange(len(rows))[None]
+                if cfg["use_DBDPC"] and not cfg["no_proportional_attention"]:
+                    log_w = torch.log(torch.tensor([weight[t] for t in rows]))
+            T = h.shape[1]
+            mask = torch.full((T, T), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)
+            if log_w is not None:
+                mask = mask + log_w.to(h.dtype)[None, :]
+            rope = lm.rotary_emb(h, positions)
+            residual = h
+            a = layer.self_attn(layer.input_layernorm(h), attention_mask=mask[None, None], position_embeddings=rope)
+            h = residual + (a[0] if isinstance(a, tuple) else a)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+    logits = adapter.lm_head(model)(lm.norm(h))[0, -1]  # (V,)
+    return logits.float(), label, stats
