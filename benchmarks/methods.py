@@ -105,6 +105,15 @@ CONFIGS: tuple[Config, ...] = (
                               prune_end_layer=_layer(12, n))),
 )
 
+# PACT: the official configuration (configs/pact.json) before layer 4; clusters fill at most int(0.55·576) slots
+PACT_OFFICIAL = {"layer_for_reduction": 4, "use_DBDPC": True, "cutoff": 0.21, "token_pruning": True,
+                 "pruning_tokeep_percentage_value": 0.55, "multiply_by_norm": True, "include_pruned_in_mean": True,
+                 "coef_pruned": 1.5}
+CONFIGS += (
+    Config("pact", "pact", lambda n: f"PACT official, layer {_layer(4, n)}",
+           lambda n: _special("PACT", **{**PACT_OFFICIAL, "layer_for_reduction": _layer(4, n)})),
+)
+
 BUDGETS = (64, 128, 192)  # image tokens kept of LLaVA-1.5's 576, as the method papers report them
 
 
@@ -158,6 +167,22 @@ def _plan(size: str, sparse: dict | None, tmp: Path, name: str):
     return plan_recipe(f, out=tmp / "unused")
 
 
+def _mean_clusters(plan, model, batch) -> float | None:
+    """For a schedule whose last step clusters into slots: the clusters it forms on `batch`, eager (the mean over
+    its samples); else None."""
+    import torch
+
+    from tokcompile.models import ReducedVLM
+    from tokcompile.reduce.schedule import Output
+
+    if not plan.schedule or plan.schedule[-1].output is not Output.CLUSTER:
+        return None
+    vlm = ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id).eval()
+    with torch.no_grad():
+        label = vlm.run(batch)[vlm.layout.step_outputs[-1]]  # (B, n) every image token's centre
+    return float((label == torch.arange(label.shape[1])).sum(-1).float().mean())
+
+
 def bench(size: str, configs: list[Config], backends: list[str], repeats: int, tmp: Path) -> tuple[dict, list[dict]]:
     import numpy as np
     import torch
@@ -200,6 +225,9 @@ def bench(size: str, configs: list[Config], backends: list[str], repeats: int, t
             print(f"[{cfg.name}] skipped at size {size}: {e}", flush=True)
             continue
         per_layer = plan.image_tokens_per_layer()
+        clusters = _mean_clusters(plan, model, batch)
+        if clusters is not None:
+            label = f"{label} ({clusters:.0f} clusters in {plan.schedule[-1].n_out} slots)"
         row = {"name": cfg.name, "config": label, "sparse": cfg.sparse(g.n_layers),
                "image_tokens_to_decoder": decoder_image_tokens_in(g.n_image_tokens, plan.schedule, g.vision_tokens),
                "mean_image_tokens_per_layer": statistics.fmean(per_layer) if per_layer else float(g.n_image_tokens),

@@ -463,7 +463,11 @@ def format_plan(plan: Plan) -> str:
     kept = per_layer[-1] if per_layer else g.n_image_tokens
     if plan.schedule and plan.schedule[-1].site is Site.DECODER_MID:  # it shortens the last layer's MLP input
         kept = plan.schedule[-1].n_out
-    lines.append(f"kept        {kept} of {g.n_image_tokens} image tokens after the last step")
+    if any(s.output is Output.CLUSTER for s in plan.schedule):  # slots: the most the data can leave
+        lines.append(f"kept        at most {kept} of {g.n_image_tokens} image tokens after the last step (slots: "
+                     "the count depends on the image)")
+    else:
+        lines.append(f"kept        {kept} of {g.n_image_tokens} image tokens after the last step")
     lines.append(f"dtype       {plan.dtype} graphs (weights load and quantize in float32); parity atol {plan.atol:g}, "
                  f"rtol {plan.rtol:g}")
     lines.append(f"targets     {', '.join(plan.targets)}  ->  {plan.out_dir}")

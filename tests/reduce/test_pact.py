@@ -70,6 +70,27 @@ def test_default_pact_matches_the_reference(fam):
         assert max(s["rounds"] for s in stats) >= 2
 
 
+def test_dpc_baseline_matches_the_reference(fam):
+    """PACT's DPC baseline (`use_dpc`): int(p·m) centres by δ·ρ, every other kept token in its parent's cluster;
+    with the IQR rule m depends on the image, and so does the centre count."""
+    dpc = {"use_dpc": True, "use_DBDPC": False}
+    _check_against_reference(fam, **dpc, percentage_to_keep_dpc=0.3)
+    _check_against_reference(fam, **dpc, percentage_to_keep_dpc=0.6, token_pruning=False)
+    _check_against_reference(fam, **dpc, percentage_to_keep_dpc=0.5, use_IQR_in_token_pruning=True,
+                             pruning_filter_wth_percentage=False)
+
+
+@pytest.mark.parametrize("linkage", ["single", "complete", "average"])
+def test_agglomerative_baseline_matches_scikit_learn(fam, linkage):
+    """PACT's agglomerative baseline (`use_agglomerative`) against the official code's scikit-learn call: the same
+    clusters and centres, with the percentage rule and with the IQR rule (a cluster count that depends on the
+    image)."""
+    agg = {"use_agglomerative": True, "use_DBDPC": False, "linkage": linkage}
+    _check_against_reference(fam, **agg, percentage_to_keep_agglomerative=0.3)
+    _check_against_reference(fam, **agg, percentage_to_keep_agglomerative=0.5, use_IQR_in_token_pruning=True,
+                             pruning_filter_wth_percentage=False)
+
+
 OPTIONS = [
     {"use_attention_in_token_pruning": True},
     {"use_attention_in_token_pruning": True, "use_mask_in_use_attention_in_token_pruning": True,
@@ -149,6 +170,7 @@ def test_plan_slots_outputs_and_positions():
         ({"visual_token_reduction": False}, "visual_token_reduction", "turns PACT off"),
         ({"use_kmeans": True}, "use_kmeans", "two clusterings"),
         ({"use_DBDPC": False, "use_dbscan": True}, "use_dbscan", "not supported yet"),
+        ({"use_DBDPC": False, "use_kmeans": True}, "use_kmeans", "not supported yet"),
         ({"prune_with_norm": True}, "token_pruning", "two pruning rules"),
         ({"token_pruning": False, "withdraw_visual_tokens": True}, "withdraw_visual_tokens", "method: VTW"),
         ({"use_custom_merging": True}, "use_custom_merging", "placeholders"),
@@ -162,6 +184,11 @@ def test_plan_slots_outputs_and_positions():
         ({"do_not_consider_non_image_tokens_as_pruned": False}, "do_not_consider_non_image_tokens_as_pruned",
          "only pruned image tokens"),
         ({"need_kq": False}, "need_kq", "keys and queries"),
+        ({"use_DBDPC": False, "use_dpc": True, "percentage_to_keep_dpc": 0.01}, "percentage_to_keep_dpc",
+         "makes 0 clusters"),
+        ({"use_DBDPC": False, "use_dpc": True, "get_mean_position_id": True}, "get_mean_position_id",
+         "DBDPC only"),
+        ({"use_DBDPC": False, "use_agglomerative": True, "linkage": "ward"}, "linkage", "ward cannot take"),
     ],
 )
 def test_plan_errors_name_the_key(options, key, text):

@@ -14,6 +14,12 @@ the pruning block, the attention's `weights`). What the official code does, in m
   by density descending, not within c of a centre; each unmarked one becomes a centre and marks later ones
   within c). Every kept token and every pruned one joins its nearest centre (first in list order on ties);
   with retrieval on, only within coef·c (kept tokens too).
+* The DPC baseline (`use_dpc`, `DPC.fit` with d_c = 2) clusters the kept tokens instead: density from raw
+  distances, δ and the nearest at-least-as-dense point ("parent"), the int(p·m) points of largest δ·ρ as
+  centres, then every other point, by density descending, takes its parent's label; pruned tokens are dropped.
+* The agglomerative baseline (`use_agglomerative`) runs scikit-learn's `AgglomerativeClustering(int(p·m),
+  linkage, metric="precomputed")` on 1 − cos of the kept tokens and centres each cluster on the member nearest
+  (cosine) to the mean of its vectors; pruned tokens are dropped.
 * Merge: each cluster is the mean of its members at its centre's place; sizes become log weights added to
   every key's logit in this layer and all later ones; the sequence is cut to text plus centres.
 
@@ -142,6 +148,51 @@ def dbdpc(x: Tensor, cutoff: float, rank_density: bool, stats: dict) -> list[int
     return centres
 
 
+def dpc(x: Tensor, share: float) -> dict[int, list[int]]:
+    """The official `DPC.fit` (d_c = 2) on the rows of x (m, F): {centre row: member rows}."""
+    m = x.shape[0]
+    unit = F.normalize(x.float(), p=2.0, dim=1)
+    dist = (1 - unit @ unit.t()).clamp(min=0)
+    dist.fill_diagonal_(0)
+    rho = torch.exp(-(dist / 2) ** 2).sum(1).tolist()
+    delta, parent = [], []
+    for i in range(m):
+        cands = [(float(dist[i, j]), j) for j in range(m) if j != i and not rho[i] > rho[j]]
+        d, j = min(cands) if cands else (math.inf, 0)  # first index among equal distances
+        delta.append(d)
+        parent.append(j)
+    gamma = [delta[i] * rho[i] for i in range(m)]
+    centres = _stable_order(gamma, descending=True)[: int(share * m)]
+    label = [-1] * m
+    for c in centres:
+        label[c] = c
+    for i in _stable_order(rho, descending=True):
+        if label[i] == -1:
+            label[i] = label[parent[i]]
+    out: dict[int, list[int]] = {}
+    for i in range(m):
+        out.setdefault(label[i], []).append(i)
+    return out
+
+
+def agglomerative(x: Tensor, share: float, linkage: str) -> dict[int, list[int]]:
+    """The official `Agglomerative.fit` on the rows of x (m, F): scikit-learn on precomputed cosine distances,
+    int(share·m) clusters, each centred on the member nearest (cosine) to the mean of its rows."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    xn = x / x.norm(dim=1, keepdim=True)
+    dist = (1 - xn @ xn.T).numpy()
+    labels = AgglomerativeClustering(n_clusters=int(share * x.shape[0]), linkage=linkage,
+                                     metric="precomputed").fit_predict(dist)
+    out: dict[int, list[int]] = {}
+    for lab in sorted(set(labels.tolist())):
+        rows = [i for i in range(x.shape[0]) if labels[i] == lab]
+        mean = x[rows].mean(0)
+        sims = (x[rows] / x[rows].norm(dim=1, keepdim=True)) @ (mean / mean.norm())
+        out[rows[int(torch.argmin(1 - sims))]] = rows
+    return out
+
+
 @torch.no_grad()
 def pact_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *, image_token_id: int,
                    cfg: dict) -> tuple[Tensor, Tensor, dict]:
@@ -169,7 +220,23 @@ def pact_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *,
                 kept = [image[i] for i in range(n) if keep[i]]
                 pruned = [image[i] for i in range(n) if not keep[i]]
                 weight = {t: 1.0 for t in range(h.shape[1])}
-                if cfg["use_DBDPC"]:
+                if cfg["use_dpc"] or cfg["use_agglomerative"]:
+                    x = vec[cfg["vector_to_use_in_distance_clustering"]]
+                    if cfg["use_dpc"]:
+                        groups = dpc(x[kept], cfg["percentage_to_keep_dpc"])
+                    else:
+                        groups = agglomerative(x[kept].float(), cfg["percentage_to_keep_agglomerative"],
+                                               cfg["linkage"])
+                    members = {kept[c]: [kept[i] for i in ms] for c, ms in groups.items()}
+                    stats["clusters"] = len(members)
+                    h = h.clone()
+                    for c, ms in members.items():
+                        h[0, c] = h[0, ms].float().mean(0).to(h.dtype)
+                        weight[c] = float(len(ms))
+                    survivors = set(members)
+                    centre_of = {t: c for c, ms in members.items() for t in ms}
+                    label = torch.tensor([image.index(centre_of[t]) if t in centre_of else -1 for t in image])
+                elif cfg["use_DBDPC"]:
                     x = vec[cfg["vector_to_use_in_distance_clustering"]]
                     order = dbdpc(x[kept], cfg["cutoff"], cfg["avoid_numerical_instability_DBDPC"], stats)
                     order = list(dict.fromkeys(order))
@@ -206,7 +273,8 @@ def pact_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *,
                 h, positions = h[:, rows], positions[..., rows]
                 if cfg["change_position_ids"]:
                     positions = torch.arange(len(rows))[None]
-                if cfg["use_DBDPC"] and not cfg["no_proportional_attention"]:
+                if (cfg["use_DBDPC"] or cfg["use_dpc"] or cfg["use_agglomerative"]) \
+                        and not cfg["no_proportional_attention"]:
                     log_w = torch.log(torch.tensor([weight[t] for t in rows]))
             T = h.shape[1]
             mask = torch.full((T, T), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)
