@@ -91,6 +91,49 @@ def test_agglomerative_baseline_matches_scikit_learn(fam, linkage):
                              pruning_filter_wth_percentage=False)
 
 
+def test_tome_baseline_matches_the_reference(fam):
+    """PACT's ToMe baseline (`use_tome`): a bipartite merge before every layer with the official r_l schedule,
+    size-weighted means, and sizes biasing attention; the same slot for every image token at every layer, and
+    the logits, as the reference; replaying the assignments gives the same logits."""
+    cfg = PACTConfig(use_DBDPC=False, token_pruning=False, use_tome=True, perc_tokeep_tome_total=0.3,
+                     tome_equivalant_layer_for_reduction=1)
+    schedule = cfg.plan(fam.geom, "k", Entering.start(fam.geom))
+    assert [s.layer for s in schedule] == list(range(fam.geom.n_layers)) and all(s.sizes for s in schedule)
+    vlm = ReducedVLM(fam.model, fam.adapter, fam.geom, schedule, (cfg,) * len(schedule), fam.image_id).eval()
+    inputs = {n: fam.batch[n] for n in fam.adapter.input_names_for(fam.geom)}
+    with torch.no_grad():
+        out = vlm.run(inputs)
+        replayed = vlm.run(inputs, forced={f"assign_{j}": out[f"assign_{j}"] for j in range(len(schedule))})
+    torch.testing.assert_close(replayed["logits"], out["logits"], atol=1e-6, rtol=1e-6)
+    for b in range(2):
+        sample = fam.adapter.sample_inputs(fam.batch, b, fam.geom)
+        ref_logits, _, stats = pact_reference(fam.model, fam.adapter, sample, image_token_id=fam.image_id,
+                                              cfg=dataclasses.asdict(cfg))
+        assigns = [a for a in stats["assigns"] if a is not None]
+        assert len(assigns) == len(schedule)
+        for j, want in enumerate(assigns):
+            assert torch.equal(out[f"assign_{j}"][b], want), (b, j)
+        torch.testing.assert_close(out["logits"][b], ref_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_tome_schedule_is_the_official_one():
+    """r_l as the official loop computes it in fp32 tensor arithmetic, for LLaVA-OneVision-7B's 28 layers and 729
+    image tokens (tome.json with perc_tokeep_tome_total 0.5), and the clamp to n // 2 - 2."""
+    from tokcompile.reduce.pact_tome import merges_per_layer
+
+    L, n = 28, 729
+    keep = 1 - (1 - 0.5) * ((L - 4) / L)
+    r0 = 6 * L * (1 - keep) / ((L + 1) * (2 * L + 1)) * torch.tensor(n)  # a float32 tensor, as in the loop
+    want, left = [], n
+    for layer in range(L):
+        r = max(min(int(r0 * ((L - layer) / L)) + 1, left // 2 - 2), 0)
+        want.append(r)
+        left -= r
+    got = merges_per_layer(n, L, 0.5, 4)
+    assert got == want and sum(got) > 0
+    assert merges_per_layer(8, 4, 0.0, 1)[-1] == 0  # 8 tokens: at most 8 // 2 - 2 per layer, then nothing
+
+
 OPTIONS = [
     {"use_attention_in_token_pruning": True},
     {"use_attention_in_token_pruning": True, "use_mask_in_use_attention_in_token_pruning": True,
@@ -171,10 +214,15 @@ def test_plan_slots_outputs_and_positions():
         ({"use_kmeans": True}, "use_kmeans", "two clusterings"),
         ({"use_DBDPC": False, "use_dbscan": True}, "use_dbscan", "not supported yet"),
         ({"use_DBDPC": False, "use_kmeans": True}, "use_kmeans", "not supported yet"),
+        ({"use_DBDPC": False, "use_tome": True}, "token_pruning", "progressive pruning"),
+        ({"use_DBDPC": False, "use_tome": True, "token_pruning": False, "no_proportional_attention": True},
+         "no_proportional_attention", "carry sizes"),
+        ({"use_DBDPC": False, "use_tome": True, "token_pruning": False, "tome_equivalant_layer_for_reduction": 7},
+         "tome_equivalant_layer_for_reduction", "outside"),
+        ({"use_DBDPC": False, "progessive_reduction": True}, "progessive_reduction", "without use_tome"),
         ({"prune_with_norm": True}, "token_pruning", "two pruning rules"),
         ({"token_pruning": False, "withdraw_visual_tokens": True}, "withdraw_visual_tokens", "method: VTW"),
         ({"use_custom_merging": True}, "use_custom_merging", "placeholders"),
-        ({"progessive_reduction": True}, "progessive_reduction", "not supported yet"),
         ({"use_IQR_in_token_pruning": True}, "use_IQR_in_token_pruning", "exactly one"),
         ({"vector_to_use_in_distance_clustering": "keys"}, "vector_to_use_in_distance_clustering", "not one of"),
         ({"layer_for_reduction": 9}, "layer_for_reduction", "outside the decoder's layers"),
@@ -223,6 +271,54 @@ def test_the_official_configuration_file_loads_unchanged(tmp_path):
                                                                            True)
     warned = " ".join(plan.recipe.warnings)
     assert "get_reduction_ratio" in warned and "log_output_path" in warned and "synchro" not in warned
+
+
+# The other files of orailix/PACT configs/ (logging keys dropped); the baselines' shares are 0.0 there, swept by
+# the official scripts through environment variables, so each case fills the one it needs.
+OFFICIAL_OTHERS = {
+    "dbdpc": ('{"layer_for_reduction": 4, "use_DBDPC": true, "cutoff": 0.21, "vector_to_use_in_distance_clustering":'
+              ' "current_k_cosine", "take_mean": true, "include_pruned_in_mean": false, "token_pruning": false}', {}),
+    "euti": ('{"layer_for_reduction": 4, "use_DBDPC": false, "token_pruning": true, "pruning_filter_wth_percentage": '
+             'true, "pruning_tokeep_percentage_value": 0.5, "multiply_by_norm": true, "norm_to_use": 2}', {}),
+    "fastv": ('{"layer_for_reduction": 4, "use_DBDPC": false, "token_pruning": true, "use_cosine_in_token_pruning": '
+              'true, "use_attention_in_token_pruning": true, "use_mask_in_use_attention_in_token_pruning": true, '
+              '"pruning_filter_wth_percentage": true, "pruning_tokeep_percentage_value": 0.5, '
+              '"multiply_by_norm": false}', {}),
+    "dpc": ('{"layer_for_reduction": 4, "use_DBDPC": false, "token_pruning": false, "use_dpc": true, '
+            '"percentage_to_keep_dpc": 0.0}', {"percentage_to_keep_dpc": 0.3}),
+    "agglomerative": ('{"layer_for_reduction": 4, "use_DBDPC": false, "token_pruning": false, "use_agglomerative": '
+                      'true, "percentage_to_keep_agglomerative": 0.0, "linkage": "single"}',
+                      {"percentage_to_keep_agglomerative": 0.3}),
+    "tome": ('{"layer_for_reduction": 0, "tome_equivalant_layer_for_reduction": 4, "use_DBDPC": false, '
+             '"token_pruning": false, "use_tome": true, "perc_tokeep_tome_total": 0.0}', {}),
+    "kmeans": ('{"layer_for_reduction": 4, "use_DBDPC": false, "token_pruning": false, "use_kmeans": true, '
+               '"perc_tokeep_kmeans": 0.5}', {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_OTHERS))
+def test_the_official_baseline_files_load(name, tmp_path):
+    """Each official configuration file plans with `method: PACT` added (k-means is refused, not silently run)."""
+    from tokcompile.pipeline import plan_recipe
+
+    text, fill = OFFICIAL_OTHERS[name]
+    special = {"method": "PACT", **json.loads(text), **fill}
+    recipe = tmp_path / f"{name}.yml"
+    recipe.write_text('model: {type: Llava_OneVision, path: "tiny-random:llava_onevision@medium"}\n'
+                      "inputs: {batch_size: 1, image_size: [384, 384]}\n"
+                      "sparse:\n  method: TokenReduction\n  special: " + json.dumps(special) + "\n")
+    if name == "kmeans":
+        with pytest.raises(RecipeError, match="not supported yet") as e:
+            plan_recipe(recipe, out=tmp_path / "out")
+        assert e.value.key == "sparse.special.use_kmeans"
+        return
+    plan = plan_recipe(recipe, out=tmp_path / "out")
+    n = plan.geometry.n_image_tokens
+    first = plan.schedule[0]
+    if name == "tome":
+        assert len(plan.schedule) == plan.geometry.n_layers and first.output is Output.ASSIGN
+    else:
+        assert first.layer == 4 and first.n_in == n and first.n_out <= n
 
 
 def test_tiny_recipe_compiles_with_parity(tmp_path):

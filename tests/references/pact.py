@@ -20,6 +20,10 @@ the pruning block, the attention's `weights`). What the official code does, in m
 * The agglomerative baseline (`use_agglomerative`) runs scikit-learn's `AgglomerativeClustering(int(p·m),
   linkage, metric="precomputed")` on 1 − cos of the kept tokens and centres each cluster on the member nearest
   (cosine) to the mean of its vectors; pruned tokens are dropped.
+* The ToMe baseline (`use_tome`) merges before every layer from 0: even image tokens (A) find their most
+  similar odd one (B) by cosine of that layer's vectors, the r_l A tokens with the highest similarity join it
+  (topk), components become size-weighted means at B's place; sizes bias attention from that layer on. Sizes
+  stay exact here (the official code keeps them as fp16 logarithms between layers).
 * Merge: each cluster is the mean of its members at its centre's place; sizes become log weights added to
   every key's logit in this layer and all later ones; the sequence is cut to text plus centres.
 
@@ -148,6 +152,39 @@ def dbdpc(x: Tensor, cutoff: float, rank_density: bool, stats: dict) -> list[int
     return centres
 
 
+def _tome_layer(h: Tensor, positions: Tensor, image: list[int], sizes: dict[int, float], x: Tensor,
+                r: int) -> tuple[Tensor, Tensor, list[int], dict[int, float], Tensor | None]:
+    """The official `TOME.fit` and the loop's cut on the image rows `image` of h (1, T, D): (h, positions, the
+    new image rows, their sizes, the slot of every entering image token or None when r is 0)."""
+    n = len(image)
+    r = max(min(r, n // 2 - 2), 0)
+    if r == 0:
+        return h, positions, image, sizes, None
+    xn = x[image].float()
+    xn = xn / xn.norm(dim=-1, keepdim=True)
+    a_idx, b_idx = torch.arange(0, n, 2), torch.arange(1, n, 2)
+    sim = xn[a_idx] @ xn[b_idx].T
+    most_similar_b, values = sim.argmax(-1), sim.max(-1).values
+    top = torch.topk(values, r).indices
+    labels = torch.arange(n)
+    labels[a_idx[top]] = b_idx[most_similar_b[top]]
+    w = torch.tensor([sizes[t] for t in image])
+    new_h = h.clone()
+    survivors = sorted(set(labels.tolist()))
+    for lab in survivors:
+        members = [i for i in range(n) if int(labels[i]) == lab]
+        total = float(sum(w[i] for i in members))
+        new_h[0, image[lab]] = (sum(h[0, image[i]].float() * w[i] for i in members) / total).to(h.dtype)
+        sizes[image[lab]] = total
+    gone = {image[i] for i in range(n) if i not in survivors}
+    rows = [t for t in range(h.shape[1]) if t not in gone]
+    slot = torch.tensor([survivors.index(int(labels[i])) for i in range(n)])
+    renum = {t: j for j, t in enumerate(rows)}
+    new_image = [renum[image[i]] for i in survivors]
+    new_sizes = {renum[t]: v for t, v in sizes.items() if t in renum}
+    return new_h[:, rows], positions[..., rows], new_image, new_sizes, slot
+
+
 def dpc(x: Tensor, share: float) -> dict[int, list[int]]:
     """The official `DPC.fit` (d_c = 2) on the rows of x (m, F): {centre row: member rows}."""
     m = x.shape[0]
@@ -214,7 +251,20 @@ def pact_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *,
     L = cfg["layer_for_reduction"]
     with _eager(model):
         for idx, layer in enumerate(lm.layers):
-            if idx == L:
+            if cfg["use_tome"]:  # ToMe before every layer (the official load_config sets layer 0, progressive)
+                vec = _key_query(layer, lm.rotary_emb, h, positions)
+                if idx == 0:
+                    n_layers, eq = len(lm.layers), cfg["tome_equivalant_layer_for_reduction"]
+                    keep_eff = 1 - (1 - cfg["perc_tokeep_tome_total"]) * ((n_layers - eq) / n_layers)
+                    r_initial = 6 * n_layers * (1 - keep_eff) / ((n_layers + 1) * (2 * n_layers + 1)) * torch.tensor(n)
+                    tome_sizes = {t: 1.0 for t in image}
+                    stats["assigns"] = []
+                r = int(r_initial * ((n_layers - idx) / n_layers)) + 1
+                h, positions, image, tome_sizes, assign = _tome_layer(
+                    h, positions, image, tome_sizes, vec[cfg["vector_to_use_in_distance_clustering"]], r)
+                stats["assigns"].append(assign)
+                log_w = torch.log(torch.tensor([tome_sizes.get(t, 1.0) for t in range(h.shape[1])]))
+            if idx == L and not cfg["use_tome"]:
                 vec = _key_query(layer, lm.rotary_emb, h, positions)
                 keep = _prune(cfg, vec, h, image, non_text)
                 kept = [image[i] for i in range(n) if keep[i]]

@@ -39,6 +39,7 @@ from tokcompile.reduce.dpc import dpc_labels
 from tokcompile.reduce.ops import gather_tokens, topk_sorted
 from tokcompile.reduce.pact_options import PACTOptions
 from tokcompile.reduce.pact_pruning import euti_scores, keep_by_score
+from tokcompile.reduce.pact_tome import merges_per_layer, tome_step
 from tokcompile.reduce.prune import keep_image_tokens
 from tokcompile.reduce.schedule import Output, Positions, Schedule, Site, Step
 
@@ -66,6 +67,8 @@ class PACTConfig(PACTOptions):
     def plan(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
         self.check(geom, key)
         n = entering.image_tokens
+        if self.use_tome:
+            return self._plan_tome(geom, n)
         slots = n
         if self.prune_with_norm or (self.token_pruning and self.pruning_filter_wth_percentage):
             lam = self.pruning_tokeep_percentage_value
@@ -84,14 +87,28 @@ class PACTConfig(PACTOptions):
         sizes = self.clusters() and not self.no_proportional_attention
         return (Step("pact", Site.DECODER_LAYER, self.layer_for_reduction, n, slots, output, positions, sizes),)
 
+    def _plan_tome(self, geom: Geometry, n: int) -> Schedule:
+        """One merging step before every layer whose r_l is above 0 (`pact_tome.py`)."""
+        positions = Positions.RENUMBER if self.change_position_ids else Positions.KEEP
+        steps = []
+        rs = merges_per_layer(n, geom.n_layers, self.perc_tokeep_tome_total, self.tome_equivalant_layer_for_reduction)
+        for layer, r in enumerate(rs):
+            if r > 0:
+                steps.append(Step("pact", Site.DECODER_LAYER, layer, n, n - r, Output.ASSIGN, positions, True))
+                n -= r
+        return tuple(steps)
+
     def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
         """EUTI: the layer's q and k projections again over the sequence (2·T·D·(H + Hkv)·d) and one score row
         per head (2·T·H·d); DBDPC at its slot count S over F-dim vectors: the distances (2·S²·F), its n // 10 + 1
-        rounds and S scan steps over S² masks, and the retrieval distances (2·n·S·F)."""
+        rounds and S scan steps over S² masks, and the retrieval distances (2·n·S·F). ToMe: the vectors over
+        the sequence (2·T·D·F) and the A-to-B similarities (2·(n/2)²·F)."""
         d, T, n, S = geom.head_dim, n_tokens, step.n_in, step.n_out
+        F = (geom.n_kv_heads if "_k" in self.vector_to_use_in_distance_clustering else geom.n_heads) * d
+        if self.use_tome:
+            return 2 * T * geom.hidden_size * F + 2 * (n // 2) * (n - n // 2) * F
         flops = 2 * T * geom.hidden_size * (geom.n_heads + geom.n_kv_heads) * d + 2 * T * geom.n_heads * d
         if self.clusters():
-            F = (geom.n_kv_heads if "_k" in self.vector_to_use_in_distance_clustering else geom.n_heads) * d
             flops += 2 * S * S * F + (S // 10 + 1 + S) * S * S + 2 * n * S * F
         return flops
 
@@ -126,6 +143,9 @@ class PACTConfig(PACTOptions):
         self, state: TokenState, ctx: DecoderContext, step: Step, forced: Tensor | None = None
     ) -> tuple[TokenState, Tensor]:
         n = step.n_in
+        if self.use_tome:
+            x = None if forced is not None else gather_tokens(self._vectors(ctx), ctx.image_span(n))  # (B, n, F)
+            return tome_step(state, x, step, forced)
         if forced is not None:  # eager references replay an earlier result
             label = forced
         else:

@@ -1,9 +1,10 @@
 """PACT's options: every name its configuration file (orailix/PACT `configs/pact.json`, `load_config`) knows,
 with that file's values as defaults (then `load_config`'s), and the combinations the compiler refuses at --plan.
 
-The clustering baselines supported are DPC and agglomerative clustering; k-means, DBSCAN and the in-decoder ToMe
-schedule (`use_tome`, `progessive_reduction`) are refused with the reason, as are the custom hooks (placeholders
-for user code) and token withdrawal (the VTW method). Logging and timing options are accepted with a warning.
+The clustering baselines supported are DPC, agglomerative clustering and ToMe in every decoder layer
+(`use_tome`, which implies `progessive_reduction` and layer 0 as the official `load_config` sets them); k-means
+and DBSCAN are refused with the reason, as are the custom hooks (placeholders for user code) and token
+withdrawal (the VTW method). Logging and timing options are accepted with a warning.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ LOGGING = {"log_output_path": "aggregated_metrics", "synchro": False, "get_perfo
 # the clusterings supported (PACT's own, then baselines with their share-of-clusters option)
 SHARES = {"use_dpc": "percentage_to_keep_dpc", "use_agglomerative": "percentage_to_keep_agglomerative"}
 CLUSTERINGS = ("use_DBDPC", *SHARES)
+SUPPORTED = (*CLUSTERINGS, "use_tome")
 BASELINES = ("use_tome", "use_kmeans", "use_dpc", "use_agglomerative", "use_dbscan")
 
 
@@ -102,7 +104,7 @@ class PACTOptions:
         if len(pruners) > 1:
             raise refuse(pruners[1], f"{pruners[0]} and {pruners[1]} are two pruning rules; set one false")
         for name in BASELINES:
-            if getattr(self, name) and name not in CLUSTERINGS:
+            if getattr(self, name) and name not in SUPPORTED:
                 raise refuse(name, "this PACT baseline clustering is not supported yet; use use_DBDPC (PACT), "
                                    "use_dpc or use_agglomerative")
         if self.withdraw_visual_tokens or self.VTW_equivalant_layer_for_reduction != -1:
@@ -111,13 +113,24 @@ class PACTOptions:
         for name in ("use_custom_merging", "use_custom_pruning"):
             if getattr(self, name):
                 raise refuse(name, "PACT's custom hooks are placeholders for user code; write a reducer instead")
-        if self.progessive_reduction:
-            raise refuse("progessive_reduction", "progressive reduction (PACT's in-decoder ToMe schedule) is not "
-                                                 "supported yet; set it false")
+        if self.use_tome:
+            pruner = next((p for p in ("token_pruning", "prune_with_norm") if getattr(self, p)), None)
+            if pruner is not None:
+                raise refuse(pruner, "with use_tome it prunes again before every layer (progressive pruning), which "
+                                     "is not supported; set it false")
+            if self.no_proportional_attention:
+                raise refuse("no_proportional_attention", "ToMe's merged tokens carry sizes, which bias attention "
+                                                          "here; set it false")
+            if not 0 <= self.perc_tokeep_tome_total <= 1:
+                raise refuse("perc_tokeep_tome_total", f"{self.perc_tokeep_tome_total} is outside [0, 1]; use the "
+                                                       "share of image tokens kept on average")
+        elif self.progessive_reduction:
+            raise refuse("progessive_reduction", "progressive reduction without use_tome (pruning again before every "
+                                                 "layer) is not supported yet; set it false")
         if not self.do_not_consider_non_image_tokens_as_pruned:
             raise refuse("do_not_consider_non_image_tokens_as_pruned", "only pruned image tokens can be retrieved "
                                                                        "into clusters; set it true")
-        if not self.need_kq and (self.clusters() or self.token_pruning):
+        if not self.need_kq and (self.clusters() or self.use_tome or self.token_pruning):
             raise refuse("need_kq", "PACT's pruning and clustering read the layer's keys and queries; set it true")
         if self.token_pruning and self.use_IQR_in_token_pruning == self.pruning_filter_wth_percentage:
             raise refuse("use_IQR_in_token_pruning", "token_pruning needs exactly one of use_IQR_in_token_pruning "
@@ -128,13 +141,16 @@ class PACTOptions:
         if self.use_agglomerative and self.linkage not in LINKAGES:
             raise refuse("linkage", f"{self.linkage!r} is not one of {', '.join(LINKAGES)} (the official code runs "
                                     "scikit-learn on precomputed cosine distances, which ward cannot take)")
-        if not (self.clusters() or self.token_pruning or self.prune_with_norm):
+        if not (self.clusters() or self.use_tome or self.token_pruning or self.prune_with_norm):
             raise refuse("use_DBDPC", "with no clustering and no pruning PACT reduces nothing; set use_DBDPC or "
                                       "token_pruning true")
         if self.vector_to_use_in_distance_clustering not in VECTORS:
             raise refuse("vector_to_use_in_distance_clustering", f"{self.vector_to_use_in_distance_clustering!r} "
                                                                  f"is not one of {', '.join(VECTORS)}")
-        if not 0 <= self.layer_for_reduction < geom.n_layers:
+        if self.use_tome and not 0 <= self.tome_equivalant_layer_for_reduction < geom.n_layers:
+            raise refuse("tome_equivalant_layer_for_reduction", f"{self.tome_equivalant_layer_for_reduction} is "
+                                                                f"outside the decoder's layers 0..{geom.n_layers - 1}")
+        if not self.use_tome and not 0 <= self.layer_for_reduction < geom.n_layers:  # ToMe starts at layer 0
             raise refuse("layer_for_reduction", f"{self.layer_for_reduction} is outside the decoder's layers "
                                                 f"0..{geom.n_layers - 1}")
         for name in ("cutoff", "coef_pruned", "norm_to_use"):
