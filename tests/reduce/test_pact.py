@@ -91,6 +91,41 @@ def test_agglomerative_baseline_matches_scikit_learn(fam, linkage):
                              pruning_filter_wth_percentage=False)
 
 
+def test_dbscan_baseline_matches_the_reference(fam):
+    """PACT's DBSCAN baseline (`use_dbscan`): clusters as scikit-learn's DBSCAN finds them on the unit vectors,
+    each named after its most connected member; noise dropped, or clusters of its own."""
+    dbscan = {"use_dbscan": True, "use_DBDPC": False}
+    _check_against_reference(fam, **dbscan, eps_dbscan=0.6, token_pruning=False)
+    _check_against_reference(fam, **dbscan, eps_dbscan=0.62, noise_as_clusters_dbscan=True)
+    _check_against_reference(fam, **dbscan, eps_dbscan=0.65, noise_as_clusters_dbscan=True, token_pruning=False)
+
+
+def test_dbscan_equals_scikit_learn_on_synthetic_blobs():
+    """Blobs close enough to share border points, with noise between them, several radii and a quarter of the
+    points not taking part: the same clusters and centres as scikit-learn's DBSCAN and the official centre rule."""
+    from tests.references.pact import dbscan
+    from tokcompile.reduce.dbscan import dbscan_labels
+
+    g = torch.Generator().manual_seed(1)
+    batch, n = 3, 120
+    centres = torch.randn(batch, 5, 3, generator=g)
+    x = centres.gather(1, torch.randint(0, 5, (batch, n, 1), generator=g).expand(batch, n, 3))
+    x = x + 0.25 * torch.randn(batch, n, 3, generator=g)
+    member = torch.rand(batch, n, generator=g) < 0.75
+    clusters = 0
+    for eps in (0.1, 0.2, 0.3):
+        for noise in (False, True):
+            got = dbscan_labels(x, member, eps, noise)
+            for b in range(batch):
+                rows = torch.nonzero(member[b])[:, 0]
+                want = torch.full((n,), -1)
+                for c, ms in dbscan(x[b, rows], eps, noise).items():
+                    want[rows[ms]] = int(rows[c])
+                    clusters += len(ms) > 1
+                assert torch.equal(got[b], want), (eps, noise, b)
+    assert clusters > 10
+
+
 def test_tome_baseline_matches_the_reference(fam):
     """PACT's ToMe baseline (`use_tome`): a bipartite merge before every layer with the official r_l schedule,
     size-weighted means, and sizes biasing attention; the same slot for every image token at every layer, and
@@ -212,7 +247,7 @@ def test_plan_slots_outputs_and_positions():
     [
         ({"visual_token_reduction": False}, "visual_token_reduction", "turns PACT off"),
         ({"use_kmeans": True}, "use_kmeans", "two clusterings"),
-        ({"use_DBDPC": False, "use_dbscan": True}, "use_dbscan", "not supported yet"),
+        ({"use_DBDPC": False, "use_dbscan": True, "eps_dbscan": 0.0}, "eps_dbscan", "above 0"),
         ({"use_DBDPC": False, "use_kmeans": True}, "use_kmeans", "not supported yet"),
         ({"use_DBDPC": False, "use_tome": True}, "token_pruning", "progressive pruning"),
         ({"use_DBDPC": False, "use_tome": True, "token_pruning": False, "no_proportional_attention": True},
@@ -291,6 +326,8 @@ OFFICIAL_OTHERS = {
                       {"percentage_to_keep_agglomerative": 0.3}),
     "tome": ('{"layer_for_reduction": 0, "tome_equivalant_layer_for_reduction": 4, "use_DBDPC": false, '
              '"token_pruning": false, "use_tome": true, "perc_tokeep_tome_total": 0.0}', {}),
+    "dbscan": ('{"layer_for_reduction": 4, "use_DBDPC": false, "token_pruning": false, "use_dbscan": true, '
+               '"noise_as_clusters_dbscan": true, "eps_dbscan": 0.1, "synchro": true}', {}),
     "kmeans": ('{"layer_for_reduction": 4, "use_DBDPC": false, "token_pruning": false, "use_kmeans": true, '
                '"perc_tokeep_kmeans": 0.5}', {}),
 }

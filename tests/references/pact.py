@@ -24,6 +24,9 @@ the pruning block, the attention's `weights`). What the official code does, in m
   similar odd one (B) by cosine of that layer's vectors, the r_l A tokens with the highest similarity join it
   (topk), components become size-weighted means at B's place; sizes bias attention from that layer on. Sizes
   stay exact here (the official code keeps them as fp16 logarithms between layers).
+* The DBSCAN baseline (`use_dbscan`) clusters with cuML there; here scikit-learn's DBSCAN on the same unit
+  vectors (min_samples 5, Euclidean), then the official centre rule (most neighbours within eps), which the
+  official code reaches only through a call that fails.
 * Merge: each cluster is the mean of its members at its centre's place; sizes become log weights added to
   every key's logit in this layer and all later ones; the sequence is cut to text plus centres.
 
@@ -230,6 +233,27 @@ def agglomerative(x: Tensor, share: float, linkage: str) -> dict[int, list[int]]
     return out
 
 
+def dbscan(x: Tensor, eps: float, noise_as_clusters: bool) -> dict[int, list[int]]:
+    """The official `DBSCAN.fit` on the rows of x (m, F), with scikit-learn in place of cuML (min_samples 5,
+    Euclidean on unit vectors), then each cluster named after its member with the most neighbours within eps
+    among the clustered points (lowest index on ties); noise dropped or, with `noise_as_clusters`, alone."""
+    from sklearn.cluster import DBSCAN
+
+    xn = x / x.norm(dim=1, keepdim=True)
+    labels = DBSCAN(eps=eps, min_samples=5, metric="euclidean").fit_predict(xn.numpy())
+    valid = [i for i in range(len(labels)) if noise_as_clusters or labels[i] != -1]
+    dist = torch.cdist(xn[valid], xn[valid])
+    counts = (dist <= eps).sum(1).tolist()
+    out: dict[int, list[int]] = {}
+    for lab in sorted(set(labels.tolist()) - {-1}):
+        rows = [i for i in range(len(labels)) if labels[i] == lab]
+        best = max(rows, key=lambda i: (counts[valid.index(i)], -i))
+        out[best] = rows
+    if noise_as_clusters:
+        out.update({i: [i] for i in range(len(labels)) if labels[i] == -1})
+    return out
+
+
 @torch.no_grad()
 def pact_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *, image_token_id: int,
                    cfg: dict) -> tuple[Tensor, Tensor, dict]:
@@ -270,10 +294,12 @@ def pact_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *,
                 kept = [image[i] for i in range(n) if keep[i]]
                 pruned = [image[i] for i in range(n) if not keep[i]]
                 weight = {t: 1.0 for t in range(h.shape[1])}
-                if cfg["use_dpc"] or cfg["use_agglomerative"]:
+                if cfg["use_dpc"] or cfg["use_agglomerative"] or cfg["use_dbscan"]:
                     x = vec[cfg["vector_to_use_in_distance_clustering"]]
                     if cfg["use_dpc"]:
                         groups = dpc(x[kept], cfg["percentage_to_keep_dpc"])
+                    elif cfg["use_dbscan"]:
+                        groups = dbscan(x[kept].float(), cfg["eps_dbscan"], cfg["noise_as_clusters_dbscan"])
                     else:
                         groups = agglomerative(x[kept].float(), cfg["percentage_to_keep_agglomerative"],
                                                cfg["linkage"])
@@ -323,8 +349,8 @@ def pact_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *,
                 h, positions = h[:, rows], positions[..., rows]
                 if cfg["change_position_ids"]:
                     positions = torch.arange(len(rows))[None]
-                if (cfg["use_DBDPC"] or cfg["use_dpc"] or cfg["use_agglomerative"]) \
-                        and not cfg["no_proportional_attention"]:
+                clustered = any(cfg[c] for c in ("use_DBDPC", "use_dpc", "use_agglomerative", "use_dbscan"))
+                if clustered and not cfg["no_proportional_attention"]:
                     log_w = torch.log(torch.tensor([weight[t] for t in rows]))
             T = h.shape[1]
             mask = torch.full((T, T), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)

@@ -12,8 +12,9 @@ projections (`ALGORITHMS.md` §5):
 The number of clusters depends on the image, so the image span holds the maximum (the kept count) as slots and
 marks the unused ones invalid (`clusters.py`): the result equals the official shorter sequence.
 
-The baselines of the same options file swap step 2: `use_dpc` (`dpc.py`) and `use_agglomerative`
-(`agglomerative.py`), with `use_DBDPC: false`: int(p·m) clusters of the m kept tokens, no retrieval. The recipe
+The baselines of the same options file swap step 2 (with `use_DBDPC: false`; no retrieval): `use_dpc`
+(`dpc.py`) and `use_agglomerative` (`agglomerative.py`) form int(p·m) clusters of the m kept tokens,
+`use_dbscan` (`dbscan.py`) as many as DBSCAN finds; `use_tome` (`pact_tome.py`) merges before every layer. The recipe
 takes PACT's options under their own names (`pact_options.py`; `configs/pact.json` loads with `method: PACT`),
 unset options take that file's values, then the official `load_config` defaults. Differences from the official
 code: every score and distance is fp32 whatever the model dtype; density-rank and tie orders go to the lower
@@ -35,6 +36,7 @@ from tokcompile.reduce.agglomerative import agglomerative_labels
 from tokcompile.reduce.base import REDUCERS, Entering
 from tokcompile.reduce.clusters import write_clusters
 from tokcompile.reduce.dbdpc import find_centres, nearest_centre
+from tokcompile.reduce.dbscan import dbscan_labels
 from tokcompile.reduce.dpc import dpc_labels
 from tokcompile.reduce.ops import gather_tokens, topk_sorted
 from tokcompile.reduce.pact_options import PACTOptions
@@ -127,6 +129,8 @@ class PACTConfig(PACTOptions):
             return dpc_labels(x, kept, self.percentage_to_keep_dpc)
         if self.use_agglomerative:
             return agglomerative_labels(x, kept, self.percentage_to_keep_agglomerative, self.linkage)
+        if self.use_dbscan:
+            return dbscan_labels(x, kept, self.eps_dbscan, self.noise_as_clusters_dbscan)
         centres = find_centres(x, kept, self.cutoff, self.avoid_numerical_instability_DBDPC)
         cross = 1 - centres.unit @ centres.unit.transpose(1, 2)  # (B, n, n) unclamped, as for retrieved tokens
         dist = torch.where(kept[..., None], centres.dist, cross)  # (B, n, n)

@@ -1,9 +1,9 @@
 """PACT's options: every name its configuration file (orailix/PACT `configs/pact.json`, `load_config`) knows,
 with that file's values as defaults (then `load_config`'s), and the combinations the compiler refuses at --plan.
 
-The clustering baselines supported are DPC, agglomerative clustering and ToMe in every decoder layer
+The clustering baselines supported are DPC, agglomerative clustering, DBSCAN and ToMe in every decoder layer
 (`use_tome`, which implies `progessive_reduction` and layer 0 as the official `load_config` sets them); k-means
-and DBSCAN are refused with the reason, as are the custom hooks (placeholders for user code) and token
+is refused with the reason, as are the custom hooks (placeholders for user code) and token
 withdrawal (the VTW method). Logging and timing options are accepted with a warning.
 """
 
@@ -23,7 +23,7 @@ LOGGING = {"log_output_path": "aggregated_metrics", "synchro": False, "get_perfo
            "get_reduction_ratio": False}  # PACT's own logging and timing: accepted, without effect
 # the clusterings supported (PACT's own, then baselines with their share-of-clusters option)
 SHARES = {"use_dpc": "percentage_to_keep_dpc", "use_agglomerative": "percentage_to_keep_agglomerative"}
-CLUSTERINGS = ("use_DBDPC", *SHARES)
+CLUSTERINGS = ("use_DBDPC", *SHARES, "use_dbscan")
 SUPPORTED = (*CLUSTERINGS, "use_tome")
 BASELINES = ("use_tome", "use_kmeans", "use_dpc", "use_agglomerative", "use_dbscan")
 
@@ -138,6 +138,8 @@ class PACTOptions:
         if self.get_mean_position_id and not self.use_DBDPC:
             raise refuse("get_mean_position_id", "applies to DBDPC only (the official baselines keep the centres' "
                                                  "positions); set it false")
+        if self.use_dbscan and not self.eps_dbscan > 0:
+            raise refuse("eps_dbscan", f"{self.eps_dbscan} must be above 0")
         if self.use_agglomerative and self.linkage not in LINKAGES:
             raise refuse("linkage", f"{self.linkage!r} is not one of {', '.join(LINKAGES)} (the official code runs "
                                     "scikit-learn on precomputed cosine distances, which ward cannot take)")
