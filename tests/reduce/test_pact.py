@@ -126,6 +126,17 @@ def test_dbscan_equals_scikit_learn_on_synthetic_blobs():
     assert clusters > 10
 
 
+def test_kmeans_baseline_matches_the_reference(fam):
+    """PACT's k-means baseline (`use_kmeans`) as defined here (k-means++ from a compile-time seed, 100 Lloyd
+    iterations, the member nearest each centroid): the same clusters as the loop reference, with both pruning
+    rules and two seeds; a different seed gives a different clustering."""
+    km = {"use_kmeans": True, "use_DBDPC": False}
+    _check_against_reference(fam, **km, perc_tokeep_kmeans=0.3)
+    _check_against_reference(fam, **km, perc_tokeep_kmeans=0.5, token_pruning=False, kmeans_seed=3)
+    _check_against_reference(fam, **km, perc_tokeep_kmeans=0.5, use_IQR_in_token_pruning=True,
+                             pruning_filter_wth_percentage=False)
+
+
 def test_tome_baseline_matches_the_reference(fam):
     """PACT's ToMe baseline (`use_tome`): a bipartite merge before every layer with the official r_l schedule,
     size-weighted means, and sizes biasing attention; the same slot for every image token at every layer, and
@@ -248,7 +259,7 @@ def test_plan_slots_outputs_and_positions():
         ({"visual_token_reduction": False}, "visual_token_reduction", "turns PACT off"),
         ({"use_kmeans": True}, "use_kmeans", "two clusterings"),
         ({"use_DBDPC": False, "use_dbscan": True, "eps_dbscan": 0.0}, "eps_dbscan", "above 0"),
-        ({"use_DBDPC": False, "use_kmeans": True}, "use_kmeans", "not supported yet"),
+        ({"use_DBDPC": False, "use_kmeans": True, "perc_tokeep_kmeans": 0.0}, "perc_tokeep_kmeans", "makes 0"),
         ({"use_DBDPC": False, "use_tome": True}, "token_pruning", "progressive pruning"),
         ({"use_DBDPC": False, "use_tome": True, "token_pruning": False, "no_proportional_attention": True},
          "no_proportional_attention", "carry sizes"),
@@ -335,7 +346,7 @@ OFFICIAL_OTHERS = {
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_OTHERS))
 def test_the_official_baseline_files_load(name, tmp_path):
-    """Each official configuration file plans with `method: PACT` added (k-means is refused, not silently run)."""
+    """Each official configuration file plans with `method: PACT` added."""
     from tokcompile.pipeline import plan_recipe
 
     text, fill = OFFICIAL_OTHERS[name]
@@ -344,11 +355,6 @@ def test_the_official_baseline_files_load(name, tmp_path):
     recipe.write_text('model: {type: Llava_OneVision, path: "tiny-random:llava_onevision@medium"}\n'
                       "inputs: {batch_size: 1, image_size: [384, 384]}\n"
                       "sparse:\n  method: TokenReduction\n  special: " + json.dumps(special) + "\n")
-    if name == "kmeans":
-        with pytest.raises(RecipeError, match="not supported yet") as e:
-            plan_recipe(recipe, out=tmp_path / "out")
-        assert e.value.key == "sparse.special.use_kmeans"
-        return
     plan = plan_recipe(recipe, out=tmp_path / "out")
     n = plan.geometry.n_image_tokens
     first = plan.schedule[0]

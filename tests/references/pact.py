@@ -27,6 +27,8 @@ the pruning block, the attention's `weights`). What the official code does, in m
 * The DBSCAN baseline (`use_dbscan`) clusters with cuML there; here scikit-learn's DBSCAN on the same unit
   vectors (min_samples 5, Euclidean), then the official centre rule (most neighbours within eps), which the
   official code reaches only through a call that fails.
+* The k-means baseline (`use_kmeans`) runs faiss there, whose seeding cannot be reproduced; here the static
+  form's definition (k-means++ from a fixed seed, 100 Lloyd iterations), written as plain loops.
 * Merge: each cluster is the mean of its members at its centre's place; sizes become log weights added to
   every key's logit in this layer and all later ones; the sequence is cut to text plus centres.
 
@@ -254,6 +256,38 @@ def dbscan(x: Tensor, eps: float, noise_as_clusters: bool) -> dict[int, list[int
     return out
 
 
+def kmeans(x: Tensor, share: float, n_uniforms: int, seed: int, iters: int = 100) -> dict[int, list[int]]:
+    """k-means on the rows of x (m, F) as the static baseline defines it (faiss's own seeding cannot be
+    reproduced): k-means++ seeding from `torch.rand(n_uniforms)` of `seed` (inverse CDF on the running sum of
+    D²), `iters` Lloyd iterations (empty clusters keep their centroid), then each non-empty cluster named after
+    the member nearest its centroid (the lowest index within a relative 1e-5: two-member clusters tie)."""
+    m, k = x.shape[0], int(share * x.shape[0])
+    u = torch.rand(n_uniforms, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+    seeds = [int(math.floor(m * u[0]))]
+    d2 = ((x - x[seeds[0]]) ** 2).sum(-1)
+    for c in range(1, k):
+        w = d2.double()
+        running = torch.cumsum(w, 0)
+        seeds.append(next(i for i in range(m) if float(running[i]) > u[c] * float(running[-1])))
+        d2 = torch.minimum(d2, ((x - x[seeds[-1]]) ** 2).sum(-1))
+    cent = x[seeds].clone()
+    for _ in range(iters):
+        assign = ((x[:, None] - cent[None]) ** 2).sum(-1).argmin(-1)
+        for j in range(k):
+            rows = (assign == j).nonzero()[:, 0]
+            if len(rows):
+                cent[j] = x[rows].mean(0)
+    assign = ((x[:, None] - cent[None]) ** 2).sum(-1).argmin(-1)
+    out: dict[int, list[int]] = {}
+    for j in range(k):
+        rows = (assign == j).nonzero()[:, 0].tolist()
+        if rows:
+            d2 = ((x[rows] - cent[j]) ** 2).sum(-1).tolist()
+            nearest = min(d2)
+            out[next(r for r, v in zip(rows, d2) if v <= nearest * (1 + 1e-5) + 1e-12)] = rows
+    return out
+
+
 @torch.no_grad()
 def pact_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *, image_token_id: int,
                    cfg: dict) -> tuple[Tensor, Tensor, dict]:
@@ -294,10 +328,15 @@ def pact_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *,
                 kept = [image[i] for i in range(n) if keep[i]]
                 pruned = [image[i] for i in range(n) if not keep[i]]
                 weight = {t: 1.0 for t in range(h.shape[1])}
-                if cfg["use_dpc"] or cfg["use_agglomerative"] or cfg["use_dbscan"]:
+                if cfg["use_dpc"] or cfg["use_agglomerative"] or cfg["use_dbscan"] or cfg["use_kmeans"]:
                     x = vec[cfg["vector_to_use_in_distance_clustering"]]
                     if cfg["use_dpc"]:
                         groups = dpc(x[kept], cfg["percentage_to_keep_dpc"])
+                    elif cfg["use_kmeans"]:
+                        slots_in = int(n * cfg["pruning_tokeep_percentage_value"]) \
+                            if cfg["token_pruning"] and cfg["pruning_filter_wth_percentage"] else n
+                        groups = kmeans(x[kept].float(), cfg["perc_tokeep_kmeans"],
+                                        int(cfg["perc_tokeep_kmeans"] * slots_in), cfg["kmeans_seed"])
                     elif cfg["use_dbscan"]:
                         groups = dbscan(x[kept].float(), cfg["eps_dbscan"], cfg["noise_as_clusters_dbscan"])
                     else:
@@ -349,7 +388,8 @@ def pact_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *,
                 h, positions = h[:, rows], positions[..., rows]
                 if cfg["change_position_ids"]:
                     positions = torch.arange(len(rows))[None]
-                clustered = any(cfg[c] for c in ("use_DBDPC", "use_dpc", "use_agglomerative", "use_dbscan"))
+                clustered = any(cfg[c] for c in ("use_DBDPC", "use_dpc", "use_agglomerative", "use_dbscan",
+                                                 "use_kmeans"))
                 if clustered and not cfg["no_proportional_attention"]:
                     log_w = torch.log(torch.tensor([weight[t] for t in rows]))
             T = h.shape[1]

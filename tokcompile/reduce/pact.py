@@ -13,9 +13,10 @@ The number of clusters depends on the image, so the image span holds the maximum
 marks the unused ones invalid (`clusters.py`): the result equals the official shorter sequence.
 
 The baselines of the same options file swap step 2 (with `use_DBDPC: false`; no retrieval): `use_dpc`
-(`dpc.py`) and `use_agglomerative` (`agglomerative.py`) form int(p·m) clusters of the m kept tokens,
-`use_dbscan` (`dbscan.py`) as many as DBSCAN finds; `use_tome` (`pact_tome.py`) merges before every layer. The recipe
-takes PACT's options under their own names (`pact_options.py`; `configs/pact.json` loads with `method: PACT`),
+(`dpc.py`), `use_agglomerative` (`agglomerative.py`) and `use_kmeans` (`kmeans.py`) form up to int(p·m)
+clusters of the m kept tokens, `use_dbscan` (`dbscan.py`) as many as DBSCAN finds; `use_tome` (`pact_tome.py`)
+merges before every layer. The recipe takes PACT's options under their own names (`pact_options.py`;
+`configs/pact.json` loads with `method: PACT`),
 unset options take that file's values, then the official `load_config` defaults. Differences from the official
 code: every score and distance is fp32 whatever the model dtype; density-rank and tie orders go to the lower
 index (the official argsorts leave them open); every sample of a batch clusters its own tokens; with
@@ -38,8 +39,9 @@ from tokcompile.reduce.clusters import write_clusters
 from tokcompile.reduce.dbdpc import find_centres, nearest_centre
 from tokcompile.reduce.dbscan import dbscan_labels
 from tokcompile.reduce.dpc import dpc_labels
+from tokcompile.reduce.kmeans import kmeans_labels
 from tokcompile.reduce.ops import gather_tokens, topk_sorted
-from tokcompile.reduce.pact_options import PACTOptions
+from tokcompile.reduce.pact_options import KMEANS_ITERATIONS, PACTOptions
 from tokcompile.reduce.pact_pruning import euti_scores, keep_by_score
 from tokcompile.reduce.pact_tome import merges_per_layer, tome_step
 from tokcompile.reduce.prune import keep_image_tokens
@@ -122,8 +124,9 @@ class PACTConfig(PACTOptions):
         v = fn(ctx.layer, st.hidden, st.positions, rope=rope)  # (B, H or Hkv, T, d)
         return v.transpose(1, 2).flatten(2)  # (B, T, F)
 
-    def labels(self, ctx: DecoderContext, n: int, kept: Tensor) -> Tensor:
-        """(B, n) every image token's centre (-1: dropped) from the clustering of the `kept` (B, n) tokens."""
+    def labels(self, ctx: DecoderContext, n: int, kept: Tensor, slots: int) -> Tensor:
+        """(B, n) every image token's centre (-1: dropped) from the clustering of the `kept` (B, n) tokens into
+        at most `slots` clusters."""
         x = gather_tokens(self._vectors(ctx), ctx.image_span(n))  # (B, n, F)
         if self.use_dpc:  # the baselines drop the pruned tokens (no retrieval), as the official code
             return dpc_labels(x, kept, self.percentage_to_keep_dpc)
@@ -131,6 +134,8 @@ class PACTConfig(PACTOptions):
             return agglomerative_labels(x, kept, self.percentage_to_keep_agglomerative, self.linkage)
         if self.use_dbscan:
             return dbscan_labels(x, kept, self.eps_dbscan, self.noise_as_clusters_dbscan)
+        if self.use_kmeans:
+            return kmeans_labels(x, kept, self.perc_tokeep_kmeans, slots, self.kmeans_seed, KMEANS_ITERATIONS)
         centres = find_centres(x, kept, self.cutoff, self.avoid_numerical_instability_DBDPC)
         cross = 1 - centres.unit @ centres.unit.transpose(1, 2)  # (B, n, n) unclamped, as for retrieved tokens
         dist = torch.where(kept[..., None], centres.dist, cross)  # (B, n, n)
@@ -158,7 +163,7 @@ class PACTConfig(PACTOptions):
                 chosen = topk_sorted(kept.float(), step.n_out)  # (B, k) ascending
                 return keep_image_tokens(state, chosen, step), chosen
             if self.clusters():
-                label = self.labels(ctx, n, kept)
+                label = self.labels(ctx, n, kept, step.n_out)
             else:
                 label = torch.where(kept, torch.arange(n, device=kept.device)[None], -1)
         if step.output is Output.KEPT:

@@ -1,10 +1,11 @@
 """PACT's options: every name its configuration file (orailix/PACT `configs/pact.json`, `load_config`) knows,
 with that file's values as defaults (then `load_config`'s), and the combinations the compiler refuses at --plan.
 
-The clustering baselines supported are DPC, agglomerative clustering, DBSCAN and ToMe in every decoder layer
-(`use_tome`, which implies `progessive_reduction` and layer 0 as the official `load_config` sets them); k-means
-is refused with the reason, as are the custom hooks (placeholders for user code) and token
-withdrawal (the VTW method). Logging and timing options are accepted with a warning.
+Every clustering baseline runs: DPC, agglomerative clustering, DBSCAN, k-means (with one new key,
+`kmeans_seed`, for its compile-time seeding) and ToMe in every decoder layer (`use_tome`, which implies
+`progessive_reduction` and layer 0 as the official `load_config` sets them). The custom hooks (placeholders for
+user code) and token withdrawal (the VTW method) are refused with the reason. Logging and timing options are
+accepted with a warning.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ VECTORS = ("current_k_cosine", "current_k", "current_q", "current_q_cosine")
 LOGGING = {"log_output_path": "aggregated_metrics", "synchro": False, "get_performance_metrics": False,
            "get_reduction_ratio": False}  # PACT's own logging and timing: accepted, without effect
 # the clusterings supported (PACT's own, then baselines with their share-of-clusters option)
-SHARES = {"use_dpc": "percentage_to_keep_dpc", "use_agglomerative": "percentage_to_keep_agglomerative"}
+SHARES = {"use_dpc": "percentage_to_keep_dpc", "use_agglomerative": "percentage_to_keep_agglomerative",
+          "use_kmeans": "perc_tokeep_kmeans"}
+KMEANS_ITERATIONS = 100  # the official max_iters
 CLUSTERINGS = ("use_DBDPC", *SHARES, "use_dbscan")
 SUPPORTED = (*CLUSTERINGS, "use_tome")
 BASELINES = ("use_tome", "use_kmeans", "use_dpc", "use_agglomerative", "use_dbscan")
@@ -51,6 +54,7 @@ class PACTOptions:
     tome_equivalant_layer_for_reduction: int = 4
     use_kmeans: bool = False
     perc_tokeep_kmeans: float = 1.0
+    kmeans_seed: int = 0  # not an official key: the seed of the k-means++ seeding, fixed at compile time
     use_dpc: bool = False
     percentage_to_keep_dpc: float = 1.0
     use_agglomerative: bool = False
