@@ -109,9 +109,22 @@ CONFIGS: tuple[Config, ...] = (
 PACT_OFFICIAL = {"layer_for_reduction": 4, "use_DBDPC": True, "cutoff": 0.21, "token_pruning": True,
                  "pruning_tokeep_percentage_value": 0.55, "multiply_by_norm": True, "include_pruned_in_mean": True,
                  "coef_pruned": 1.5}
+BASELINE = {"use_DBDPC": False, "token_pruning": False}  # the official baseline files: no pruning first
 CONFIGS += (
     Config("pact", "pact", lambda n: f"PACT official, layer {_layer(4, n)}",
            lambda n: _special("PACT", **{**PACT_OFFICIAL, "layer_for_reduction": _layer(4, n)})),
+    Config("pact-dpc", "pact", lambda n: f"PACT's DPC baseline p=0.3, layer {_layer(4, n)}",
+           lambda n: _special("PACT", **BASELINE, use_dpc=True, percentage_to_keep_dpc=0.3,
+                              layer_for_reduction=_layer(4, n))),
+    Config("pact-dbscan", "pact", lambda n: f"PACT's DBSCAN baseline eps=0.6, layer {_layer(4, n)}",
+           lambda n: _special("PACT", **BASELINE, use_dbscan=True, eps_dbscan=0.6, noise_as_clusters_dbscan=True,
+                              layer_for_reduction=_layer(4, n))),
+    Config("pact-kmeans", "pact", lambda n: f"PACT's k-means baseline p=0.3, layer {_layer(4, n)}",
+           lambda n: _special("PACT", **BASELINE, use_kmeans=True, perc_tokeep_kmeans=0.3,
+                              layer_for_reduction=_layer(4, n))),
+    Config("pact-tome", "pact", lambda n: "PACT's ToMe baseline (every layer) p=0.3",
+           lambda n: _special("PACT", **BASELINE, use_tome=True, perc_tokeep_tome_total=0.3,
+                              tome_equivalant_layer_for_reduction=_layer(4, n))),
 )
 
 BUDGETS = (64, 128, 192)  # image tokens kept of LLaVA-1.5's 576, as the method papers report them
@@ -189,7 +202,7 @@ def bench(size: str, configs: list[Config], backends: list[str], repeats: int, t
 
     from benchmarks.common import export_chain, median_time
     from tokcompile import flops
-    from tokcompile.errors import RecipeError
+    from tokcompile.errors import ExportError, RecipeError
     from tokcompile.models.tiny import build_model, build_processor
     from tokcompile.parity import process
     from tokcompile.reduce import REDUCERS
@@ -237,7 +250,7 @@ def bench(size: str, configs: list[Config], backends: list[str], repeats: int, t
             t0 = time.perf_counter()
             try:
                 runner = export_chain(plan, model, batch, backend, tmp / f"{cfg.name}-{backend}")
-            except AssertionError as e:  # the export disagrees with eager: reported, never timed
+            except (AssertionError, ExportError) as e:  # export failed or disagrees with eager: reported, not timed
                 print(f"[{cfg.name}] {backend}: not timed, {e}", flush=True)
                 row.setdefault("parity_failed", {})[backend] = str(e)
                 continue

@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -258,11 +259,11 @@ def dbscan(x: Tensor, eps: float, noise_as_clusters: bool) -> dict[int, list[int
 
 def kmeans(x: Tensor, share: float, n_uniforms: int, seed: int, iters: int = 100) -> dict[int, list[int]]:
     """k-means on the rows of x (m, F) as the static baseline defines it (faiss's own seeding cannot be
-    reproduced): k-means++ seeding from `torch.rand(n_uniforms)` of `seed` (inverse CDF on the running sum of
+    reproduced): k-means++ seeding from numpy's `default_rng(seed).random(n_uniforms)` (inverse CDF on the sum of
     D²), `iters` Lloyd iterations (empty clusters keep their centroid), then each non-empty cluster named after
     the member nearest its centroid (the lowest index within a relative 1e-5: two-member clusters tie)."""
     m, k = x.shape[0], int(share * x.shape[0])
-    u = torch.rand(n_uniforms, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+    u = np.random.default_rng(seed).random(n_uniforms).tolist()
     seeds = [int(math.floor(m * u[0]))]
     d2 = ((x - x[seeds[0]]) ** 2).sum(-1)
     for c in range(1, k):

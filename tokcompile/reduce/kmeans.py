@@ -4,7 +4,7 @@ The official code trains faiss's GPU k-means (k = int(p·m) of the m kept tokens
 clustering vectors) and names each cluster after the member nearest its centroid. faiss seeds from its own
 random sampling and splits empty clusters, neither of which a static graph can reproduce, so this is the same
 algorithm with a seeding that is fixed at compile time:
-- **k-means++ seeding** with uniforms u_0..u_{k-1} drawn once from `torch.Generator().manual_seed(seed)`: the
+- **k-means++ seeding** with uniforms u_0..u_{k-1} from numpy's `default_rng(seed)`, fixed at compile time: the
   first centroid is member floor(u_0·m) (in index order), each next one the first member whose running sum of
   D² (squared distance to the nearest chosen centroid) exceeds u_c times its total;
 - **Lloyd iterations**, `iters` of them: every member joins its nearest centroid (first on ties), every
@@ -17,6 +17,7 @@ algorithm with a seeding that is fixed at compile time:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,8 +32,9 @@ def _sq_dist(a: Tensor, b: Tensor) -> Tensor:
 
 
 def seeding_uniforms(k: int, seed: int) -> Tensor:
-    """The k uniforms of the seeding, the same on every call."""
-    return torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    """The k uniforms of the seeding: numpy's `default_rng(seed).random(k)`, drawn in Python while the graph is
+    traced, so the graph holds them as constants (a torch generator would be traced as a random op)."""
+    return torch.tensor(np.random.default_rng(seed).random(k), dtype=torch.float64)
 
 
 def kmeans_labels(x: Tensor, member: Tensor, share: float, k_max: int, seed: int, iters: int) -> Tensor:
