@@ -10,13 +10,18 @@ import json
 import pytest
 import torch
 
-from tests.conftest import ROOT, compile_recipe, padded_family_case
+from tests.conftest import ROOT, assert_no_data_dependent_ops, compile_recipe, export_matching_eager, padded_family_case
 from tests.references.pact import dbdpc, pact_reference
 from tokcompile.errors import RecipeError
 from tokcompile.models import ReducedVLM
+from tokcompile.reduce.agglomerative import agglomerative_labels
 from tokcompile.reduce.base import Entering
 from tokcompile.reduce.dbdpc import find_centres
+from tokcompile.reduce.dbscan import dbscan_labels
+from tokcompile.reduce.dpc import dpc_labels
+from tokcompile.reduce.kmeans import kmeans_labels
 from tokcompile.reduce.pact import PACTConfig
+from tokcompile.reduce.pact_tome import tome_labels
 from tokcompile.reduce.schedule import Output, Positions, Site
 
 # configs/pact.json of orailix/PACT, as published
@@ -104,7 +109,6 @@ def test_dbscan_equals_scikit_learn_on_synthetic_blobs():
     """Blobs close enough to share border points, with noise between them, several radii and a quarter of the
     points not taking part: the same clusters and centres as scikit-learn's DBSCAN and the official centre rule."""
     from tests.references.pact import dbscan
-    from tokcompile.reduce.dbscan import dbscan_labels
 
     g = torch.Generator().manual_seed(1)
     batch, n = 3, 120
@@ -362,6 +366,39 @@ def test_the_official_baseline_files_load(name, tmp_path):
         assert len(plan.schedule) == plan.geometry.n_layers and first.output is Output.ASSIGN
     else:
         assert first.layer == 4 and first.n_in == n and first.n_out <= n
+
+
+class _Clustering(torch.nn.Module):
+    """One clustering as a module of (vectors, members), for export."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, member):
+        return self.fn(x, member)
+
+
+CLUSTERINGS = {
+    "dbdpc": lambda x, m: find_centres(x, m, 0.1).is_centre,
+    "dpc": lambda x, m: dpc_labels(x, m, 0.3),
+    "single": lambda x, m: agglomerative_labels(x, m, 0.3, "single"),
+    "complete": lambda x, m: agglomerative_labels(x, m, 0.3, "complete"),
+    "dbscan": lambda x, m: dbscan_labels(x, m, 0.6, True),
+    "kmeans": lambda x, m: kmeans_labels(x, m, 0.3, 9, 0, 5),
+    "tome": lambda x, m: tome_labels(x, 6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTERINGS))
+def test_clusterings_export_as_static_graphs(name):
+    """Every clustering exports with torch.export at static shapes, equal to eager, with no data-dependent op and
+    no random op (a seeded draw must be a constant of the graph)."""
+    g = torch.Generator().manual_seed(0)
+    x, member = torch.randn(2, 30, 8, generator=g), torch.rand(2, 30, generator=g) < 0.9
+    ep = export_matching_eager(_Clustering(CLUSTERINGS[name]), (x, member))
+    ops = assert_no_data_dependent_ops(ep)
+    assert not any("rand" in op or "bernoulli" in op for op in ops), ops
 
 
 def test_tiny_recipe_compiles_with_parity(tmp_path):
