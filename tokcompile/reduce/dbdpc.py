@@ -99,9 +99,9 @@ def find_centres(x: Tensor, member: Tensor, cutoff: float, rank_density: bool = 
         order = torch.where(new, rnd * n + idx, order)
         claimed = (near & new[:, None, :]).any(-1)  # (B, n): within c of a new centre
         ending = active & (new.sum(-1) < NEW_CENTRES_TO_CONTINUE)  # (B,)
-        ending_, active_ = ending[:, None], active[:, None]  # (B, 1); bool blends below (ONNX Where takes no bool)
-        scan = (ending_ & unassigned & (delta <= cutoff)) | (~ending_ & scan)
-        unassigned = unassigned & ~(active_ & (claimed | new))
+        ends_here, still_on = ending[:, None], active[:, None]  # (B, 1); bool blends (ONNX Where takes no bool)
+        scan = (ends_here & unassigned & (delta <= cutoff)) | (~ends_here & scan)
+        unassigned = unassigned & ~(still_on & (claimed | new))
         active = active & ~ending
 
     # Sequential completion: the scan's points that no centre claims, by density descending (ties to the lower

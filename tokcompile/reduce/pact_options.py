@@ -10,6 +10,7 @@ accepted with a warning.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,6 @@ SHARES = {"use_dpc": "percentage_to_keep_dpc", "use_agglomerative": "percentage_
           "use_kmeans": "perc_tokeep_kmeans"}
 KMEANS_ITERATIONS = 100  # the official max_iters
 CLUSTERINGS = ("use_DBDPC", *SHARES, "use_dbscan")
-SUPPORTED = (*CLUSTERINGS, "use_tome")
 BASELINES = ("use_tome", "use_kmeans", "use_dpc", "use_agglomerative", "use_dbscan")
 
 
@@ -99,6 +99,11 @@ class PACTOptions:
         def refuse(name: str, why: str) -> RecipeError:
             return RecipeError(f"{key}.{name}", why)
 
+        self._check_combinations(refuse)
+        self._check_values(geom, refuse)
+
+    def _check_combinations(self, refuse: Callable[[str, str], RecipeError]) -> None:
+        """Which methods the options choose, and the combinations the official code refuses or never runs."""
         if not self.visual_token_reduction:
             raise refuse("visual_token_reduction", "false turns PACT off; remove the PACT reduction instead")
         on = [b for b in ("use_DBDPC", *BASELINES) if getattr(self, b)]
@@ -107,10 +112,6 @@ class PACTOptions:
         pruners = [p for p in ("prune_with_norm", "token_pruning", "withdraw_visual_tokens") if getattr(self, p)]
         if len(pruners) > 1:
             raise refuse(pruners[1], f"{pruners[0]} and {pruners[1]} are two pruning rules; set one false")
-        for name in BASELINES:
-            if getattr(self, name) and name not in SUPPORTED:
-                raise refuse(name, "this PACT baseline clustering is not supported yet; use use_DBDPC (PACT), "
-                                   "use_dpc or use_agglomerative")
         if self.withdraw_visual_tokens or self.VTW_equivalant_layer_for_reduction != -1:
             name = "withdraw_visual_tokens" if self.withdraw_visual_tokens else "VTW_equivalant_layer_for_reduction"
             raise refuse(name, "token withdrawal is the VTW method: use `special: {method: VTW, ...}` instead")
@@ -139,17 +140,20 @@ class PACTOptions:
         if self.token_pruning and self.use_IQR_in_token_pruning == self.pruning_filter_wth_percentage:
             raise refuse("use_IQR_in_token_pruning", "token_pruning needs exactly one of use_IQR_in_token_pruning "
                                                      "and pruning_filter_wth_percentage true")
+        if not (self.clusters() or self.use_tome or self.token_pruning or self.prune_with_norm):
+            raise refuse("use_DBDPC", "with no clustering and no pruning PACT reduces nothing; set use_DBDPC or "
+                                      "token_pruning true")
         if self.get_mean_position_id and not self.use_DBDPC:
             raise refuse("get_mean_position_id", "applies to DBDPC only (the official baselines keep the centres' "
                                                  "positions); set it false")
+
+    def _check_values(self, geom: Geometry, refuse: Callable[[str, str], RecipeError]) -> None:
+        """The options' values against their ranges and the model."""
         if self.use_dbscan and not self.eps_dbscan > 0:
             raise refuse("eps_dbscan", f"{self.eps_dbscan} must be above 0")
         if self.use_agglomerative and self.linkage not in LINKAGES:
             raise refuse("linkage", f"{self.linkage!r} is not one of {', '.join(LINKAGES)} (the official code runs "
                                     "scikit-learn on precomputed cosine distances, which ward cannot take)")
-        if not (self.clusters() or self.use_tome or self.token_pruning or self.prune_with_norm):
-            raise refuse("use_DBDPC", "with no clustering and no pruning PACT reduces nothing; set use_DBDPC or "
-                                      "token_pruning true")
         if self.vector_to_use_in_distance_clustering not in VECTORS:
             raise refuse("vector_to_use_in_distance_clustering", f"{self.vector_to_use_in_distance_clustering!r} "
                                                                  f"is not one of {', '.join(VECTORS)}")
