@@ -264,6 +264,7 @@ def test_plan_slots_outputs_and_positions():
         ({"use_kmeans": True}, "use_kmeans", "two clusterings"),
         ({"use_DBDPC": False, "use_dbscan": True, "eps_dbscan": 0.0}, "eps_dbscan", "above 0"),
         ({"use_DBDPC": False, "use_kmeans": True, "perc_tokeep_kmeans": 0.0}, "perc_tokeep_kmeans", "makes 0"),
+        ({"use_DBDPC": False, "use_kmeans": True, "kmeans_seed": -1}, "kmeans_seed", "negative"),
         ({"use_DBDPC": False, "use_tome": True}, "token_pruning", "progressive pruning"),
         ({"use_DBDPC": False, "use_tome": True, "token_pruning": False, "no_proportional_attention": True},
          "no_proportional_attention", "carry sizes"),

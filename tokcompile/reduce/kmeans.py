@@ -65,14 +65,19 @@ def kmeans_labels(x: Tensor, member: Tensor, share: float, k_max: int, seed: int
     seeds = torch.cat(chosen, dim=1)  # (B, k_max)
     live = torch.arange(k_max, device=dev)[None] < k  # (B, k_max) the sample's own k centroids
     cent = xf.gather(1, seeds[..., None].expand(B, k_max, xf.shape[-1]))  # (B, k_max, F)
-    for it in range(iters + 1):  # the last pass only assigns
-        dc = torch.where(live[:, None, :], _sq_dist(xf, cent), float("inf"))  # (B, n, k_max)
-        assign = dc.argmin(-1)  # (B, n)
-        onehot = ((assign[..., None] == torch.arange(k_max, device=dev)) & member[..., None]).float()
+    slots = torch.arange(k_max, device=dev)
+
+    def members_of(centroids: Tensor) -> tuple[Tensor, Tensor]:
+        """Every point's nearest live centroid (B, n) and the membership one-hot (B, n, k_max) of the members."""
+        assign = torch.where(live[:, None, :], _sq_dist(xf, centroids), float("inf")).argmin(-1)  # (B, n)
+        return assign, ((assign[..., None] == slots) & member[..., None]).float()
+
+    for _ in range(iters):
+        _, onehot = members_of(cent)
         count = onehot.sum(1)  # (B, k_max)
         mean = (onehot.transpose(1, 2) @ xf) / count.clamp(min=1)[..., None]
-        if it < iters:
-            cent = torch.where((count > 0)[..., None], mean, cent)
+        cent = torch.where((count > 0)[..., None], mean, cent)
+    assign, onehot = members_of(cent)  # the final assignment
     own = cent.gather(1, assign[..., None].expand_as(xf))  # (B, n, F) each point's centroid
     d_own = ((xf - own) ** 2).sum(-1)  # (B, n) from the difference: the expanded form cancels between near points
     near = torch.where(onehot.bool(), d_own[..., None], float("inf"))  # (B, n, k_max) members only

@@ -149,6 +149,8 @@ class PACTOptions:
 
     def _check_values(self, geom: Geometry, refuse: Callable[[str, str], RecipeError]) -> None:
         """The options' values against their ranges and the model."""
+        if self.use_kmeans and self.kmeans_seed < 0:
+            raise refuse("kmeans_seed", f"{self.kmeans_seed} is negative; use a seed of 0 or more")
         if self.use_dbscan and not self.eps_dbscan > 0:
             raise refuse("eps_dbscan", f"{self.eps_dbscan} must be above 0")
         if self.use_agglomerative and self.linkage not in LINKAGES:
