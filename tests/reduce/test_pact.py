@@ -132,12 +132,13 @@ def test_dbscan_equals_scikit_learn_on_synthetic_blobs():
 
 def test_kmeans_baseline_matches_the_reference(fam):
     """PACT's k-means baseline (`use_kmeans`) as defined here (k-means++ from a compile-time seed, 100 Lloyd
-    iterations, the member nearest each centroid): the same clusters as the loop reference, with both pruning
-    rules and two seeds; a different seed gives a different clustering."""
+    iterations, the member nearest each centroid, k = int(p·n) capped at the kept count): the same clusters as
+    the loop reference, with both pruning rules and two seeds."""
     km = {"use_kmeans": True, "use_DBDPC": False}
     _check_against_reference(fam, **km, perc_tokeep_kmeans=0.3)
     _check_against_reference(fam, **km, perc_tokeep_kmeans=0.5, token_pruning=False, kmeans_seed=3)
-    _check_against_reference(fam, **km, perc_tokeep_kmeans=0.5, use_IQR_in_token_pruning=True,
+    # the IQR rule keeps fewer than int(0.7·n) tokens here: k falls to the kept count
+    _check_against_reference(fam, **km, perc_tokeep_kmeans=0.7, use_IQR_in_token_pruning=True,
                              pruning_filter_wth_percentage=False)
 
 
@@ -265,6 +266,8 @@ def test_plan_slots_outputs_and_positions():
         ({"use_DBDPC": False, "use_dbscan": True, "eps_dbscan": 0.0}, "eps_dbscan", "above 0"),
         ({"use_DBDPC": False, "use_kmeans": True, "perc_tokeep_kmeans": 0.0}, "perc_tokeep_kmeans", "makes 0"),
         ({"use_DBDPC": False, "use_kmeans": True, "kmeans_seed": -1}, "kmeans_seed", "negative"),
+        ({"use_DBDPC": False, "use_kmeans": True, "perc_tokeep_kmeans": 0.8}, "perc_tokeep_kmeans",
+         "needs at least k points"),
         ({"use_DBDPC": False, "use_tome": True}, "token_pruning", "progressive pruning"),
         ({"use_DBDPC": False, "use_tome": True, "token_pruning": False, "no_proportional_attention": True},
          "no_proportional_attention", "carry sizes"),
@@ -386,7 +389,7 @@ CLUSTERINGS = {
     "single": lambda x, m: agglomerative_labels(x, m, 0.3, "single"),
     "complete": lambda x, m: agglomerative_labels(x, m, 0.3, "complete"),
     "dbscan": lambda x, m: dbscan_labels(x, m, 0.6, True),
-    "kmeans": lambda x, m: kmeans_labels(x, m, 0.3, 9, 0, 5),
+    "kmeans": lambda x, m: kmeans_labels(x, m, 9, 0, 5),
     "tome": lambda x, m: tome_labels(x, 6),
 }
 

@@ -27,8 +27,9 @@ the pruning block, the attention's `weights`). What the official code does, in m
 * The DBSCAN baseline (`use_dbscan`) clusters with cuML there; here scikit-learn's DBSCAN on the same unit
   vectors (min_samples 5, Euclidean), then the official centre rule (most neighbours within eps), which the
   official code reaches only through a call that fails.
-* The k-means baseline (`use_kmeans`) runs faiss there, whose seeding cannot be reproduced; here the static
-  form's definition (k-means++ from a fixed seed, 100 Lloyd iterations), written as plain loops.
+* The k-means baseline (`use_kmeans`) runs faiss there (k = int(p·n) of all n image tokens, on the kept ones),
+  whose seeding cannot be reproduced; here the static form's definition (k-means++ from a fixed seed, 100 Lloyd
+  iterations, k capped at the kept count where faiss would fail), written as plain loops.
 * Merge: each cluster is the mean of its members at its centre's place; sizes become log weights added to
   every key's logit in this layer and all later ones; the sequence is cut to text plus centres.
 
@@ -257,12 +258,14 @@ def dbscan(x: Tensor, eps: float, noise_as_clusters: bool) -> dict[int, list[int
     return out
 
 
-def kmeans(x: Tensor, share: float, n_uniforms: int, seed: int, iters: int = 100) -> dict[int, list[int]]:
-    """k-means on the rows of x (m, F) as the static baseline defines it (faiss's own seeding cannot be
-    reproduced): k-means++ seeding from numpy's `default_rng(seed).random(n_uniforms)` (inverse CDF on the sum of
-    D²), `iters` Lloyd iterations (empty clusters keep their centroid), then each non-empty cluster named after
-    the member nearest its centroid (the lowest index within a relative 1e-5: two-member clusters tie)."""
-    m, k = x.shape[0], int(share * x.shape[0])
+def kmeans(x: Tensor, k: int, n_uniforms: int, seed: int, iters: int = 100) -> dict[int, list[int]]:
+    """k-means on the rows of x (m, F) into k clusters (at most m) as the static baseline defines it (faiss's
+    own seeding cannot be reproduced): k-means++ seeding from numpy's `default_rng(seed).random(n_uniforms)`
+    (inverse CDF on the sum of D²), `iters` Lloyd iterations (empty clusters keep their centroid), then each
+    non-empty cluster named after the member nearest its centroid (the lowest index within a relative 1e-5:
+    two-member clusters tie)."""
+    m = x.shape[0]
+    k = min(k, m)
     u = np.random.default_rng(seed).random(n_uniforms).tolist()
     seeds = [int(math.floor(m * u[0]))]
     d2 = ((x - x[seeds[0]]) ** 2).sum(-1)
@@ -334,10 +337,8 @@ def pact_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *,
                     if cfg["use_dpc"]:
                         groups = dpc(x[kept], cfg["percentage_to_keep_dpc"])
                     elif cfg["use_kmeans"]:
-                        slots_in = int(n * cfg["pruning_tokeep_percentage_value"]) \
-                            if cfg["token_pruning"] and cfg["pruning_filter_wth_percentage"] else n
-                        groups = kmeans(x[kept].float(), cfg["perc_tokeep_kmeans"],
-                                        int(cfg["perc_tokeep_kmeans"] * slots_in), cfg["kmeans_seed"])
+                        k = int(cfg["perc_tokeep_kmeans"] * n)  # the official k: a share of all image tokens
+                        groups = kmeans(x[kept].float(), k, k, cfg["kmeans_seed"])
                     elif cfg["use_dbscan"]:
                         groups = dbscan(x[kept].float(), cfg["eps_dbscan"], cfg["noise_as_clusters_dbscan"])
                     else:

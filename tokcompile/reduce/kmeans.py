@@ -1,7 +1,8 @@
 """k-means with a fixed seed and iteration count (PACT's `use_kmeans` baseline), static.
 
-The official code trains faiss's GPU k-means (k = int(p·m) of the m kept tokens, 100 iterations, L2 on the raw
-clustering vectors) and names each cluster after the member nearest its centroid. faiss seeds from its own
+The official code trains faiss's GPU k-means (k = int(p·n) of the n image tokens entering the layer, on the m
+kept ones; 100 iterations, L2 on the raw clustering vectors) and names each cluster after the member nearest its
+centroid; faiss refuses k > m, which the IQR rule can reach, so here k falls to m then. faiss seeds from its own
 random sampling and splits empty clusters, neither of which a static graph can reproduce, so this is the same
 algorithm with a seeding that is fixed at compile time:
 - **k-means++ seeding** with uniforms u_0..u_{k-1} from numpy's `default_rng(seed)`, fixed at compile time: the
@@ -37,18 +38,18 @@ def seeding_uniforms(k: int, seed: int) -> Tensor:
     return torch.tensor(np.random.default_rng(seed).random(k), dtype=torch.float64)
 
 
-def kmeans_labels(x: Tensor, member: Tensor, share: float, k_max: int, seed: int, iters: int) -> Tensor:
+def kmeans_labels(x: Tensor, member: Tensor, k_max: int, seed: int, iters: int) -> Tensor:
     """(B, n) the centre of every point's cluster (-1 for points that take no part).
 
     Args:
         x: (B, n, F) the clustering vectors; member: (B, n) bool, the points that take part (m per sample).
-        share: k = int(share·m) clusters per sample, at most `k_max`.
+        k_max: the cluster count, min(k_max, m) per sample.
     """
     B, n, _ = x.shape
     dev = x.device
     xf = x.float()
     sq = _sq_dist(xf, xf)  # (B, n, n)
-    k = torch.floor(member.sum(-1, keepdim=True).double() * share).long()  # (B, 1)
+    k = member.sum(-1, keepdim=True).clamp(max=k_max)  # (B, 1)
     u = seeding_uniforms(k_max, seed).to(dev)  # (k_max,)
     order = member.long().cumsum(-1) - 1  # (B, n): rank among the members
     first_rank = torch.floor(member.sum(-1, keepdim=True).double() * u[0]).long()  # (B, 1)

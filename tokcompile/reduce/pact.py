@@ -13,11 +13,11 @@ The number of clusters depends on the image, so the image span holds the maximum
 marks the unused ones invalid (`clusters.py`): the result equals the official shorter sequence.
 
 The baselines of the same options file swap step 2 (with `use_DBDPC: false`; no retrieval): `use_dpc`
-(`dpc.py`), `use_agglomerative` (`agglomerative.py`) and `use_kmeans` (`kmeans.py`) form up to int(p·m)
-clusters of the m kept tokens, `use_dbscan` (`dbscan.py`) as many as DBSCAN finds; `use_tome` (`pact_tome.py`)
-merges before every layer. The recipe takes PACT's options under their own names (`pact_options.py`;
-`configs/pact.json` loads with `method: PACT`),
-unset options take that file's values, then the official `load_config` defaults. Differences from the official
+(`dpc.py`) and `use_agglomerative` (`agglomerative.py`) form up to int(p·m) clusters of the m kept tokens,
+`use_kmeans` (`kmeans.py`) int(p·n) of the n image tokens (at most m), `use_dbscan` (`dbscan.py`) as many as
+DBSCAN finds; `use_tome` (`pact_tome.py`) merges before every layer. The recipe takes PACT's options under their
+own names (`pact_options.py`; `configs/pact.json` loads with `method: PACT`), unset options take that file's
+values, then the official `load_config` defaults. Differences from the official
 code: every score and distance is fp32 whatever the model dtype; density-rank and tie orders go to the lower
 index (the official argsorts leave them open); every sample of a batch clusters its own tokens; with
 `get_mean_position_id` every member counts, retrieved ones too (the official code then indexes past its kept
@@ -82,10 +82,15 @@ class PACTConfig(PACTOptions):
             slots = self.n_keep(n)
         if (share := self._share()) is not None:
             name, p = share
-            if not 0 < p <= 1 or int(slots * p) < 1:
-                raise RecipeError(f"{key}.{name}", f"{p} makes {int(slots * p)} clusters of {slots} tokens; use a "
-                                                   "fraction in (0, 1]")
-            slots = int(slots * p)  # the most clusters: int(p·m) of at most `slots` kept tokens
+            k = int((n if self.use_kmeans else slots) * p)  # k-means: int(p·n) of the n image tokens, as official
+            if not 0 < p <= 1 or k < 1:
+                raise RecipeError(f"{key}.{name}", f"{p} makes {k} clusters of {slots} tokens; use a fraction in "
+                                                   "(0, 1]")
+            if k > slots:
+                raise RecipeError(f"{key}.{name}", f"{p} asks for {k} clusters of the {slots} tokens the pruning "
+                                                   "keeps (k-means needs at least k points); lower it or raise "
+                                                   "pruning_tokeep_percentage_value")
+            slots = k  # the most clusters: int(p·m) of at most `slots` kept tokens (k-means: int(p·n))
         output = Output.KEPT if self._exact_count() else Output.CLUSTER
         positions = Positions.RENUMBER if self.change_position_ids else Positions.KEEP
         sizes = self.clusters() and not self.no_proportional_attention
@@ -135,7 +140,7 @@ class PACTConfig(PACTOptions):
         if self.use_dbscan:
             return dbscan_labels(x, kept, self.eps_dbscan, self.noise_as_clusters_dbscan)
         if self.use_kmeans:
-            return kmeans_labels(x, kept, self.perc_tokeep_kmeans, slots, self.kmeans_seed, KMEANS_ITERATIONS)
+            return kmeans_labels(x, kept, slots, self.kmeans_seed, KMEANS_ITERATIONS)
         centres = find_centres(x, kept, self.cutoff, self.avoid_numerical_instability_DBDPC)
         cross = 1 - centres.unit @ centres.unit.transpose(1, 2)  # (B, n, n) unclamped, as for retrieved tokens
         dist = torch.where(kept[..., None], centres.dist, cross)  # (B, n, n)
