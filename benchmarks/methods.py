@@ -16,7 +16,10 @@ shapes with the compiler's own exporters and checked against eager before they a
 (benchmarks/common.py: kept / assign indices, cache masks, image sources and next positions equal, logits
 within 1e-3). The table prints, per configuration, the image tokens that reach the decoder, the mean image
 tokens per decoder layer, the time, the speedup over hf_full and the ideal speedup from the analytic FLOPs
-(exact convention: vision tower + decoder + lm_head, at the prompt's own text length).
+(exact convention: vision tower + decoder + lm_head, at the prompt's own text length). PACT and its baselines
+also get the official-style eager implementation (benchmarks/hooked_pact.py: the HF model with hooks and
+dynamic shapes, as the official code runs), checked against the compiler's eager run (the same clusters, the
+logit difference; k-means seeds differently there) and timed in the same run.
 
 Layer indices are given for the 16-layer medium model (PyramidDrop stages before layers 4, 8, 12; VTW at
 layer 8) and scaled to other depths (1, 2, 3 and 2 on the 4-layer tiny model). A method whose reducer is not
@@ -36,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,6 +54,13 @@ class Config:
     method: str | None  # the reducer's registry name (None: no reduction)
     label: Callable[[int], str]  # n_layers -> the table's name
     sparse: Callable[[int], dict | None]  # n_layers -> the recipe's `sparse` section
+    official_eager: Callable[[Any, Any], Any] | None = None  # (HF model, plan) -> hooks: the official-style eager
+
+
+def _hooked_pact(model: Any, plan: Any) -> Any:
+    from benchmarks.hooked_pact import HookedPACT
+
+    return HookedPACT(model, plan.image_token_id, plan.reducers[0])
 
 
 def _layer(k: int, n_layers: int) -> int:
@@ -112,16 +123,20 @@ PACT_OFFICIAL = {"layer_for_reduction": 4, "use_DBDPC": True, "cutoff": 0.21, "t
 BASELINE = {"use_DBDPC": False, "token_pruning": False}  # the official baseline files: no pruning first
 CONFIGS += (
     Config("pact", "pact", lambda n: f"PACT official, layer {_layer(4, n)}",
-           lambda n: _special("PACT", **{**PACT_OFFICIAL, "layer_for_reduction": _layer(4, n)})),
+           lambda n: _special("PACT", **{**PACT_OFFICIAL, "layer_for_reduction": _layer(4, n)}), _hooked_pact),
     Config("pact-dpc", "pact", lambda n: f"PACT's DPC baseline p=0.3, layer {_layer(4, n)}",
            lambda n: _special("PACT", **BASELINE, use_dpc=True, percentage_to_keep_dpc=0.3,
-                              layer_for_reduction=_layer(4, n))),
+                              layer_for_reduction=_layer(4, n)), _hooked_pact),
     Config("pact-dbscan", "pact", lambda n: f"PACT's DBSCAN baseline eps=0.6, layer {_layer(4, n)}",
            lambda n: _special("PACT", **BASELINE, use_dbscan=True, eps_dbscan=0.6, noise_as_clusters_dbscan=True,
-                              layer_for_reduction=_layer(4, n))),
+                              layer_for_reduction=_layer(4, n)), _hooked_pact),
+    Config("pact-agglomerative", "pact",
+           lambda n: f"PACT's agglomerative baseline (single) p=0.3, layer {_layer(4, n)}",
+           lambda n: _special("PACT", **BASELINE, use_agglomerative=True, percentage_to_keep_agglomerative=0.3,
+                              linkage="single", layer_for_reduction=_layer(4, n)), _hooked_pact),
     Config("pact-kmeans", "pact", lambda n: f"PACT's k-means baseline p=0.3, layer {_layer(4, n)}",
            lambda n: _special("PACT", **BASELINE, use_kmeans=True, perc_tokeep_kmeans=0.3,
-                              layer_for_reduction=_layer(4, n))),
+                              layer_for_reduction=_layer(4, n)), _hooked_pact),
     Config("pact-tome", "pact", lambda n: "PACT's ToMe baseline (every layer) p=0.3",
            lambda n: _special("PACT", **BASELINE, use_tome=True, perc_tokeep_tome_total=0.3,
                               tome_equivalant_layer_for_reduction=_layer(4, n))),
@@ -180,20 +195,39 @@ def _plan(size: str, sparse: dict | None, tmp: Path, name: str):
     return plan_recipe(f, out=tmp / "unused")
 
 
-def _mean_clusters(plan, model, batch) -> float | None:
-    """For a schedule whose last step clusters into slots: the clusters it forms on `batch`, eager (the mean over
-    its samples); else None."""
+def _static_eager(plan, model, batch):
+    """The compiler's eager run of `plan` on `batch`: (the last step's centre of every image token (B, n), or
+    None when the schedule does not end in a clustering; the next-token logits (B, V))."""
     import torch
 
     from tokcompile.models import ReducedVLM
     from tokcompile.reduce.schedule import Output
 
-    if not plan.schedule or plan.schedule[-1].output is not Output.CLUSTER:
-        return None
     vlm = ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id).eval()
     with torch.no_grad():
-        label = vlm.run(batch)[vlm.layout.step_outputs[-1]]  # (B, n) every image token's centre
-    return float((label == torch.arange(label.shape[1])).sum(-1).float().mean())
+        out = vlm.run(batch)
+    clustered = plan.schedule and plan.schedule[-1].output is Output.CLUSTER
+    return (out[vlm.layout.step_outputs[-1]] if clustered else None), out["logits"]
+
+
+def _official_eager(cfg: Config, plan, model, batch, ours: tuple, hf, repeats: int) -> dict:
+    """Times the official-style eager implementation (HF model plus hooks) and checks it against the compiler's
+    eager run of the same plan: the same clusters, and the logit difference."""
+    import torch
+
+    from benchmarks.common import median_time
+
+    hooks = cfg.official_eager(model, plan)
+    try:
+        logits = hf(batch)  # (1, V)
+        label = hooks.label
+        ms = 1e3 * median_time(hf, batch, repeats)
+    finally:
+        hooks.remove()
+    same = ours[0] is not None and torch.equal(ours[0][0], label)
+    diff = float((ours[1].reshape(logits.shape) - logits).abs().max())
+    return {"ms": ms, "same_clusters": same, "logit_diff": diff,
+            "clusters": int((label == torch.arange(len(label))).sum())}
 
 
 def bench(size: str, configs: list[Config], backends: list[str], repeats: int, tmp: Path) -> tuple[dict, list[dict]]:
@@ -238,14 +272,20 @@ def bench(size: str, configs: list[Config], backends: list[str], repeats: int, t
             print(f"[{cfg.name}] skipped at size {size}: {e}", flush=True)
             continue
         per_layer = plan.image_tokens_per_layer()
-        clusters = _mean_clusters(plan, model, batch)
-        if clusters is not None:
+        ours = _static_eager(plan, model, batch)
+        if ours[0] is not None:
+            clusters = float((ours[0] == torch.arange(ours[0].shape[1])).sum(-1).float().mean())
             label = f"{label} ({clusters:.0f} clusters in {plan.schedule[-1].n_out} slots)"
         row = {"name": cfg.name, "config": label, "sparse": cfg.sparse(g.n_layers),
                "image_tokens_to_decoder": decoder_image_tokens_in(g.n_image_tokens, plan.schedule, g.vision_tokens),
                "mean_image_tokens_per_layer": statistics.fmean(per_layer) if per_layer else float(g.n_image_tokens),
                "flops_ideal": 1 / flops.prefill_flops(g, plan.schedule, n_text)["total_exact"]["ratio"],
                "times_ms": {}, "speedup": {}}
+        if cfg.official_eager is not None:
+            row["official_eager"] = e = _official_eager(cfg, plan, model, batch, ours, hf, repeats)
+            print(f"[{cfg.name}] official-style eager: {e['ms']:.0f} ms, {e['clusters']} clusters, "
+                  f"{'the same' if e['same_clusters'] else 'other'} clusters than the compiler's eager, logits "
+                  f"within {e['logit_diff']:.1e}", flush=True)
         for backend in backends:
             t0 = time.perf_counter()
             try:
@@ -271,6 +311,9 @@ def table(head: dict, rows: list[dict], backends: list[str]) -> str:
     cols = ["config", "image tokens to decoder", "mean image tokens / layer"]
     for b in backends:
         cols += [f"{b} ms", f"{b} vs HF (x)", f"{b} vs {b} unreduced (x)"]
+    official = any("official_eager" in r for r in rows)
+    if official:
+        cols += ["official-style eager ms"] + [f"{b} vs official-style eager (x)" for b in backends]
     cols.append("FLOPs ideal (x)")
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     n = head["image_tokens"]
@@ -278,6 +321,7 @@ def table(head: dict, rows: list[dict], backends: list[str]) -> str:
     hf = ["hf_full (eager HF, no reduction)", str(n), f"{n:.1f}"]
     for _ in backends:
         hf += [f"{head['hf_full_ms']:.0f}", "1.00", ""]
+    hf += [""] * (1 + len(backends)) if official else []
     lines.append("| " + " | ".join([*hf, "1.00"]) + " |")
     for r in rows:
         cells = [r["config"], str(r["image_tokens_to_decoder"]), f"{r['mean_image_tokens_per_layer']:.1f}"]
@@ -287,6 +331,10 @@ def table(head: dict, rows: list[dict], backends: list[str]) -> str:
                 continue
             own = f"{base['times_ms'][b] / r['times_ms'][b]:.2f}" if base is not None and b in base["times_ms"] else ""
             cells += [f"{r['times_ms'][b]:.0f}", f"{r['speedup'][b]:.2f}", own]
+        if official:
+            e = r.get("official_eager")
+            cells.append(f"{e['ms']:.0f}" if e else "" if r["sparse"] is None else "not covered")
+            cells += [f"{e['ms'] / r['times_ms'][b]:.2f}" if e and b in r["times_ms"] else "" for b in backends]
         cells.append(f"{r['flops_ideal']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
