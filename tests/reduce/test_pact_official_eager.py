@@ -1,0 +1,61 @@
+"""benchmarks/hooked_pact.py, the official-style eager PACT the methods benchmark times: on the tiny LLaVA it forms
+the same clusters as the compiler's eager run and its logits agree, for PACT and every deterministic baseline (it
+runs HF's own attention with dynamic shapes, so this is also a second, independent check of the static form)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.methods import CONFIGS, QUESTION, _official_eager, _plan, _static_eager
+from tokcompile.models.tiny import build_model, build_processor
+from tokcompile.parity import process
+
+DETERMINISTIC = ("pact", "pact-dpc", "pact-agglomerative", "pact-dbscan")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plans")
+    base = _plan("tiny", None, tmp, "base")
+    g = base.geometry
+    batch = process(build_processor("llava", "tiny"), base.adapter, g,
+                    base.adapter.random_media(np.random.default_rng(0), 1, g), [QUESTION])
+    return tmp, build_model("llava", seed=0, size="tiny"), batch
+
+
+def _hf(model):
+    def run(feed):
+        with torch.no_grad():
+            return model(**feed).logits[:, -1]
+    return run
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_official_style_eager_equals_the_compilers_eager(tiny, name):
+    tmp, model, batch = tiny
+    cfg = next(c for c in CONFIGS if c.name == name)
+    plan = _plan("tiny", cfg.sparse(4), tmp, name)
+    r = _official_eager(cfg, plan, model, batch, _static_eager(plan, model, batch), _hf(model), repeats=1)
+    assert r["same_clusters"] and r["logit_diff"] < 1e-5, r
+    assert 1 < r["clusters"] < 64
+    assert not any(h for layer in model.model.language_model.layers for h in layer._forward_pre_hooks.values())
+
+
+def test_kmeans_seeds_differently_but_keeps_the_cluster_count(tiny):
+    """scikit-learn's KMeans stands in for faiss there: other clusters, the same k."""
+    tmp, model, batch = tiny
+    cfg = next(c for c in CONFIGS if c.name == "pact-kmeans")
+    plan = _plan("tiny", cfg.sparse(4), tmp, "pact-kmeans")
+    ours = _static_eager(plan, model, batch)
+    r = _official_eager(cfg, plan, model, batch, ours, _hf(model), repeats=1)
+    assert r["clusters"] == int((ours[0][0] == torch.arange(64)).sum()) == int(0.3 * 64)
+
+
+def test_uncovered_options_are_refused(tiny):
+    from benchmarks.hooked_pact import HookedPACT
+    from tokcompile.reduce.pact import PACTConfig
+
+    with pytest.raises(ValueError, match="use_tome"):
+        HookedPACT(tiny[1], 0, PACTConfig(use_DBDPC=False, token_pruning=False, use_tome=True))
