@@ -53,6 +53,10 @@ class HookedPACT:
         self._handles += [lm.layers[i].register_forward_pre_hook(self._follow, with_kwargs=True)
                           for i in range(L + 1, len(lm.layers))]
 
+    def result(self) -> tuple[str, Tensor]:
+        """("cluster", every image token's centre) of the last prefill."""
+        return "cluster", self.label
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()

@@ -63,6 +63,13 @@ def _hooked_pact(model: Any, plan: Any) -> Any:
     return HookedPACT(model, plan.image_token_id, plan.reducers[0])
 
 
+def _hooked_aim(model: Any, plan: Any) -> Any:
+    from benchmarks.hooked_aim import HookedAIM
+
+    cfg = plan.reducers[0]
+    return HookedAIM(model, plan.image_token_id, plan.schedule, cfg.tau_imp, cfg.iters)
+
+
 def _layer(k: int, n_layers: int) -> int:
     """A layer index written for the 16-layer model, at `n_layers` layers."""
     return max(1, round(k * n_layers / REFERENCE_LAYERS))
@@ -113,7 +120,7 @@ CONFIGS: tuple[Config, ...] = (
     # AIM: the official piecewise schedule (layers 14..21 of 28) at this depth
     Config("aim-piecewise", "aim", lambda n: f"AIM piecewise {_layer(8, n)}..{_layer(12, n)}",
            lambda n: _special("AIM", prune_scheduler="piecewise", prune_start_layer=_layer(8, n),
-                              prune_end_layer=_layer(12, n))),
+                              prune_end_layer=_layer(12, n)), _hooked_aim),
 )
 
 # PACT: the official configuration (configs/pact.json) before layer 4; clusters fill at most int(0.55·576) slots
@@ -195,24 +202,34 @@ def _plan(size: str, sparse: dict | None, tmp: Path, name: str):
     return plan_recipe(f, out=tmp / "unused")
 
 
-def _static_eager(plan, model, batch):
-    """The compiler's eager run of `plan` on `batch`: (the last step's centre of every image token (B, n), or
-    None when the schedule does not end in a clustering; the next-token logits (B, V))."""
+def _static_eager(plan, model, batch) -> tuple[dict, tuple[str, ...]]:
+    """The compiler's eager run of `plan` on `batch`: its outputs by name and the step outputs' names."""
     import torch
 
     from tokcompile.models import ReducedVLM
-    from tokcompile.reduce.schedule import Output
 
     vlm = ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id).eval()
     with torch.no_grad():
-        out = vlm.run(batch)
-    clustered = plan.schedule and plan.schedule[-1].output is Output.CLUSTER
-    return (out[vlm.layout.step_outputs[-1]] if clustered else None), out["logits"]
+        return vlm.run(batch), vlm.layout.step_outputs
+
+
+def _survivors(kind: str, out: dict, steps: tuple[str, ...], n_image: int) -> Any:
+    """Sample 0's result of the schedule: "cluster", every image token's centre (the last step's `cluster_j`);
+    "kept", the image tokens left after each `kept_j` step (indices into the `n_image` entering the first)."""
+    import torch
+
+    if kind == "cluster":
+        return out[steps[-1]][0]
+    idx, after = torch.arange(n_image), []
+    for name in steps:
+        idx = idx[out[name][0]]
+        after.append(idx)
+    return after
 
 
 def _official_eager(cfg: Config, plan, model, batch, ours: tuple, hf, repeats: int) -> dict:
     """Times the official-style eager implementation (HF model plus hooks) and checks it against the compiler's
-    eager run of the same plan: the same clusters, and the logit difference."""
+    eager run of the same plan: the same survivors (clusters or kept tokens), and the logit difference."""
     import torch
 
     from benchmarks.common import median_time
@@ -220,14 +237,18 @@ def _official_eager(cfg: Config, plan, model, batch, ours: tuple, hf, repeats: i
     hooks = cfg.official_eager(model, plan)
     try:
         logits = hf(batch)  # (1, V)
-        label = hooks.label
+        kind, theirs = hooks.result()
         ms = 1e3 * median_time(hf, batch, repeats)
     finally:
         hooks.remove()
-    same = ours[0] is not None and torch.equal(ours[0][0], label)
-    diff = float((ours[1].reshape(logits.shape) - logits).abs().max())
-    return {"ms": ms, "same_clusters": same, "logit_diff": diff,
-            "clusters": int((label == torch.arange(len(label))).sum())}
+    out, steps = ours
+    mine = _survivors(kind, out, steps, plan.schedule[0].n_in)
+    pairs = [(mine, theirs)] if kind == "cluster" else list(zip(mine, theirs, strict=True))
+    agree = sum(a.shape == b.shape and torch.equal(a, b) for a, b in pairs)
+    diff = float((out["logits"].reshape(logits.shape) - logits).abs().max())
+    count = int((theirs == torch.arange(len(theirs))).sum()) if kind == "cluster" else len(theirs[-1])
+    return {"ms": ms, "same": agree == len(pairs), "steps_agreeing": f"{agree}/{len(pairs)}",
+            "logit_diff": diff, "kind": kind, "count": count}
 
 
 def bench(size: str, configs: list[Config], backends: list[str], repeats: int, tmp: Path) -> tuple[dict, list[dict]]:
@@ -240,7 +261,7 @@ def bench(size: str, configs: list[Config], backends: list[str], repeats: int, t
     from tokcompile.models.tiny import build_model, build_processor
     from tokcompile.parity import process
     from tokcompile.reduce import REDUCERS
-    from tokcompile.reduce.schedule import decoder_image_tokens_in
+    from tokcompile.reduce.schedule import Output, decoder_image_tokens_in
 
     base_plan = _plan(size, None, tmp, "base")
     g = base_plan.geometry
@@ -273,8 +294,9 @@ def bench(size: str, configs: list[Config], backends: list[str], repeats: int, t
             continue
         per_layer = plan.image_tokens_per_layer()
         ours = _static_eager(plan, model, batch)
-        if ours[0] is not None:
-            clusters = float((ours[0] == torch.arange(ours[0].shape[1])).sum(-1).float().mean())
+        if plan.schedule and plan.schedule[-1].output is Output.CLUSTER:
+            centre = ours[0][ours[1][-1]]  # (B, n)
+            clusters = float((centre == torch.arange(centre.shape[1])).sum(-1).float().mean())
             label = f"{label} ({clusters:.0f} clusters in {plan.schedule[-1].n_out} slots)"
         row = {"name": cfg.name, "config": label, "sparse": cfg.sparse(g.n_layers),
                "image_tokens_to_decoder": decoder_image_tokens_in(g.n_image_tokens, plan.schedule, g.vision_tokens),
@@ -283,9 +305,10 @@ def bench(size: str, configs: list[Config], backends: list[str], repeats: int, t
                "times_ms": {}, "speedup": {}}
         if cfg.official_eager is not None:
             row["official_eager"] = e = _official_eager(cfg, plan, model, batch, ours, hf, repeats)
-            print(f"[{cfg.name}] official-style eager: {e['ms']:.0f} ms, {e['clusters']} clusters, "
-                  f"{'the same' if e['same_clusters'] else 'other'} clusters than the compiler's eager, logits "
-                  f"within {e['logit_diff']:.1e}", flush=True)
+            what = "clusters" if e["kind"] == "cluster" else "image tokens kept at the end"
+            print(f"[{cfg.name}] official-style eager: {e['ms']:.0f} ms, {e['count']} {what}; the compiler's "
+                  f"eager chose the same in {e['steps_agreeing']} steps, logits within {e['logit_diff']:.1e}",
+                  flush=True)
         for backend in backends:
             t0 = time.perf_counter()
             try:

@@ -1,6 +1,7 @@
-"""benchmarks/hooked_pact.py, the official-style eager PACT the methods benchmark times: on the tiny LLaVA it forms
-the same clusters as the compiler's eager run and its logits agree, for PACT and every deterministic baseline (it
-runs HF's own attention with dynamic shapes, so this is also a second, independent check of the static form)."""
+"""The official-style eager implementations the methods benchmark times (benchmarks/hooked_pact.py,
+hooked_aim.py: the HF model with hooks and dynamic shapes or masks), against the compiler's eager run on the tiny
+LLaVA. PACT and its deterministic baselines form the same clusters with logits within 1e-5 (HF's own attention
+runs there, so this is also a second, independent check of the static form)."""
 
 from __future__ import annotations
 
@@ -33,13 +34,13 @@ def _hf(model):
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
-def test_official_style_eager_equals_the_compilers_eager(tiny, name):
+def test_official_style_pact_equals_the_compilers_eager(tiny, name):
     tmp, model, batch = tiny
     cfg = next(c for c in CONFIGS if c.name == name)
     plan = _plan("tiny", cfg.sparse(4), tmp, name)
     r = _official_eager(cfg, plan, model, batch, _static_eager(plan, model, batch), _hf(model), repeats=1)
-    assert r["same_clusters"] and r["logit_diff"] < 1e-5, r
-    assert 1 < r["clusters"] < 64
+    assert r["same"] and r["logit_diff"] < 1e-5, r
+    assert r["kind"] == "cluster" and 1 < r["count"] < 64
     assert not any(h for layer in model.model.language_model.layers for h in layer._forward_pre_hooks.values())
 
 
@@ -50,7 +51,8 @@ def test_kmeans_seeds_differently_but_keeps_the_cluster_count(tiny):
     plan = _plan("tiny", cfg.sparse(4), tmp, "pact-kmeans")
     ours = _static_eager(plan, model, batch)
     r = _official_eager(cfg, plan, model, batch, ours, _hf(model), repeats=1)
-    assert r["clusters"] == int((ours[0][0] == torch.arange(64)).sum()) == int(0.3 * 64)
+    centre = ours[0][ours[1][-1]][0]
+    assert r["count"] == int((centre == torch.arange(64)).sum()) == int(0.3 * 64)
 
 
 def test_uncovered_options_are_refused(tiny):
@@ -59,3 +61,17 @@ def test_uncovered_options_are_refused(tiny):
 
     with pytest.raises(ValueError, match="use_tome"):
         HookedPACT(tiny[1], 0, PACTConfig(use_DBDPC=False, token_pruning=False, use_tome=True))
+
+
+def test_official_style_aim_masks_what_the_compiler_removes(tiny):
+    """AIM: the masking implementation keeps the same image tokens as the compiler's graph, which removes them
+    (the masked rows' share of the PageRank walk is the only difference, and it does not change the choice
+    here), with logits within 1e-5."""
+    tmp, model, batch = tiny
+    cfg = next(c for c in CONFIGS if c.name == "aim-piecewise")
+    plan = _plan("tiny", cfg.sparse(4), tmp, "aim")
+    before = model.model.language_model.config._attn_implementation
+    r = _official_eager(cfg, plan, model, batch, _static_eager(plan, model, batch), _hf(model), repeats=1)
+    assert r["kind"] == "kept" and r["count"] == plan.schedule[-1].n_out
+    assert r["same"] and r["logit_diff"] < 1e-5, r
+    assert model.model.language_model.config._attn_implementation == before  # restored by remove()
