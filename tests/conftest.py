@@ -74,17 +74,19 @@ def geometry(adapter, tiny_model):
 PADDED_QUESTIONS = ["What is shown here in this picture, in detail?", "Hi?"]
 
 
-def padded_family_case(family: str, questions: list[str] = PADDED_QUESTIONS) -> SimpleNamespace:
-    """A family's tiny model, adapter, geometry and a left-padded batch of two (the second prompt is shorter)."""
+def padded_family_case(family: str, questions: list[str] = PADDED_QUESTIONS,
+                       video_frames: int | None = None) -> SimpleNamespace:
+    """A family's tiny model, adapter, geometry and a left-padded batch of two (the second prompt is shorter);
+    with `video_frames`, one video of that many frames per prompt."""
     model = build_model(family, seed=0).eval()
     adapter = ADAPTERS.get(family)()
-    geom = adapter.geometry(model.config, None)
+    geom = adapter.geometry(model.config, None, video_frames)
     processor = build_processor(family)
     if family == "llava":
         batch = make_batch(processor, questions)
     else:
-        images = random_images(np.random.default_rng(0), len(questions), geom.image_size)
-        batch = process(processor, adapter, geom, images, questions)
+        media = adapter.random_media(np.random.default_rng(0), len(questions), geom)
+        batch = process(processor, adapter, geom, media, questions)
     assert not bool(batch["attention_mask"][1].all())  # the batch really is padded
     return SimpleNamespace(family=family, model=model, adapter=adapter, geom=geom, batch=batch,
                            image_id=adapter.image_token_id(model.config, geom))

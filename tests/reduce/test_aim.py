@@ -159,18 +159,56 @@ def test_stage1_merge_then_pruning_matches_the_official_merge(family):
         torch.testing.assert_close(out["logits"][b], logits, atol=1e-5, rtol=1e-5)
 
 
-def test_stage1_is_refused_where_the_span_is_not_one_grid():
+@pytest.mark.parametrize("merge_ratio", [None, 0.75])
+def test_video_merges_each_frame_then_prunes_like_the_reference(merge_ratio):
+    """LLaVA-OneVision video (4 frames): stage 1 merges within every frame, never across (the official code
+    merges the pooled frames as a batch), the newline after the frames passes unchanged; then stage 2 over the
+    whole span. Merge order and representatives, kept tokens and logits equal the reference's."""
+    frames = 4
+    f = padded_family_case("llava_onevision", video_frames=frames)
+    params = {"merge_ratio": merge_ratio, "prune_start_layer": 1, "prune_end_layer": 2}
+    vlm, schedule, cfg = _vlm(f, params)
+    N = f.geom.n_image_tokens
+    t0 = (N - 1) // frames  # the tiny tower's pooled frame; one newline after the frames
+    merges = 2 if merge_ratio else 0
+    want = [(N, N - frames * (t0 // 2)), (N - frames * (t0 // 2), N - frames * (t0 // 2 + t0 // 4))][:merges]
+    assert [(s.n_in, s.n_out) for s in schedule[:merges]] == want
+    names = list(vlm.layout.step_outputs)
+    with torch.no_grad():
+        out = vlm.run({n: f.batch[n] for n in f.adapter.input_names_for(f.geom)})
+    for b in range(2):
+        sample = f.adapter.sample_inputs(f.batch, b, f.geom)
+        logits, kept, rep = aim_reference(f.model, f.adapter, sample, image_token_id=f.image_id,
+                                          retain=_retain(f, cfg), walk_masked_rows=False, merge_iterations=merges,
+                                          frames=(sample["pixel_values_videos"].shape[1], 1))
+        assert out["image_source"][b].tolist() == rep.tolist()
+        if merges:  # no source crosses a frame: every merged token stands for a token of its own frame
+            n_out = schedule[merges - 1].n_out
+            per = (n_out - 1) // frames
+            assert [int(s) // t0 for s in rep[:-1]] == [i // per for i in range(n_out - 1)]
+        current, ours = None, []
+        for name in names[merges:]:
+            k = out[name][b].tolist()
+            current = k if current is None else [current[i] for i in k]
+            ours.append(current)
+        assert [k.tolist() for k in kept] == ours
+        torch.testing.assert_close(out["logits"][b], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_stage1_is_refused_where_the_span_holds_tiles():
     f = padded_family_case("llava_onevision")
-    with pytest.raises(RecipeError, match="merges one image's grid"):
+    with pytest.raises(RecipeError, match="one image's grid or one video frame"):
         AIMConfig(merge_ratio=0.5, prune_start_layer=1, prune_end_layer=2).plan(f.geom, "k", Entering.start(f.geom))
 
 
 def test_one_image_grid_is_what_stage_1_needs():
-    """The geometry says whether the image span is one image's grid: LLaVA-1.5 and the Qwen families, not the
-    tiled families or video (where stage 1 is refused)."""
+    """The geometry says whether the image span is one image's grid (LLaVA-1.5 and the Qwen families, not the
+    tiled families or video) and where a video's frames lie (OneVision: 4 frames, then one newline)."""
     from tests.reduce.test_contract import FAMILY_RECIPES
     from tokcompile.pipeline import plan_recipe
 
     grid = {case: plan_recipe(ROOT / path).geometry.one_image_grid for case, path in FAMILY_RECIPES.items()}
     assert grid == {"llava": True, "llava_next": False, "llava_onevision": False, "llava_onevision_video": False,
                     "qwen2_vl": True, "qwen2_5_vl": True}
+    frames = {case: plan_recipe(ROOT / path).geometry.frames for case, path in FAMILY_RECIPES.items()}
+    assert frames == {**{case: None for case in FAMILY_RECIPES}, "llava_onevision_video": (4, 1)}

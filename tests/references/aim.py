@@ -24,7 +24,9 @@ Where this reference differs from the official code, and why:
 * `walk_masked_rows=False` drops the masked tokens' rows from the PageRank walk (and from its uniform start),
   which is what removing them from the sequence does. The default (True) walks them as the official code does;
   the tests measure how far the two are apart.
-* Stage 1 on the image span of the first layer's input (the projected features as HF splices them in);
+* Stage 1 on the image span of the first layer's input (the projected features as HF splices them in), each
+  video frame on its own with N₀ its own count (the official code merges the pooled frames as a batch), the
+  tokens after the frames (OneVision's newline) unchanged;
   after it, 1-D RoPE positions run contiguously over the shorter prompt and M-RoPE tokens keep the ids of
   their destination (or of themselves), the project's P0 policy; the official code has no M-RoPE.
 * Ties in the ranking go to the lower index (stable descending sort); one unpadded sample, batch 1, fp32,
@@ -96,8 +98,8 @@ def official_merge(x: Tensor, r: int, index: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def aim_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *, image_token_id: int,
-                  retain: Sequence[float], walk_masked_rows: bool = True,
-                  merge_iterations: int = 0) -> tuple[Tensor, list[Tensor], Tensor]:
+                  retain: Sequence[float], walk_masked_rows: bool = True, merge_iterations: int = 0,
+                  frames: tuple[int, int] | None = None) -> tuple[Tensor, list[Tensor], Tensor]:
     """Next-token logits (V,), the image tokens (indices into the image span after stage 1, ascending) still
     unmasked after each layer whose count drops, and stage 1's representative of each merged token (indices into
     the original span). `retain[l]` is ρ_l, applied after layer l, of the image tokens after stage 1."""
@@ -108,10 +110,17 @@ def aim_reference(model: nn.Module, adapter: Any, sample: dict[str, Tensor], *, 
         h = model(**sample, output_hidden_states=True, use_cache=False).hidden_states[0]  # (1, T, D)
     positions = adapter.hf_position_ids(model, sample)
     rep = torch.arange(n)
-    if merge_iterations:
-        feats, n0 = h[0, start:start + n], n
-        for i in range(1, merge_iterations + 1):
-            feats, rep = official_merge(feats, n0 // 2 ** i, rep)
+    if merge_iterations:  # per frame (the official code merges a video's frames as a batch), then the rest
+        count, trailing = frames or (1, 0)
+        n0 = (n - trailing) // count
+        parts = []
+        for f in range(count):
+            feats, idx = h[0, start + f * n0:start + (f + 1) * n0], rep[f * n0:(f + 1) * n0]
+            for i in range(1, merge_iterations + 1):
+                feats, idx = official_merge(feats, n0 // 2 ** i, idx)
+            parts.append((feats, idx))
+        feats = torch.cat([p[0] for p in parts] + [h[0, start + count * n0:start + n]])
+        rep = torch.cat([p[1] for p in parts] + [rep[count * n0:]])
         keep = torch.cat([torch.arange(start), start + rep, torch.arange(start + n, h.shape[1])])
         h = torch.cat([h[:, :start], feats[None], h[:, start + n:]], dim=1)
         positions = (torch.arange(h.shape[1])[None] if positions.dim() == 2 else positions[..., keep])

@@ -30,6 +30,8 @@ class Geometry:
         vision_images: vision-tower passes per sample (anyres tiles or video frames), for FLOPs.
         layout: family-specific static layout of the image span (e.g. Qwen's (t, h, w) patch grid or
             LLaVA-NeXT's tile grid), recorded in the manifest.
+        frame_tokens: video whose span holds its `vision_images` frames one after another, `frame_tokens` each,
+            then any trailing tokens (LLaVA-OneVision's one newline); 0 otherwise.
     """
 
     family: str
@@ -51,12 +53,21 @@ class Geometry:
     media: str = "image"
     vision_images: int = 1
     layout: tuple[int, ...] = ()
+    frame_tokens: int = 0
 
     @property
     def one_image_grid(self) -> bool:
         """The image span is one image's patch grid in order (one vision pass over one image: no tiles, row-end
         tokens or frames), which methods that work within an image (merging neighbours) need."""
         return self.media == "image" and self.vision_images == 1
+
+    @property
+    def frames(self) -> tuple[int, int] | None:
+        """(frames, trailing tokens) where the image span is video frames laid one after another (each frame's
+        tokens together), for methods that work within a frame; None otherwise."""
+        if not self.frame_tokens:
+            return None
+        return self.vision_images, self.n_image_tokens - self.vision_images * self.frame_tokens
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -263,14 +263,14 @@ class LlavaOnevisionAdapter(LlavaAdapter):
                                  f"[{S}, {S}] or remove it")
             q = math.ceil(p / 2)
             size, media, n_image = (S, S), "video", video_frames * q * q + 1
-            vision_images, layout = int(video_frames), (int(video_frames), q, q)
+            vision_images, layout, frame_tokens = int(video_frames), (int(video_frames), q, q), q * q
         else:
             size = tuple(image_size) if image_size is not None else (S, S)
             lay = anyres_layout(config, size)
-            media, n_image, vision_images = "image", lay.n_tokens, lay.n_tiles
+            media, n_image, vision_images, frame_tokens = "image", lay.n_tokens, lay.n_tiles, 0
             layout = lay.grid
         return self._geometry(config, size, n_image, p * p, media=media, vision_images=vision_images,
-                              layout=tuple(int(v) for v in layout))
+                              layout=tuple(int(v) for v in layout), frame_tokens=frame_tokens)
 
     # --- prefill inputs -> features ----------------------------------------------------------------------
     def encode_images(self, model: nn.Module, inputs: dict[str, Tensor], geom: Geometry) -> Tensor:

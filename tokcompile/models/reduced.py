@@ -141,7 +141,8 @@ class VisionEncoder(nn.Module):
         tokens = self.adapter.encode_image_tokens(self.model, inputs, self.geometry, steps)  # (B, N, D)
         out = dict(steps.outputs)
         for name, step, red in self.projector_steps:
-            tokens, idx = red.apply(tokens, ImageContext(step.layer), step, (forced or {}).get(name))
+            ctx = ImageContext(step.layer, self.geometry.frames)
+            tokens, idx = red.apply(tokens, ctx, step, (forced or {}).get(name))
             out[name] = idx
         return {"image_embeds": tokens.hidden, "image_source": tokens.source.long(), **out}
 

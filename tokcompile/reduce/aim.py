@@ -2,13 +2,9 @@
 official code LaVi-Lab/AIM, `llava/model/token_merge.py` and `other_packages/transformers/.../qwen2/
 modeling_qwen2.py`).
 
-Stage 1, merging before the decoder (`ALGORITHMS.md` §6.1, with `merge_ratio`): on the projected image
-features, iteration i (1-based) is ToMe's bipartite matching with the features themselves as the metric (cosine):
-even tokens are sources, odd ones destinations, each source's best destination is its match, and the
-r_i = ⌊N₀/2^i⌋ (at most ⌊t/2⌋) best-matched sources merge into their destinations by an equal-weight mean
-(`scatter_reduce(mean, include_self)`). The output is the unmerged sources by match strength, then the
-destinations in order; when r_i = t/2, simply the destinations in order. `merge_ratio` is the fraction of image
-tokens merged away, 1 - 2^-k for k iterations (0.5, 0.75, 0.875, ...). No sizes are carried.
+Stage 1, merging before the decoder (`aim_merge.py`, with `merge_ratio`): iterative bipartite merging of the
+projected features within one image or within each video frame. `merge_ratio` is the fraction of image tokens
+merged away, 1 - 2^-k for k iterations (0.5, 0.75, 0.875, ...). No sizes are carried.
 
 Stage 2, progressive pruning inside the decoder (`ALGORITHMS.md` §6.2): after every decoder layer l, each
 token's importance is its PageRank in that layer's attention graph. Per head, M = softmax(logits / τ) over the
@@ -28,9 +24,9 @@ rows of masked tokens too (they are still queries there), and their mass enters 
 tokens have no rows here. Further deviations:
 - Scores are fp32; ties rank by (importance, index ascending) (`torch.sort` leaves them open).
 - Padding is neither a row nor a key of the walk, and every sample of a batch keeps its own tokens.
-- Stage 1 merges a single image's grid at the projector output (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL). The
-  families whose image span holds several tiles and row-end tokens (LLaVA-NeXT, OneVision), and video frames,
-  are refused for it: the official code merges per image or frame, and the span does not say where those are.
+- Stage 1 merges a single image's grid (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL) or each frame of a LLaVA-OneVision
+  video at the projector output. Images whose span holds several tiles and row-end tokens (LLaVA-NeXT,
+  OneVision images) are refused for it: the official code merges per image, before tiles are packed.
 - Stage 2 counts are of the image tokens after stage 1, as the official `keep_num` counts the sequence it sees.
 """
 
@@ -43,17 +39,18 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from tokcompile.errors import RecipeError
+from tokcompile.reduce.aim_merge import merge_iterations, merge_step, merge_steps
 from tokcompile.reduce.base import REDUCERS, Entering, is_number
-from tokcompile.reduce.ops import gather_tokens, rank_desc, topk_sorted
+from tokcompile.reduce.ops import topk_sorted
 from tokcompile.reduce.prune import keep_image_tokens
-from tokcompile.reduce.schedule import Output, Schedule, Site, Step
+from tokcompile.reduce.schedule import Schedule, Site, Step
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from tokcompile.models.geometry import Geometry
     from tokcompile.reduce.context import DecoderContext
-    from tokcompile.reduce.state import ImageTokens, TokenState
+    from tokcompile.reduce.state import TokenState
 
 SCHEDULERS = ("piecewise", "linear", "exponential", "step", "cosine")
 
@@ -81,38 +78,6 @@ def pagerank_importance(logits: Tensor, valid: Tensor, tau: float, iters: int) -
     for _ in range(iters):  # static trip count
         pi = pi @ walk  # (B, H, 1, T)
     return pi[:, :, 0].pow(2).mean(1).sqrt()  # (B, T)
-
-
-def merge_iterations(merge_ratio: float) -> int | None:
-    """k with merge_ratio = 1 - 2^-k (k >= 1), or None."""
-    for k in range(1, 16):
-        if abs(merge_ratio - (1 - 2.0 ** -k)) < 1e-9:
-            return k
-    return None
-
-
-def bipartite_mean_merge(x: Tensor, r: int, forced: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One stage-1 iteration: (B, t, D) tokens -> ((B, t - r, D) merged tokens, (B, t) the output slot of every
-    entering token). `forced` (B, t) replays an earlier assignment."""
-    B, t, D = x.shape
-    na = (t + 1) // 2  # sources: even positions; destinations: odd ones
-    if forced is None:
-        m = torch.nn.functional.normalize(x.float(), dim=-1)  # (B, t, D)
-        scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # (B, na, nb)
-        best = scores.amax(-1)  # (B, na)
-        nb = scores.shape[-1]
-        dst = torch.where(scores == best[..., None], torch.arange(nb, device=x.device), nb).amin(-1)  # (B, na)
-        rank = rank_desc(best)  # (B, na): match strength, ties to the lower index
-        slot_a = torch.where(rank < r, (na - r) + dst, rank - r)  # (B, na)
-        slot_b = (na - r) + torch.arange(t // 2, device=x.device)[None].expand(B, t // 2)  # (B, nb)
-        assign = torch.stack([slot_a[:, : t // 2], slot_b], -1).reshape(B, -1)  # (B, 2·nb) interleaved
-        if t % 2:
-            assign = torch.cat([assign, slot_a[:, -1:]], 1)  # (B, t)
-    else:
-        assign = forced
-    onehot = (assign[..., None] == torch.arange(t - r, device=x.device)).to(x.dtype)  # (B, t, t - r)
-    merged = (onehot.transpose(1, 2) @ x) / onehot.sum(1)[..., None].clamp(min=1)  # (B, t - r, D)
-    return merged, assign
 
 
 @REDUCERS.register("aim")
@@ -148,10 +113,6 @@ class AIMConfig:
             if not is_number(self.merge_ratio) or merge_iterations(self.merge_ratio) is None:
                 raise RecipeError(f"{key}.merge_ratio", f"{self.merge_ratio!r} is not 1 - 2^-k: use 0.5, 0.75, 0.875, "
                                                         "... (k halving iterations), or remove it to skip stage 1")
-            if not geom.one_image_grid:
-                raise RecipeError(f"{key}.merge_ratio", f"stage 1 merges one image's grid; {geom.family} "
-                                                        f"({geom.media}) puts several tiles, row ends or frames in "
-                                                        "its span: remove merge_ratio")
         if self.prune_scheduler not in SCHEDULERS:
             raise RecipeError(f"{key}.prune_scheduler", f"unknown scheduler {self.prune_scheduler!r}; use one of "
                                                         f"{', '.join(SCHEDULERS)}")
@@ -172,17 +133,9 @@ class AIMConfig:
 
     def plan(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
         self._check(geom, key)
-        n = entering.image_tokens
-        steps = []
-        iterations = merge_iterations(self.merge_ratio) if self.merge_ratio is not None else 0
-        for i in range(1, iterations + 1):
-            r = min(entering.image_tokens // 2 ** i, n // 2)
-            if r < 1:
-                raise RecipeError(f"{key}.merge_ratio", f"{self.merge_ratio} needs more halvings than "
-                                                        f"{entering.image_tokens} image tokens allow")
-            steps.append(Step("aim_merge", Site.PROJECTOR_OUT, 0, n, n - r, Output.ASSIGN))
-            n -= r
-        n0 = n
+        steps = merge_steps(geom, entering, self.merge_ratio, key) if self.merge_ratio is not None else []
+        iterations = len(steps)
+        n = n0 = steps[-1].n_out if steps else entering.image_tokens
         for layer in range(geom.n_layers - 1):  # after the last layer nothing is left to prune for
             rho = retain_ratio(self.prune_scheduler, layer, geom.n_layers, self.final_prune_ratio,
                                self.prune_start_layer, self.prune_end_layer)
@@ -196,10 +149,12 @@ class AIMConfig:
         return tuple(steps)
 
     def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
-        """Stage 1: the source-destination cosines (2·(t/2)²·D). Stage 2: layer l-1's queries again (2·T·D·H·d),
-        every head's logits (2·T²·H·d) and the PageRank steps (iters · 2·H·T²)."""
+        """Stage 1: the source-destination cosines of every frame or the image (2·(t/2)²·D each). Stage 2: layer
+        l-1's queries again (2·T·D·H·d), every head's logits (2·T²·H·d) and the PageRank steps (iters · 2·H·T²)."""
         if step.site is Site.PROJECTOR_OUT:
-            return 2 * (step.n_in // 2) * ((step.n_in + 1) // 2) * geom.hidden_size
+            count, trailing = geom.frames or (1, 0)
+            t = (step.n_in - trailing) // count
+            return count * 2 * (t // 2) * ((t + 1) // 2) * geom.hidden_size
         dq, T = geom.n_heads * geom.head_dim, n_tokens
         return 2 * T * geom.hidden_size * dq + 2 * T * T * dq + self.iters * 2 * geom.n_heads * T * T
 
@@ -207,7 +162,7 @@ class AIMConfig:
         self, state: TokenState, ctx: DecoderContext, step: Step, forced: Tensor | None = None
     ) -> tuple[TokenState, Tensor]:
         if step.site is Site.PROJECTOR_OUT:
-            return self._merge(state, step, forced)
+            return merge_step(state, step, ctx.frames, forced)
         if forced is not None:
             kept = forced  # eager references replay a selection made earlier
         elif step.n_out == 0:
@@ -218,15 +173,3 @@ class AIMConfig:
                                              self.iters)  # (B, T)
             kept = topk_sorted(importance.gather(1, ctx.image_span(step.n_in)), step.n_out)  # (B, k), ascending
         return keep_image_tokens(state, kept, step), kept
-
-    def _merge(self, state: ImageTokens, step: Step, forced: Tensor | None) -> tuple[ImageTokens, Tensor]:
-        from dataclasses import replace
-
-        merged, assign = bipartite_mean_merge(state.hidden, step.n_in - step.n_out, forced)  # (B, n', D), (B, n)
-        # each slot's source: its destination's (the one odd member), else the unmerged source's
-        n = step.n_in
-        idx = torch.arange(n, device=assign.device)  # (n,)
-        member = assign[..., None] == torch.arange(step.n_out, device=assign.device)  # (B, n, n')
-        key = torch.where(member, (idx + n * (idx % 2))[None, :, None], -1)  # (B, n, n'): odd members first
-        representative = key.amax(1) % n  # (B, n')
-        return replace(state, hidden=merged, source=gather_tokens(state.source, representative)), assign

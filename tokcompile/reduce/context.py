@@ -73,9 +73,17 @@ class VisionContext:
 
 @dataclass(frozen=True)
 class ImageContext:
-    """Projector-output site: the projected features are the state itself; nothing else is offered yet."""
+    """Projector-output site: the projected features are the state itself.
+
+    Args:
+        layer: always 0.
+        frames: (frames, trailing tokens) where the span is video frames laid one after another, each frame's
+            tokens together and the same count per frame, then `trailing` tokens (LLaVA-OneVision's newline);
+            None for images. Methods that work within a frame split the span with it.
+    """
 
     layer: int = 0
+    frames: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
