@@ -54,6 +54,19 @@ def save_program(program: Any, path: Path) -> None:
         torch.export.save(bare, str(path))
 
 
+def _without_shape_check(module: Any) -> Any:
+    """`module` without the input-shape check `torch.export` puts before it. A saved and loaded program can pin a
+    dynamic dimension to its example size: torch.export.load does so for a batch dimension that only reaches an
+    expand (the decode graph's M-RoPE position ids on Qwen), and the check then refuses batch 1. The graph
+    itself is shape-generic; the runtime feeds only shapes inside the exported ranges (its batch chunks and
+    prompt limit), and parity checks every graph's outputs at batch 1 and 2."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+    return module
+
+
 def load_module(root: Path, file: str, weights: str, shared: dict | None, graph: str) -> Any:
     """The saved program `file` as a module bound to the export's weights `weights` (read once per `shared`)."""
     import torch
@@ -62,7 +75,7 @@ def load_module(root: Path, file: str, weights: str, shared: dict | None, graph:
     tensors = shared_tensors(root, shared, weights)
     names = [*program.state_dict, *(k for k, t in program.constants.items() if isinstance(t, torch.Tensor))]
     bound = pick(tensors, names, root / weights, graph)
-    return _swap(program, lambda name, _: bound[name]).module()
+    return _without_shape_check(_swap(program, lambda name, _: bound[name]).module())
 
 
 def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
@@ -70,7 +83,7 @@ def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
         import torch
 
         if len(files) == 1:  # an export written before the weights were shared: they are inside the program
-            module = torch.export.load(str(root / files[0])).module()
+            module = _without_shape_check(torch.export.load(str(root / files[0])).module())
         else:
             module = load_module(root, files[0], files[1], shared, graph)
 
