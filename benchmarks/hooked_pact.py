@@ -14,7 +14,9 @@ At prefill (more than one query token), a pre-hook on layer `layer_for_reduction
 - merges every cluster into its centre (index_add means), cuts the sequence to the text and the centres and
   passes the later layers a float mask: causal plus log cluster size on every key (proportional attention).
 The layers after it get the same cut inputs through their own pre-hooks. Batch 1, as the official code.
-Not covered (ValueError): the in-decoder ToMe baseline, the IQR rule, the attention and norm-only pruning
+The in-decoder ToMe baseline (`use_tome`) hooks every layer instead: that layer's vectors, the official r_l,
+the bipartite match of even image tokens to odd ones with the top r_l edges merged (size-weighted means), the cut,
+and log sizes on the keys from then on. Not covered (ValueError): the IQR rule, the attention and norm-only pruning
 variants, position-id options, `progessive_reduction`, pruned text tokens (`do_not_consider_non_image_tokens_as_
 pruned: false`).
 """
@@ -22,6 +24,7 @@ pruned: false`).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,7 +33,7 @@ from torch import Tensor
 from benchmarks.eager_clusterings import agglomerative, dbdpc, dbscan, dpc, kmeans
 from tokcompile.reduce.pact_options import PACTOptions
 
-UNCOVERED = ("use_tome", "use_IQR_in_token_pruning", "use_attention_in_token_pruning", "prune_with_norm",
+UNCOVERED = ("use_IQR_in_token_pruning", "use_attention_in_token_pruning", "prune_with_norm",
              "get_mean_position_id", "change_position_ids", "progessive_reduction", "withdraw_visual_tokens")
 
 
@@ -47,15 +50,21 @@ class HookedPACT:
         self.label: Tensor | None = None
         self._span = (0, 0)
         self._cut: dict[str, Any] = {}
+        self._handles = [lm.embed_tokens.register_forward_pre_hook(self._find_span)]
+        if options.use_tome:
+            self.slots: list[Tensor] = []  # per merging layer: the slot of every entering image token
+            self._handles += [layer.register_forward_pre_hook(partial(self._tome, i, len(lm.layers)),
+                                                              with_kwargs=True) for i, layer in enumerate(lm.layers)]
+            return
         L = options.layer_for_reduction
-        self._handles = [lm.embed_tokens.register_forward_pre_hook(self._find_span),
-                         lm.layers[L].register_forward_pre_hook(self._reduce, with_kwargs=True)]
+        self._handles.append(lm.layers[L].register_forward_pre_hook(self._reduce, with_kwargs=True))
         self._handles += [lm.layers[i].register_forward_pre_hook(self._follow, with_kwargs=True)
                           for i in range(L + 1, len(lm.layers))]
 
-    def result(self) -> tuple[str, Tensor]:
-        """("cluster", every image token's centre) of the last prefill."""
-        return "cluster", self.label
+    def result(self) -> tuple[str, Tensor | list[Tensor]]:
+        """("cluster", every image token's centre), or for ToMe ("assign", each merge's slots), of the last
+        prefill."""
+        return ("assign", self.slots) if self.o.use_tome else ("cluster", self.label)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -171,3 +180,55 @@ class HookedPACT:
         if kwargs.get("cache_position") is not None:
             self._cut["cache_position"] = kwargs["cache_position"][:t]
         return (h[:, rows], *args[1:]), {**kwargs, **self._cut}
+
+    @torch.no_grad()
+    def _tome(self, idx: int, n_layers: int, layer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The official `use_tome` block before layer `idx`: merge, cut, proportional attention."""
+        h = args[0]  # (1, T, D)
+        if h.shape[1] == 1:
+            return None
+        o = self.o
+        if idx == 0:  # the prompt as the model gives it
+            start, n = self._span
+            self._image = torch.arange(start, start + n)  # sequence index of every image token
+            self._sizes = torch.ones(h.shape[1])  # (T,)
+            self.slots = []
+            keep = 1 - (1 - o.perc_tokeep_tome_total) * ((n_layers - o.tome_equivalant_layer_for_reduction) / n_layers)
+            self._r0 = 6 * n_layers * (1 - keep) / ((n_layers + 1) * (2 * n_layers + 1)) * torch.tensor(n)
+            cos, sin = kwargs["position_embeddings"]
+            pos = kwargs["position_ids"] if kwargs.get("position_ids") is not None else torch.arange(h.shape[1])[None]
+        else:
+            (cos, sin), pos = self._cut["position_embeddings"], self._cut["position_ids"]
+        m = len(self._image)
+        r = max(min(int(self._r0 * ((n_layers - idx) / n_layers)) + 1, m // 2 - 2), 0)
+        if r > 0:
+            x = self._vectors(layer, h, cos, sin)[o.vector_to_use_in_distance_clustering][self._image].float()
+            x = x / x.norm(dim=-1, keepdim=True)  # (m, F)
+            a, b = torch.arange(0, m, 2), torch.arange(1, m, 2)
+            sim = x[a] @ x[b].t()  # (m_a, m_b)
+            best, values = sim.argmax(-1), sim.max(-1).values
+            top = torch.topk(values, r).indices
+            label = torch.arange(m)
+            label[a[top]] = b[best[top]]
+            survivors, slot = torch.unique(label, sorted=True, return_inverse=True)  # (m - r,), (m,)
+            self.slots.append(slot)
+            w = self._sizes[self._image]  # (m,)
+            total = torch.zeros(len(survivors)).index_add_(0, slot, w)  # (m - r,)
+            merged = torch.zeros(len(survivors), h.shape[-1], dtype=h.dtype).index_add_(
+                0, slot, h[0, self._image] * w[:, None].to(h.dtype))
+            h = h.clone()
+            h[0, self._image[survivors]] = merged / total[:, None].to(h.dtype)
+            self._sizes[self._image[survivors]] = total
+            alive = torch.ones(h.shape[1], dtype=torch.bool)
+            alive[self._image] = False
+            alive[self._image[survivors]] = True
+            rows = torch.nonzero(alive).flatten()  # (T',)
+            new_index = torch.cumsum(alive.long(), 0) - 1  # old sequence index -> new
+            self._image = new_index[self._image[survivors]]
+            h, self._sizes, cos, sin, pos = h[:, rows], self._sizes[rows], cos[:, rows], sin[:, rows], pos[..., rows]
+        t = h.shape[1]
+        mask = torch.full((t, t), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1) + torch.log(self._sizes).to(h.dtype)
+        self._cut = {"position_ids": pos, "position_embeddings": (cos, sin), "attention_mask": mask[None, None]}
+        if kwargs.get("cache_position") is not None:
+            self._cut["cache_position"] = kwargs["cache_position"][:t]
+        return (h, *args[1:]), {**kwargs, **self._cut}

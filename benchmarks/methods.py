@@ -146,7 +146,7 @@ CONFIGS += (
                               layer_for_reduction=_layer(4, n)), _hooked_pact),
     Config("pact-tome", "pact", lambda n: "PACT's ToMe baseline (every layer) p=0.3",
            lambda n: _special("PACT", **BASELINE, use_tome=True, perc_tokeep_tome_total=0.3,
-                              tome_equivalant_layer_for_reduction=_layer(4, n))),
+                              tome_equivalant_layer_for_reduction=_layer(4, n)), _hooked_pact),
 )
 
 BUDGETS = (64, 128, 192)  # image tokens kept of LLaVA-1.5's 576, as the method papers report them
@@ -220,6 +220,8 @@ def _survivors(kind: str, out: dict, steps: tuple[str, ...], n_image: int) -> An
 
     if kind == "cluster":
         return out[steps[-1]][0]
+    if kind == "assign":  # merges: every step's slot of each entering token
+        return [out[name][0] for name in steps]
     idx, after = torch.arange(n_image), []
     for name in steps:
         idx = idx[out[name][0]]
@@ -243,10 +245,11 @@ def _official_eager(cfg: Config, plan, model, batch, ours: tuple, hf, repeats: i
         hooks.remove()
     out, steps = ours
     mine = _survivors(kind, out, steps, plan.schedule[0].n_in)
-    pairs = [(mine, theirs)] if kind == "cluster" else list(zip(mine, theirs, strict=True))
+    pairs = [(mine, theirs)] if kind == "cluster" else list(zip(mine, theirs, strict=True))  # strict: same steps
     agree = sum(a.shape == b.shape and torch.equal(a, b) for a, b in pairs)
     diff = float((out["logits"].reshape(logits.shape) - logits).abs().max())
-    count = int((theirs == torch.arange(len(theirs))).sum()) if kind == "cluster" else len(theirs[-1])
+    count = {"cluster": lambda: int((theirs == torch.arange(len(theirs))).sum()),
+             "kept": lambda: len(theirs[-1]), "assign": lambda: int(theirs[-1].max()) + 1}[kind]()
     return {"ms": ms, "same": agree == len(pairs), "steps_agreeing": f"{agree}/{len(pairs)}",
             "logit_diff": diff, "kind": kind, "count": count}
 
@@ -305,7 +308,8 @@ def bench(size: str, configs: list[Config], backends: list[str], repeats: int, t
                "times_ms": {}, "speedup": {}}
         if cfg.official_eager is not None:
             row["official_eager"] = e = _official_eager(cfg, plan, model, batch, ours, hf, repeats)
-            what = "clusters" if e["kind"] == "cluster" else "image tokens kept at the end"
+            what = {"cluster": "clusters", "kept": "image tokens kept at the end",
+                    "assign": "image tokens after the last merge"}[e["kind"]]
             print(f"[{cfg.name}] official-style eager: {e['ms']:.0f} ms, {e['count']} {what}; the compiler's "
                   f"eager chose the same in {e['steps_agreeing']} steps, logits within {e['logit_diff']:.1e}",
                   flush=True)

@@ -41,6 +41,16 @@ def test_official_style_pact_equals_the_compilers_eager(tiny, name):
     r = _official_eager(cfg, plan, model, batch, _static_eager(plan, model, batch), _hf(model), repeats=1)
     assert r["same"] and r["logit_diff"] < 1e-5, r
     assert r["kind"] == "cluster" and 1 < r["count"] < 64
+
+
+def test_official_style_tome_baseline_merges_as_the_compiler(tiny):
+    """PACT's in-decoder ToMe baseline: a merge before every layer, the same slots at every step."""
+    tmp, model, batch = tiny
+    cfg = next(c for c in CONFIGS if c.name == "pact-tome")
+    plan = _plan("tiny", cfg.sparse(4), tmp, "pact-tome")
+    r = _official_eager(cfg, plan, model, batch, _static_eager(plan, model, batch), _hf(model), repeats=1)
+    assert r["kind"] == "assign" and r["steps_agreeing"] == f"{len(plan.schedule)}/{len(plan.schedule)}", r
+    assert r["same"] and r["logit_diff"] < 1e-5 and r["count"] == plan.schedule[-1].n_out, r
     assert not any(h for layer in model.model.language_model.layers for h in layer._forward_pre_hooks.values())
 
 
@@ -59,8 +69,8 @@ def test_uncovered_options_are_refused(tiny):
     from benchmarks.hooked_pact import HookedPACT
     from tokcompile.reduce.pact import PACTConfig
 
-    with pytest.raises(ValueError, match="use_tome"):
-        HookedPACT(tiny[1], 0, PACTConfig(use_DBDPC=False, token_pruning=False, use_tome=True))
+    with pytest.raises(ValueError, match="use_IQR_in_token_pruning"):
+        HookedPACT(tiny[1], 0, PACTConfig(use_IQR_in_token_pruning=True, pruning_filter_wth_percentage=False))
 
 
 def test_official_style_aim_masks_what_the_compiler_removes(tiny):
