@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tokcompile import outdir, publish
-from tokcompile.errors import RecipeError
+from tokcompile.errors import ExportError, RecipeError
 from tokcompile.plan import Plan, check_remote_code, remote_code_warning, resolve
 from tokcompile.recipe import load_recipe
 
@@ -197,9 +197,13 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     programs = {}
     with torch.no_grad():
         for spec in specs:
-            programs[spec.name] = torch.export.export(
-                spec.module, spec.example, dynamic_shapes=spec.dynamic_shapes, strict=False
-            )
+            try:
+                programs[spec.name] = torch.export.export(
+                    spec.module, spec.example, dynamic_shapes=spec.dynamic_shapes, strict=False
+                )
+            except Exception as e:  # tracing raises many types: one line (the traceback with TOKCOMPILE_DEBUG=1)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ExportError(f"tracing the {spec.name} graph (torch.export) failed: {first}") from e
     done()
 
     def as_case(io: Any, batch: dict, out: dict) -> tuple[dict, tuple]:

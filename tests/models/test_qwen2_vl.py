@@ -210,7 +210,7 @@ def test_static_fastv_matches_reference(qwen, pruning_loc, rate):
 def test_vision_features_equal_hf(qwen):
     b = qwen.batch
     with torch.no_grad():
-        ours = qwen.adapter.vision_features(qwen.model, b["pixel_values"], 2, qwen.geom)  # (2, N, D)
+        ours = qwen.adapter.vision_features(qwen.model, b["pixel_values"], 2, qwen.geom)[0]  # (2, N, D)
         hf = qwen.model.model.get_image_features(b["pixel_values"], b["image_grid_thw"]).pooler_output
     assert len(hf) == 2 and not torch.allclose(hf[0], hf[1])
     for i in range(2):

@@ -49,6 +49,10 @@ class VLMAdapter:
     sites: ClassVar[frozenset[Site]] = frozenset({Site.PROJECTOR_OUT, Site.DECODER_LAYER, Site.DECODER_MID})
     # Why this family refuses a site, for the `--plan` error.
     site_refusals: ClassVar[dict[Site, str]] = {}
+    # Its projector merges groups of tower tokens (Qwen's 2x2 merger) and `encode_image_tokens` hands the tower's
+    # last block to the first projector-output step (`ImageContext.tower`), for methods that score image tokens
+    # by the tower's attention where the tower's own sites are refused.
+    tower_at_projector: ClassVar[bool] = False
     rope: ClassVar[str] = "1d"
     # Module-name patterns that quantization skips by default (see quant.base.select_linears).
     quant_ignore: ClassVar[tuple[str, ...]] = ()

@@ -21,7 +21,7 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,7 +31,12 @@ from tokcompile.errors import RecipeError
 from tokcompile.models.base import Inputs, VLMAdapter
 from tokcompile.models.geometry import Geometry
 from tokcompile.models.registry import ADAPTERS
+from tokcompile.reduce.context import VisionContext
 from tokcompile.reduce.schedule import Site
+from tokcompile.reduce.state import ImageTokens
+
+if TYPE_CHECKING:
+    from tokcompile.models.reduced import VisionSteps
 
 # The image processors of the released Qwen2-VL / Qwen2.5-VL checkpoints keep an image unresized only when its
 # area lies in [min_pixels, max_pixels] (preprocessor_config.json of the Instruct checkpoints).
@@ -182,8 +187,10 @@ def _vision_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor
     return rot(q), rot(k)
 
 
-def vision_attention(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-    """One vision block's attention over each image's own patches, from the block's qkv and proj modules.
+def vision_attention(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor,
+                     mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """One vision block's attention over each image's own patches, from the block's qkv and proj modules:
+    (output (B, S, Dv), its queries and keys (B, Hv, S, dv) after RoPE).
 
     Args:
         attn: the block's HF attention module (qkv, proj, num_heads, scaling).
@@ -197,7 +204,7 @@ def vision_attention(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, mask:
     q, k = _vision_rope(q, k, cos, sin)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, Hv, S, dv)
     out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # (B, Hv, S, dv)
-    return attn.proj(out.transpose(1, 2).reshape(B, S, -1))  # (B, S, Dv)
+    return attn.proj(out.transpose(1, 2).reshape(B, S, -1)), q, k  # (B, S, Dv)
 
 
 @ADAPTERS.register("qwen2_vl")
@@ -211,6 +218,7 @@ class Qwen2VLAdapter(VLMAdapter):
         Site.VISION_OUT: "Qwen's 2x2 patch merger needs the full patch grid of the tower's output",
     }
     rope: ClassVar[str] = "mrope"
+    tower_at_projector: ClassVar[bool] = True
     quant_include: ClassVar[tuple[str, ...]] = ("model.language_model",)
     quant_ignore: ClassVar[tuple[str, ...]] = ("lm_head", "visual", "merger")
     parity_tolerance: ClassVar[tuple[float, float]] = (1e-4, 1e-3)
@@ -312,10 +320,21 @@ class Qwen2VLAdapter(VLMAdapter):
 
     def encode_images(self, model: nn.Module, inputs: Inputs, geom: Geometry) -> Tensor:
         B = inputs["pixel_values"].shape[0] // geom.vision_tokens  # (B·S, C·tps·p·p): S patches per image
-        return self.vision_features(model, inputs["pixel_values"], B, geom)
+        return self.vision_features(model, inputs["pixel_values"], B, geom)[0]
 
-    def vision_features(self, model: nn.Module, pixel_values: Tensor, batch: int, geom: Geometry) -> Tensor:
-        """pixel_values (B·S, C·tps·p·p) -> merged image features (B, N, D), in the processor's token order."""
+    def encode_image_tokens(self, model: nn.Module, inputs: Inputs, geom: Geometry,
+                            steps: VisionSteps | None = None) -> ImageTokens:
+        """The merged image features with the tower's last block for the first projector step."""
+        B = inputs["pixel_values"].shape[0] // geom.vision_tokens
+        feats, tower, groups = self.vision_features(model, inputs["pixel_values"], B, geom)  # (B, N, D)
+        source = torch.arange(feats.shape[1], device=feats.device)[None].expand(B, -1)  # (B, N)
+        return ImageTokens(feats, source, tower=(tower, groups))
+
+    def vision_features(self, model: nn.Module, pixel_values: Tensor, batch: int,
+                        geom: Geometry) -> tuple[Tensor, VisionContext, Tensor]:
+        """pixel_values (B·S, C·tps·p·p) -> (merged image features (B, N, D) in the processor's token order, the
+        last block's attention as it ran over the S tower tokens (window order on Qwen2.5-VL), (S,) the image
+        token each tower token became)."""
         visual = model.model.visual
         cfg = model.config.vision_config
         m = int(cfg.spatial_merge_size)
@@ -335,14 +354,19 @@ class Qwen2VLAdapter(VLMAdapter):
         cos, sin = visual.rotary_pos_emb(x, pos)  # (S, dv) each, HF's own rotary module
         full = set(getattr(cfg, "fullatt_block_indexes", None) or ())
         for i, blk in enumerate(visual.blocks):
-            x = x + vision_attention(blk.attn, blk.norm1(x), cos, sin, None if i in full else mask)
+            block_mask = None if i in full else mask
+            out, q, k = vision_attention(blk.attn, blk.norm1(x), cos, sin, block_mask)
+            x = x + out
             x = x + blk.mlp(blk.norm2(x))  # (B, S, Dv)
         merger = visual.merger
         feats = merger.mlp(merger.ln_q(x).reshape(batch, N, -1))  # (B, N, D)
+        groups = torch.arange(S) // (m * m)  # (S,) the merged token of every tower token, in the tower's order
         if windows is not None:
             reverse = torch.from_numpy(np.argsort(windows[0]).copy())  # (N,) back to the processor's order
             feats = feats[:, reverse]
-        return feats
+            groups = torch.from_numpy(windows[0].copy())[groups]  # (S,) that token's index in the processor order
+        last = VisionContext(len(visual.blocks) - 1, q, k, key_mask=block_mask)
+        return feats, last, groups
 
     # --- M-RoPE ----------------------------------------------------------------------------------------
     def initial_positions(self, inputs: Inputs, image_start: Tensor, geom: Geometry) -> Tensor:

@@ -141,7 +141,8 @@ class VisionEncoder(nn.Module):
         tokens = self.adapter.encode_image_tokens(self.model, inputs, self.geometry, steps)  # (B, N, D)
         out = dict(steps.outputs)
         for name, step, red in self.projector_steps:
-            ctx = ImageContext(step.layer, self.geometry.frames)
+            tower = tokens.tower if step is self.schedule[0] else None  # only the first step sees the tower
+            ctx = ImageContext(step.layer, self.geometry.frames, *(tower or (None, None)))
             tokens, idx = red.apply(tokens, ctx, step, (forced or {}).get(name))
             out[name] = idx
         return {"image_embeds": tokens.hidden, "image_source": tokens.source.long(), **out}

@@ -29,16 +29,26 @@ class Entering:
         image_tokens: image tokens that would reach the decoder.
         vision_tokens: tokens inside the vision tower (CLS included).
         after: (site, layer) of the last step planned before, or None; a reducer's steps must come later.
+        family_sites: the sites the model family offers, for a method that can run at either of two.
+        tower_at_projector: the family hands its tower's last block to the first projector-output step
+            (`ImageContext.tower`).
     """
 
     image_tokens: int
     vision_tokens: int
     after: tuple[Site, int] | None = None
+    family_sites: frozenset[Site] = frozenset(Site)
+    tower_at_projector: bool = False
 
     @classmethod
     def start(cls, geom: Geometry) -> Entering:
         """Nothing reduced yet: the model's own counts."""
         return cls(geom.n_image_tokens, geom.vision_tokens)
+
+    @classmethod
+    def start_for(cls, geom: Geometry, adapter: Any) -> Entering:
+        """Nothing reduced yet, with what the model family offers."""
+        return cls(geom.n_image_tokens, geom.vision_tokens, None, adapter.sites, adapter.tower_at_projector)
 
 
 class Reducer(Protocol):

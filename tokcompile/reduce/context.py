@@ -49,6 +49,8 @@ class VisionContext:
         patch_grid: (rows, cols) of the tower's original patch grid, for methods that work in image space: a
             token whose source is s (>= the state's `n_protected`) came from patch s - n_protected, at row
             (s - n_protected) // cols. None where the family does not give it.
+        key_mask: (t, t) bool, True where the block let a query attend a key (Qwen2.5-VL's window blocks), or
+            None: every key.
     """
 
     layer: int
@@ -56,6 +58,7 @@ class VisionContext:
     keys: Tensor
     key_bias: Tensor | None = None
     patch_grid: tuple[int, int] | None = None
+    key_mask: Tensor | None = None
 
     def mean_keys(self) -> Tensor:
         """Keys averaged over heads: (B, t, dv)."""
@@ -68,6 +71,9 @@ class VisionContext:
         logits = q @ self.keys.float().transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, Hv, r, t)
         if self.key_bias is not None:
             logits = logits + self.key_bias.float()[:, None, None, :]
+        if self.key_mask is not None:
+            allowed = self.key_mask if rows is None else self.key_mask[rows]  # (r, t)
+            logits = logits.masked_fill(~allowed, float("-inf"))
         return logits.softmax(-1)
 
 
@@ -80,10 +86,16 @@ class ImageContext:
         frames: (frames, trailing tokens) where the span is video frames laid one after another, each frame's
             tokens together and the same count per frame, then `trailing` tokens (LLaVA-OneVision's newline);
             None for images. Methods that work within a frame split the span with it.
+        tower: at the first step of the vision graph, for families whose projector merges groups of tower
+            tokens (`VLMAdapter.tower_at_projector`: Qwen), the tower's last block as it ran (queries and keys
+            (B, Hv, S, dv) over its S tokens in the tower's own order, its mask); None otherwise.
+        tower_groups: (S,) int64 with `tower`: the image token (index in the span) each tower token became.
     """
 
     layer: int = 0
     frames: tuple[int, int] | None = None
+    tower: VisionContext | None = None
+    tower_groups: Tensor | None = None
 
 
 @dataclass(frozen=True)

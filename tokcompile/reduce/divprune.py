@@ -28,6 +28,7 @@ import torch
 
 from tokcompile.errors import RecipeError
 from tokcompile.reduce.base import REDUCERS, Entering
+from tokcompile.reduce.ops import first_argmax
 from tokcompile.reduce.prune import keep_tokens
 from tokcompile.reduce.schedule import Output, Schedule, Site, Step
 
@@ -49,14 +50,6 @@ def cosine_distance(features: Tensor) -> Tensor:
     x = features.float()  # (B, N, D)
     xn = x / x.norm(dim=-1, keepdim=True)  # (B, N, D)
     return 1.0 - xn @ xn.transpose(1, 2)  # (B, N, N)
-
-
-def first_argmax(scores: Tensor) -> Tensor:
-    """(B, N) -> (B,) index of each row's largest score; ties go to the lowest index."""
-    N = scores.shape[-1]
-    idx = torch.arange(N, device=scores.device)[None, :].expand_as(scores)  # (B, N)
-    best = scores.amax(dim=-1, keepdim=True)  # (B, 1)
-    return torch.where(scores == best, idx, N).amin(dim=-1)  # (B,)
 
 
 def divprune_select(features: Tensor, k: int) -> Tensor:

@@ -83,3 +83,12 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     shape = index.shape + x.shape[2:]
     idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(shape)
     return x.gather(1, idx)
+
+
+def first_argmax(scores: Tensor) -> Tensor:
+    """(..., C) -> (...): the index of the largest score along the last axis, the lowest on ties (the rule of
+    `torch.argmax`, made explicit so every backend agrees)."""
+    C = scores.shape[-1]
+    cols = torch.arange(C, device=scores.device)  # (C,)
+    best = scores.amax(dim=-1, keepdim=True)  # (..., 1)
+    return torch.where(scores == best, cols, C).amin(dim=-1)  # (...)

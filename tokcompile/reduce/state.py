@@ -7,6 +7,7 @@ features); `TokenState` is the decoder's whole prompt between layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -21,12 +22,16 @@ class ImageTokens:
             Inside the tower it counts the tower's tokens (CLS 0); after the projector, the image span.
         sizes: (B, t) float, how many original tokens each one holds, or None when nothing has merged.
         n_protected: leading tokens no step may drop or merge (the CLS token inside a CLIP tower).
+        tower: after the projector of a family with `tower_at_projector`, (the tower's last block as a
+            `VisionContext`, (S,) the image token each tower token became), for the first projector step's
+            `ImageContext`; None otherwise.
     """
 
     hidden: Tensor
     source: Tensor
     sizes: Tensor | None = None
     n_protected: int = 0
+    tower: tuple[Any, Tensor] | None = None
 
     @property
     def n(self) -> int:

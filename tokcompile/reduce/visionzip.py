@@ -30,25 +30,18 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from tokcompile.errors import RecipeError
-from tokcompile.reduce.base import REDUCERS, Entering
-from tokcompile.reduce.ops import gather_tokens, rank_desc
+from tokcompile.reduce.base import REDUCERS, Entering, is_int, is_number
+from tokcompile.reduce.ops import first_argmax, gather_tokens, rank_desc
 from tokcompile.reduce.prune import keep_tokens
 from tokcompile.reduce.schedule import Output, Schedule, Site, Step
+from tokcompile.reduce.visionzip_tower import counts, zip_merged
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from tokcompile.models.geometry import Geometry
-    from tokcompile.reduce.context import VisionContext
+    from tokcompile.reduce.context import ImageContext, VisionContext
     from tokcompile.reduce.state import ImageTokens
-
-
-def first_argmax(scores: Tensor) -> Tensor:
-    """(B, t, C) -> (B, t): the index of each row's largest score, the lowest on ties (`torch.argmax`'s rule)."""
-    C = scores.shape[-1]
-    cols = torch.arange(C, device=scores.device)  # (C,)
-    best = scores.amax(dim=-1, keepdim=True)  # (B, t, 1)
-    return torch.where(scores == best, cols, C).amin(dim=-1)  # (B, t)
 
 
 @REDUCERS.register("visionzip")
@@ -57,24 +50,35 @@ class VisionZipConfig:
     """VisionZip parameters under LightCompress's names (all required there except the two flags).
 
     Args:
-        dominant: patches kept by CLS attention (LLaVA-1.5: 54, 108, 162).
-        contextual: merged tokens made from the rest (LLaVA-1.5: 10, 20, 30).
+        dominant: patches kept by CLS attention (LLaVA-1.5: 54, 108, 162); on the Qwen families, the fraction of
+            the image tokens kept by the attention they receive (`visionzip_tower.py`).
+        contextual: merged tokens made from the rest (LLaVA-1.5: 10, 20, 30); on the Qwen families, a fraction.
         prune_only: keep only CLS and the dominant patches.
         merge_only: no dominant patches: CLS plus `contextual` tokens merged from every patch.
     """
 
-    dominant: int
-    contextual: int
+    dominant: int | float
+    contextual: int | float
     prune_only: bool = False
     merge_only: bool = False
 
     method: ClassVar[str] = "VisionZip"
-    sites: ClassVar[frozenset[Site]] = frozenset({Site.VISION_OUT})
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.VISION_OUT, Site.PROJECTOR_OUT})
+
+    def sites_used(self) -> frozenset[Site]:
+        """The site follows the family (`plan`): the tower's output where it is offered, else the projector's."""
+        return frozenset()
 
     def n_dominant(self) -> int:
         return 0 if self.merge_only else self.dominant
 
     def plan(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
+        if Site.VISION_OUT not in entering.family_sites:
+            return self._plan_tower(geom, key, entering)
+        for name in ("dominant", "contextual"):
+            if not is_int(getattr(self, name)):
+                raise RecipeError(f"{key}.{name}", f"expected an integer count of patches on {geom.family}, got "
+                                                   f"{getattr(self, name)!r}")
         t = entering.vision_tokens
         P = t - 1  # patches: CLS is protected
         for name in ("prune_only", "merge_only"):
@@ -97,17 +101,47 @@ class VisionZipConfig:
                                                    "dominant + contextual must fit the patches")
         return (Step("visionzip", Site.VISION_OUT, 0, t, 1 + D + self.contextual, Output.ASSIGN),)
 
+    def _plan_tower(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
+        """The Qwen families: at the projector output, scored by the tower's last block."""
+        if not entering.tower_at_projector:
+            why = "an earlier step changed the tokens" if entering.after else "it offers no tower attention"
+            raise RecipeError(f"{key}.method", f"VisionZip needs the vision tower's attention, which {geom.family} "
+                                               f"cannot give here: {why}")
+        for name in ("prune_only", "merge_only"):
+            if getattr(self, name) is not False:
+                raise RecipeError(f"{key}.{name}", f"LightCompress's Qwen path always keeps dominant and contextual "
+                                                   f"tokens; remove {name}")
+        n = entering.image_tokens
+        for name in ("dominant", "contextual"):
+            v = getattr(self, name)
+            if not is_number(v) or not 0 <= v < 1:
+                raise RecipeError(f"{key}.{name}", f"{v!r}: on {geom.family} LightCompress reads it as a fraction of "
+                                                   f"the {n} image tokens; use a value in [0, 1), e.g. 0.1875")
+        D, C = counts(n, self.dominant, self.contextual)
+        if D + C > n:
+            raise RecipeError(f"{key}.contextual", f"{D} dominant and {C} contextual tokens exceed the {n} image "
+                                                   "tokens; lower one of them")
+        return (Step("visionzip", Site.PROJECTOR_OUT, 0, n, D + C, Output.ASSIGN),)
+
     def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
         """The CLS row against every key (2·t·Dv) and, when merging, every token's head-mean key against the
-        targets (2·t·C·dv)."""
+        targets (2·t·C·dv). On the Qwen families: every tower query against every key of the last block
+        (2·S²·Dv) and the N image tokens' metric against the C targets (2·N·C·dv)."""
+        dv = geom.vision_hidden_size // geom.vision_heads
+        if step.site is Site.PROJECTOR_OUT:
+            S, C = geom.vision_tokens, counts(step.n_in, self.dominant, self.contextual)[1]
+            return 2 * S * S * geom.vision_hidden_size + 2 * step.n_in * C * dv
         flops = 2 * n_tokens * geom.vision_hidden_size
         if step.output is Output.ASSIGN:
-            flops += 2 * n_tokens * self.contextual * (geom.vision_hidden_size // geom.vision_heads)
+            flops += 2 * n_tokens * self.contextual * dv
         return flops
 
     def apply(
-        self, state: ImageTokens, ctx: VisionContext, step: Step, forced: Tensor | None = None
+        self, state: ImageTokens, ctx: VisionContext | ImageContext, step: Step, forced: Tensor | None = None
     ) -> tuple[ImageTokens, Tensor]:
+        if step.site is Site.PROJECTOR_OUT:
+            D, C = counts(step.n_in, self.dominant, self.contextual)
+            return zip_merged(state, ctx, step, D, C, forced)
         x = state.hidden  # (B, t, Dv), the selected layer's output, CLS at 0
         B, t, _ = x.shape
         dev = x.device
@@ -149,8 +183,8 @@ class VisionZipConfig:
         assign = torch.where(joins, D + best, slot)  # (B, t) output slot of every token
 
         onehot = ((best[..., None] == torch.arange(C, device=dev)) & joins[..., None]).to(x.dtype)  # (B, t, C)
-        counts = onehot.sum(1).clamp(min=1)  # (B, C) members, at least 1 (an empty target stays itself)
-        mean = (onehot.transpose(1, 2) @ x) / counts[..., None]  # (B, C, Dv) mean of the members
+        members = onehot.sum(1).clamp(min=1)  # (B, C) members, at least 1 (an empty target stays itself)
+        mean = (onehot.transpose(1, 2) @ x) / members[..., None]  # (B, C, Dv) mean of the members
         hidden = torch.cat([gather_tokens(x, order[:, :D]), gather_tokens(x, tgt) + mean], dim=1)  # (B, D+C, Dv)
         sizes = None
         if state.sizes is not None:
