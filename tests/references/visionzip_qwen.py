@@ -49,34 +49,63 @@ def _replacement_attention(attn: nn.Module, seen: dict) -> Any:
     return forward
 
 
+def tower_scores(visual: nn.Module, seen: dict, grid_thw: Tensor) -> tuple[Tensor, Tensor]:
+    """LightCompress's `merger_hook`: (N,) attention received per image token, (N, d) the head-mean group keys,
+    in the processor's order."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
+
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL: the tower runs in window order
+        window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size)
+        reverse = torch.argsort(window_index)
+    else:  # Qwen2-VL (no LightCompress path; the same steps without windows)
+        reverse = torch.arange(seen["attn"].shape[-1] // 4)
+    score = seen["attn"].mean(0).sum(0)  # (S,) attention each tower token receives
+    score = score.view(score.shape[0] // 4, -1).mean(-1)[reverse]  # (N,)
+    key = seen["key"]  # (H, S, d)
+    key = key.view(key.shape[0], key.shape[1] // 4, 4, key.shape[-1]).mean(2)[:, reverse].mean(0)  # (N, d)
+    return score, key
+
+
+def run_with_tower_hooks(model: nn.Module, sample: dict[str, Tensor], prune: Any) -> Tensor:
+    """Next-token logits (V,) of the HF model with the last tower block's replacement attention and
+    `prune(embeds, position_ids, seen) -> rows` (a bool over the sequence) cutting the language model's input."""
+    visual = model.model.visual
+    last = visual.blocks[-1].attn
+    seen: dict[str, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        emb = kwargs["inputs_embeds"]  # (1, T, D)
+        if emb.shape[1] == 1:
+            return args, kwargs
+        emb, rows = prune(emb, seen)
+        kwargs = {**kwargs, "inputs_embeds": emb[:, rows], "position_ids": kwargs["position_ids"][..., rows]}
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = kwargs["attention_mask"][:, rows]
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.arange(int(rows.sum()))
+        return args, kwargs
+
+    last.forward = _replacement_attention(last, seen)  # an instance attribute over the class's method
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        return model(**sample, use_cache=False).logits[0, -1].float()
+    finally:
+        handle.remove()
+        del last.forward
+
+
 @torch.no_grad()
 def visionzip_qwen_reference(model: nn.Module, sample: dict[str, Tensor], *, image_token_id: int, dominant: float,
                              contextual: float) -> tuple[Tensor, Tensor]:
     """Next-token logits (V,) and the output slot of every image token ((N,) int64: its own slot when kept, its
     target's when it joined one), for one unpadded sample."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
-
     visual = model.model.visual
-    last = visual.blocks[-1].attn
-    seen: dict[str, Tensor] = {}
     result: dict[str, Tensor] = {}
     ids = sample["input_ids"][0]
 
-    def prune(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        emb = kwargs["inputs_embeds"]  # (1, T, D)
-        if emb.shape[1] == 1:
-            return args, kwargs
-        if hasattr(visual, "window_size"):  # Qwen2.5-VL: the tower runs in window order
-            window_index, _ = get_vision_window_index(sample["image_grid_thw"], spatial_merge_size=
-                                                      visual.spatial_merge_size, window_size=visual.window_size,
-                                                      patch_size=visual.patch_size)
-            reverse = torch.argsort(window_index)
-        else:  # Qwen2-VL (no LightCompress path; the same steps without windows)
-            reverse = torch.arange(seen["attn"].shape[-1] // 4)
-        score = seen["attn"].mean(0).sum(0)  # (S,) attention each tower token receives
-        score = score.view(score.shape[0] // 4, -1).mean(-1)[reverse]  # (N,)
-        key = seen["key"]  # (H, S, d)
-        key = key.view(key.shape[0], key.shape[1] // 4, 4, key.shape[-1]).mean(2)[:, reverse].mean(0)  # (N, d)
+    def prune(emb: Tensor, seen: dict) -> tuple[Tensor, Tensor]:
+        score, key = tower_scores(visual, seen, sample["image_grid_thw"])
         n = score.shape[0]
         D, C = int(dominant * n), max(int(contextual * n), 1)
         dom = torch.zeros(n, dtype=torch.bool)
@@ -101,18 +130,7 @@ def visionzip_qwen_reference(model: nn.Module, sample: dict[str, Tensor], *, ima
         assign = slot.clone()
         assign[rest[others]] = slot[rest[targets]][best]
         result["assign"] = assign
-        kwargs = {**kwargs, "inputs_embeds": emb[:, rows], "position_ids": kwargs["position_ids"][..., rows]}
-        if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = kwargs["attention_mask"][:, rows]
-        if kwargs.get("cache_position") is not None:
-            kwargs["cache_position"] = torch.arange(int(rows.sum()))
-        return args, kwargs
+        return emb, rows
 
-    last.forward = _replacement_attention(last, seen)  # an instance attribute over the class's method
-    handle = model.model.language_model.register_forward_pre_hook(prune, with_kwargs=True)
-    try:
-        logits = model(**sample, use_cache=False).logits[0, -1]
-    finally:
-        handle.remove()
-        del last.forward
-    return logits.float(), result["assign"]
+    logits = run_with_tower_hooks(model, sample, prune)
+    return logits, result["assign"]

@@ -319,13 +319,19 @@ class Qwen2VLAdapter(VLMAdapter):
         return None
 
     def encode_images(self, model: nn.Module, inputs: Inputs, geom: Geometry) -> Tensor:
-        B = inputs["pixel_values"].shape[0] // geom.vision_tokens  # (B·S, C·tps·p·p): S patches per image
-        return self.vision_features(model, inputs["pixel_values"], B, geom)[0]
+        return self.vision_features(model, inputs["pixel_values"], self._batch(inputs), geom)[0]
+
+    @staticmethod
+    def _batch(inputs: Inputs) -> Any:
+        """The batch size, from `image_grid_thw` (B, 3): the exported batch symbol itself. Dividing pixel_values'
+        (B·S) rows by S gives an expression the export cannot prove different from 1, and a later broadcast
+        over it would pin the batch."""
+        return inputs["image_grid_thw"].shape[0]
 
     def encode_image_tokens(self, model: nn.Module, inputs: Inputs, geom: Geometry,
                             steps: VisionSteps | None = None) -> ImageTokens:
         """The merged image features with the tower's last block for the first projector step."""
-        B = inputs["pixel_values"].shape[0] // geom.vision_tokens
+        B = self._batch(inputs)
         feats, tower, groups = self.vision_features(model, inputs["pixel_values"], B, geom)  # (B, N, D)
         source = torch.arange(feats.shape[1], device=feats.device)[None].expand(B, -1)  # (B, N)
         return ImageTokens(feats, source, tower=(tower, groups))

@@ -97,6 +97,22 @@ class ImageContext:
     tower: VisionContext | None = None
     tower_groups: Tensor | None = None
 
+    def _per_image_token(self, n: int) -> tuple[Tensor, Tensor]:
+        """(S, N) one-hot of every tower token's image token and (N,) how many tower tokens each one has."""
+        onehot = (self.tower_groups[:, None] == torch.arange(n, device=self.tower_groups.device)).float()
+        return onehot, onehot.sum(0)
+
+    def received_attention(self, n: int) -> Tensor:
+        """(B, N) the attention each of the N image tokens receives in the tower's last block: probabilities
+        averaged over heads, summed over the queries, averaged over the image token's tower tokens (fp32)."""
+        onehot, per = self._per_image_token(n)
+        return self.tower.attention().mean(1).sum(1) @ onehot / per  # (B, S) @ (S, N)
+
+    def grouped_keys(self, n: int) -> Tensor:
+        """(B, N, dv) the tower's last-block keys averaged over heads and over each image token's tower tokens."""
+        onehot, per = self._per_image_token(n)
+        return (onehot.t() @ self.tower.mean_keys()) / per[:, None]  # (N, S) @ (B, S, dv)
+
 
 @dataclass(frozen=True)
 class DecoderContext:

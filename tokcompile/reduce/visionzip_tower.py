@@ -40,21 +40,6 @@ def counts(n: int, dominant: float, contextual: float) -> tuple[int, int]:
     return int(dominant * n), max(int(contextual * n), 1)
 
 
-def group_scores(ctx: ImageContext, n: int) -> tuple[Tensor, Tensor]:
-    """(B, N) attention received per image token and (B, N, dv) its normalised key metric, from the tower."""
-    tower, groups = ctx.tower, ctx.tower_groups
-    onehot = (groups[:, None] == torch.arange(n, device=groups.device)).float()  # (S, N)
-    per = onehot.sum(0)  # (N,) tower tokens per image token (4)
-    received = tower.attention().mean(1).sum(1)  # (B, S): mean over heads, summed over the queries
-    score = received @ onehot / per  # (B, N)
-    keys = tower.mean_keys()  # (B, S, dv)
-    B, S, dv = keys.shape
-    # one 2-D matmul over (B·dv, S): a batched one against the 2-D one-hot would make the export guard on B
-    metric = (keys.transpose(1, 2).reshape(B * dv, S) @ onehot).reshape(B, dv, n).transpose(1, 2)  # (B, N, dv)
-    metric = metric / per[:, None]  # the mean over each image token's tower tokens
-    return score, metric / metric.norm(dim=-1, keepdim=True)
-
-
 def zip_merged(state: ImageTokens, ctx: ImageContext, step: Step, n_dominant: int, n_contextual: int,
                forced: Tensor | None) -> tuple[ImageTokens, Tensor]:
     """-> (the D + C kept tokens in original order, (B, N) the output slot of every image token). A replay
@@ -62,7 +47,9 @@ def zip_merged(state: ImageTokens, ctx: ImageContext, step: Step, n_dominant: in
     x = state.hidden  # (B, N, D)
     B, n, _ = x.shape
     D, C = n_dominant, n_contextual
-    score, metric = group_scores(ctx, n)
+    score = ctx.received_attention(n)  # (B, N)
+    metric = ctx.grouped_keys(n)  # (B, N, dv)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
     is_dom = rank_desc(score) < D  # (B, N)
     stride = max(1, (n - D) // C)
     pos = (~is_dom).long().cumsum(1) - 1  # (B, N) position among the remaining tokens
@@ -71,9 +58,7 @@ def zip_merged(state: ImageTokens, ctx: ImageContext, step: Step, n_dominant: in
     slot_of_kept = kept.long().cumsum(1) - 1  # (B, N) slot of every kept token, original order
     order = torch.topk(-torch.where(kept, slot_of_kept, n).float(), D + C, dim=-1).indices  # (B, D+C) ascending
     tgt_idx = torch.topk(-torch.where(is_tgt, pos, n).float(), C, dim=-1).indices  # (B, C) targets in order
-    # bmm throughout: matmul's decomposition guards the batch size when its operands' batch sizes come from
-    # different reshapes, which pins the export's batch
-    sim = torch.bmm(metric, gather_tokens(metric, tgt_idx).transpose(1, 2))  # (B, N, C)
+    sim = metric @ gather_tokens(metric, tgt_idx).transpose(1, 2)  # (B, N, C)
     best = first_argmax(sim)  # (B, N) the most similar target
     joins = ~kept  # (B, N) tokens merged into a target
     assign = torch.where(joins, gather_tokens(slot_of_kept, tgt_idx).gather(1, best), slot_of_kept)  # (B, N)
@@ -81,14 +66,14 @@ def zip_merged(state: ImageTokens, ctx: ImageContext, step: Step, n_dominant: in
         raise ValueError("visionzip replay: the tower gives another choice than the one replayed")
     onehot = ((best[..., None] == torch.arange(C, device=x.device)) & joins[..., None]).to(x.dtype)  # (B, N, C)
     members = onehot.sum(1).clamp(min=1)  # (B, C) at least 1: an empty target stays itself
-    mean = torch.bmm(onehot.transpose(1, 2), x) / members[..., None]  # (B, C, D) mean of each target's joiners
+    mean = (onehot.transpose(1, 2) @ x) / members[..., None]  # (B, C, D) mean of each target's joiners
     is_tgt_slot = gather_tokens(is_tgt.long(), order).bool()  # (B, D+C)
     rank_in_tgt = is_tgt_slot.long().cumsum(1) - 1  # (B, D+C) which target a slot holds
     added = torch.where(is_tgt_slot[..., None], gather_tokens(mean, rank_in_tgt.clamp(min=0)), 0.0)  # (B, D+C, D)
     hidden = gather_tokens(x, order) + added  # (B, D+C, D)
     sizes = None
     if state.sizes is not None:
-        joined = torch.bmm(onehot.transpose(1, 2), state.sizes.to(x.dtype)[..., None])[..., 0]  # (B, C)
+        joined = (onehot.transpose(1, 2) @ state.sizes.to(x.dtype)[..., None])[..., 0]  # (B, C)
         sizes = gather_tokens(state.sizes, order) + torch.where(
             is_tgt_slot, gather_tokens(joined, rank_in_tgt.clamp(min=0)), 0).to(state.sizes.dtype)
     return replace(state, hidden=hidden, source=gather_tokens(state.source, order), sizes=sizes), assign

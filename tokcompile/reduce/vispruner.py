@@ -22,6 +22,12 @@ Static-export deviations from LightCompress (`token_reduction/vispruner.py`, LLa
   then fails. Ranking on rounded scores would hide that, not fix it; it is reported instead.
 - As with FasterVLM, the [CLS] row is recomputed from the selected block's queries and keys, CLS is kept as
   tower token 0 for LLaVA's feature selection to drop, and every sample of a batch picks its own tokens.
+
+On the Qwen families (LightCompress's Qwen2.5-VL path, Qwen2-VL by the same steps without windows) it runs at
+the projector output: the important tokens are those receiving the most attention in the tower's last block
+(head mean, summed over queries, averaged over each 2x2 group: `ImageContext.received_attention`), the rounds
+de-duplicate the projected features, one important token is added when the candidates would be odd (as
+LightCompress does), and the kept tokens keep their original order and M-RoPE ids.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from tokcompile.models.geometry import Geometry
-    from tokcompile.reduce.context import VisionContext
+    from tokcompile.reduce.context import ImageContext, VisionContext
     from tokcompile.reduce.state import ImageTokens
 
 DROP_PER_ROUND = 8  # LightCompress's `min(8, R - diverse_token_num)`
@@ -67,6 +73,18 @@ def drop_rounds(residual: int, diverse: int) -> tuple[int, ...] | None:
         rounds.append(r)
         residual -= r
     return tuple(rounds)
+
+
+def _split(patches: int, prune_ratio: float, important_ratio: float,
+           even_candidates: bool) -> tuple[int, int, tuple[int, ...] | None]:
+    """(kept, important, drop per round or None when the pairing cannot run them). With `even_candidates`
+    (LightCompress's Qwen path) one important token is added when the candidates would be odd; where that makes
+    the important tokens outnumber the budget, LightCompress keeps them all."""
+    kept, important = budget(patches, prune_ratio, important_ratio)
+    if even_candidates and (patches - important) % 2:
+        important += 1
+        kept = max(kept, important)
+    return kept, important, drop_rounds(patches - important, kept - important)
 
 
 def order_desc(scores: Tensor) -> Tensor:
@@ -112,31 +130,44 @@ class VisPrunerConfig:
     important_ratio: float = 0.5
 
     method: ClassVar[str] = "VisPruner"
-    sites: ClassVar[frozenset[Site]] = frozenset({Site.VISION_OUT})
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.VISION_OUT, Site.PROJECTOR_OUT})
 
-    def _counts(self, patches: int, key: str) -> tuple[int, int, tuple[int, ...]]:
-        """(kept, important, drop per round), or a RecipeError naming the key to change."""
+    def sites_used(self) -> frozenset[Site]:
+        """The site follows the family (`plan`): the tower's output where it is offered, else the projector's."""
+        return frozenset()
+
+    def _counts(self, patches: int, key: str, even_candidates: bool = False) -> tuple[int, int, tuple[int, ...]]:
+        """(kept, important, drop per round), or a RecipeError naming the key to change. `even_candidates`:
+        LightCompress's Qwen path, which adds one important token when the candidates would be odd."""
         p, r = self.prune_ratio, self.important_ratio
         if not 0.0 <= p < 1.0:
             raise RecipeError(f"{key}.prune_ratio", f"{p} is outside [0, 1); use the fraction of image patches pruned")
         if not 0.0 <= r <= 1.0:
             raise RecipeError(f"{key}.important_ratio", f"{r} is outside [0, 1]; use the fraction of the kept tokens "
                                                         "chosen by [CLS] attention")
-        kept, important = budget(patches, p, r)
+        kept, important, rounds = _split(patches, p, r, even_candidates)
         if kept < 1:
             raise RecipeError(f"{key}.prune_ratio", f"prune_ratio {p} keeps 0 of {patches} image patches; lower it "
                                                     f"below {1 - 0.5 / patches:.4f}")
-        rounds = drop_rounds(patches - important, kept - important)
         if rounds is None:
-            near = sorted({v for v in (important - 1, important + 1) if 0 <= v <= kept
-                           and drop_rounds(patches - v, kept - v) is not None})
-            hint = f" (e.g. {' or '.join(f'{(v + 0.5) / kept:.4g}' for v in near)})" if near else ""
+            tries = {min(1.0, round((v + 0.5) / kept, 4)) for v in range(max(0, important - 3), important + 4)}
+            near = sorted(t for t in tries if t != r and _split(patches, p, t, even_candidates)[2] is not None)
+            near = sorted(near, key=lambda t: abs(t - r))[:2]
+            hint = f" (e.g. {' or '.join(f'{t:.4g}' for t in sorted(near))})" if near else ""
             raise RecipeError(f"{key}.important_ratio", f"{kept} kept with {important} important leaves "
                               f"{patches - important} candidates, which LightCompress's pairwise de-duplication "
                               f"cannot split; choose an important_ratio giving another important count{hint}")
         return kept, important, rounds
 
     def plan(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
+        if Site.VISION_OUT not in entering.family_sites:  # the Qwen families: LightCompress's Qwen2.5-VL path
+            if not entering.tower_at_projector:
+                why = "an earlier step changed the tokens" if entering.after else "it offers no tower attention"
+                raise RecipeError(f"{key}.method", f"VisPruner needs the vision tower's attention, which "
+                                                   f"{geom.family} cannot give here: {why}")
+            n = entering.image_tokens
+            kept, _, _ = self._counts(n, key, even_candidates=True)
+            return (Step("vispruner", Site.PROJECTOR_OUT, 0, n, kept, Output.KEPT),)
         if entering.after == (Site.VISION_BLOCK, geom.vision_layers - 1):
             raise RecipeError(
                 f"{key}.method",
@@ -149,18 +180,31 @@ class VisPrunerConfig:
 
     def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
         """The [CLS] row against every key (2·t·Dv) and each round's half-against-half similarities
-        (2·(R/2)²·Dv); normalisation and ranking are left out."""
-        patches = step.n_in - PROTECTED
-        kept, important, rounds = self._counts(patches, "sparse")
-        total, residual = 2 * n_tokens * geom.vision_hidden_size, patches - important
+        (2·(R/2)²·Dv); normalisation and ranking are left out. On the Qwen families: every tower query against
+        every key of the last block (2·S²·Dv) and the rounds on the projected features (2·(R/2)²·D)."""
+        if step.site is Site.PROJECTOR_OUT:
+            patches, width = step.n_in, geom.hidden_size
+            total = 2 * geom.vision_tokens ** 2 * geom.vision_hidden_size
+        else:
+            patches, width = step.n_in - PROTECTED, geom.vision_hidden_size
+            total = 2 * n_tokens * geom.vision_hidden_size
+        kept, important, rounds = self._counts(patches, "sparse", even_candidates=step.site is Site.PROJECTOR_OUT)
+        residual = patches - important
         for r in rounds:
-            total += 2 * (residual // 2) ** 2 * geom.vision_hidden_size
+            total += 2 * (residual // 2) ** 2 * width
             residual -= r
         return total
 
     def apply(
-        self, state: ImageTokens, ctx: VisionContext, step: Step, forced: Tensor | None = None
+        self, state: ImageTokens, ctx: VisionContext | ImageContext, step: Step, forced: Tensor | None = None
     ) -> tuple[ImageTokens, Tensor]:
+        if step.site is Site.PROJECTOR_OUT:  # scores: attention received per image token; diversity: its features
+            kept = forced  # eager references replay a selection made earlier
+            if kept is None:
+                kept_n, important, rounds = self._counts(step.n_in, "sparse", even_candidates=True)
+                kept = vispruner_select(ctx.received_attention(step.n_in), state.hidden, important,
+                                        kept_n - important, rounds)  # (B, T) ascending
+            return keep_tokens(state, kept), kept
         t = state.hidden.shape[1]
         p = state.n_protected
         if ctx.keys.shape[2] != t:  # Python ints: the block's keys must be the tokens scored here
