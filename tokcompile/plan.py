@@ -179,7 +179,7 @@ def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Sch
             raise RecipeError(spec.method_key, f"{cls.method} runs {_SITE_WHERE[site]}, which {geom.family} does "
                                                f"not support: {reason}")
         after = (steps[-1].site, steps[-1].layer) if steps else None
-        planned = cfg.plan(geom, spec.key, Entering(n_image, n_vision, after, adapter.sites,
+        planned = cfg.plan(geom, spec.key, Entering(n_image, n_vision, after, adapter.sites, adapter.site_refusals,
                                                     adapter.tower_at_projector and not steps))
         for step in planned:
             if step.site not in cls.sites:

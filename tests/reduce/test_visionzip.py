@@ -194,16 +194,16 @@ def test_cli_plan():
     assert "L0:16 L1:16 L2:16 L3:16" in res.stdout
 
 
-def test_cli_plan_refuses_llava_counts_on_qwen(tmp_path):
-    """The LLaVA recipe's patch counts on Qwen2.5-VL, where LightCompress reads fractions of the image tokens."""
+def test_cli_plan_refuses_llava_next_with_the_reason(tmp_path):
+    """LLaVA-NeXT offers neither the tower's output nor its attention at the projector: one line, the reason."""
     text = (ROOT / "recipes/tiny/visionzip.yml").read_text()
-    recipe = tmp_path / "qwen_visionzip.yml"
-    recipe.write_text(text.replace("tiny-random:llava", "tiny-random:qwen2_5_vl").replace("LlavaHf", "Qwen2_5VL"))
+    recipe = tmp_path / "next_visionzip.yml"
+    recipe.write_text(text.replace("tiny-random:llava", "tiny-random:llava_next").replace("LlavaHf", "LlavaNext"))
     res = _plan(recipe)
     assert res.returncode == 2
     lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
-    assert len(lines) == 1 and "sparse.vision.special.dominant" in lines[0]
-    assert "fraction of the 24 image tokens" in lines[0]
+    assert len(lines) == 1 and "sparse.vision.special.method" in lines[0]
+    assert "does not support" in lines[0] and "anyres packing" in lines[0]
 
 
 def test_vision_graph_exports_with_static_shapes(tiny_model, adapter, geometry, batch):

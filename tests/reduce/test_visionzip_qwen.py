@@ -14,7 +14,7 @@ from tokcompile.reduce.base import Entering
 from tokcompile.reduce.schedule import Site
 from tokcompile.reduce.visionzip import VisionZipConfig
 
-SETTINGS = [(0.375, 0.125), (0.5, 0.25), (0.0, 0.2)]
+SETTINGS = [(0.375, 0.125), (0.5, 0.25), (0.0, 0.2), (12, 4)]  # the last: counts, as a LLaVA recipe writes them
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
@@ -39,7 +39,8 @@ def test_qwen_visionzip_matches_lightcompress_reference(family):
 @pytest.mark.parametrize(
     ("params", "key", "text"),
     [
-        ({"dominant": 54, "contextual": 10}, "dominant", "fraction"),
+        ({"dominant": 1.5, "contextual": 0.1}, "dominant", "fraction"),
+        ({"dominant": 20, "contextual": 10}, "contextual", "exceed"),
         ({"dominant": 0.5, "contextual": 0.6}, "contextual", "exceed"),
         ({"dominant": 0.5, "contextual": 0.1, "prune_only": True}, "prune_only", "always keeps"),
     ],

@@ -120,5 +120,5 @@ def test_tiny_recipe_compiles_to_onnx_with_parity(tmp_path):
     assert "parity passed" in res.stdout
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [(s["method"], s["site"], s["n_in"], s["n_out"]) for s in manifest["schedule"]] == [
-        ("vispruner", "vision_out", 65, 17)]
+        ("vispruner", "vision_out", 65, 33)]
     assert manifest["parity"]["passed"] is True

@@ -107,7 +107,9 @@ def visionzip_qwen_reference(model: nn.Module, sample: dict[str, Tensor], *, ima
     def prune(emb: Tensor, seen: dict) -> tuple[Tensor, Tensor]:
         score, key = tower_scores(visual, seen, sample["image_grid_thw"])
         n = score.shape[0]
-        D, C = int(dominant * n), max(int(contextual * n), 1)
+        # LightCompress's Qwen path reads fractions; integers of at least 1 are the counts a LLaVA recipe writes
+        D = dominant if isinstance(dominant, int) and dominant >= 1 else int(dominant * n)
+        C = contextual if isinstance(contextual, int) and contextual >= 1 else max(int(contextual * n), 1)
         dom = torch.zeros(n, dtype=torch.bool)
         dom[torch.topk(score, D).indices] = True
         rest = torch.nonzero(~dom).flatten()  # (R,) in order

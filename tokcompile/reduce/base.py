@@ -8,7 +8,8 @@ the kept indices, or for merges the output slot of every entering token.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from tokcompile.errors import RecipeError
@@ -30,6 +31,7 @@ class Entering:
         vision_tokens: tokens inside the vision tower (CLS included).
         after: (site, layer) of the last step planned before, or None; a reducer's steps must come later.
         family_sites: the sites the model family offers, for a method that can run at either of two.
+        family_refusals: why the family refuses the others (the adapter's reasons), for that method's error.
         tower_at_projector: the family hands its tower's last block to the first projector-output step
             (`ImageContext.tower`).
     """
@@ -38,7 +40,14 @@ class Entering:
     vision_tokens: int
     after: tuple[Site, int] | None = None
     family_sites: frozenset[Site] = frozenset(Site)
+    family_refusals: Mapping[Site, str] = field(default_factory=dict)
     tower_at_projector: bool = False
+
+    def refusal(self, method: str, key: str, site: Site, geom: Geometry) -> RecipeError:
+        """The plan's error for a method that needs `site` where the family refuses it."""
+        reason = self.family_refusals.get(site, "the adapter does not expose this site")
+        return RecipeError(f"{key}.method", f"{method} runs at the {site.value} site, which {geom.family} does not "
+                                            f"support: {reason}")
 
     @classmethod
     def start(cls, geom: Geometry) -> Entering:
@@ -48,7 +57,8 @@ class Entering:
     @classmethod
     def start_for(cls, geom: Geometry, adapter: Any) -> Entering:
         """Nothing reduced yet, with what the model family offers."""
-        return cls(geom.n_image_tokens, geom.vision_tokens, None, adapter.sites, adapter.tower_at_projector)
+        return cls(geom.n_image_tokens, geom.vision_tokens, None, adapter.sites, adapter.site_refusals,
+                   adapter.tower_at_projector)
 
 
 class Reducer(Protocol):

@@ -51,8 +51,9 @@ class VisionZipConfig:
 
     Args:
         dominant: patches kept by CLS attention (LLaVA-1.5: 54, 108, 162); on the Qwen families, the fraction of
-            the image tokens kept by the attention they receive (`visionzip_tower.py`).
-        contextual: merged tokens made from the rest (LLaVA-1.5: 10, 20, 30); on the Qwen families, a fraction.
+            the image tokens kept by the attention they receive (`visionzip_tower.py`), or a count.
+        contextual: merged tokens made from the rest (LLaVA-1.5: 10, 20, 30); on the Qwen families, a fraction
+            or a count.
         prune_only: keep only CLS and the dominant patches.
         merge_only: no dominant patches: CLS plus `contextual` tokens merged from every patch.
     """
@@ -104,9 +105,10 @@ class VisionZipConfig:
     def _plan_tower(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
         """The Qwen families: at the projector output, scored by the tower's last block."""
         if not entering.tower_at_projector:
-            why = "an earlier step changed the tokens" if entering.after else "it offers no tower attention"
-            raise RecipeError(f"{key}.method", f"VisionZip needs the vision tower's attention, which {geom.family} "
-                                               f"cannot give here: {why}")
+            if entering.after is None:  # the family offers neither the tower's output nor its attention
+                raise entering.refusal("VisionZip", key, Site.VISION_OUT, geom)
+            raise RecipeError(f"{key}.method", "VisionZip scores with the vision tower's attention, which an earlier "
+                                               "step has already changed on this family; remove one of the two")
         for name in ("prune_only", "merge_only"):
             if getattr(self, name) is not False:
                 raise RecipeError(f"{key}.{name}", f"LightCompress's Qwen path always keeps dominant and contextual "
@@ -114,9 +116,10 @@ class VisionZipConfig:
         n = entering.image_tokens
         for name in ("dominant", "contextual"):
             v = getattr(self, name)
-            if not is_number(v) or not 0 <= v < 1:
-                raise RecipeError(f"{key}.{name}", f"{v!r}: on {geom.family} LightCompress reads it as a fraction of "
-                                                   f"the {n} image tokens; use a value in [0, 1), e.g. 0.1875")
+            if not is_number(v) or v < 0 or (not is_int(v) and v >= 1):
+                raise RecipeError(f"{key}.{name}", f"{v!r}: on {geom.family} it is a fraction of the {n} image tokens "
+                                                   "(as LightCompress reads it there) or a count; use a value in "
+                                                   "[0, 1), e.g. 0.1875, or an integer")
         D, C = counts(n, self.dominant, self.contextual)
         if D + C > n:
             raise RecipeError(f"{key}.contextual", f"{D} dominant and {C} contextual tokens exceed the {n} image "

@@ -6,10 +6,11 @@ Qwen2.5-VL path (`token_reduction/visionzip.py`: `Qwen2_5_VLVisionAttention_forw
   averaged over heads and summed over the queries (the attention each tower token receives), averaged over the
   tower tokens each image token merged from (Qwen's 2x2 groups), in the processor's token order.
 - The key metric is that block's RoPE'd keys averaged over heads and over each group, L2-normalised.
-- `dominant` and `contextual` are fractions of the N image tokens, as LightCompress's Qwen path reads them:
-  int(dominant·N) dominant tokens by score; max(int(contextual·N), 1) targets taken uniformly among the rest
-  (every max(1, R // C)-th, the first C); every other remaining token joins the target with the most similar
-  metric (the first on ties), and each target becomes itself PLUS the mean of the tokens that joined it.
+- `dominant` and `contextual` are fractions of the N image tokens, as LightCompress's Qwen path reads them
+  (integers of at least 1 are counts): int(dominant·N) dominant tokens by score; max(int(contextual·N), 1)
+  targets taken uniformly among the rest (every max(1, R // C)-th, the first C); every other remaining token
+  joins the target with the most similar metric (the first on ties), and each target becomes itself PLUS the
+  mean of the tokens that joined it.
 - The dominant tokens and the targets stay in their original order (LightCompress cuts the sequence with a mask)
   and keep their M-RoPE ids (P0).
 
@@ -36,8 +37,13 @@ if TYPE_CHECKING:
 
 
 def counts(n: int, dominant: float, contextual: float) -> tuple[int, int]:
-    """(dominant tokens, contextual tokens) of N image tokens, as LightCompress's Qwen path computes them."""
-    return int(dominant * n), max(int(contextual * n), 1)
+    """(dominant tokens, contextual tokens) of N image tokens: fractions as LightCompress's Qwen path reads them
+    (int(d·N), max(int(c·N), 1)); an integer of at least 1 is taken as a count (the LLaVA spelling, on which
+    LightCompress's Qwen path would fail)."""
+    def one(v: float, least: int) -> int:
+        return v if isinstance(v, int) and v >= 1 else max(int(v * n), least)
+
+    return one(dominant, 0), one(contextual, 1)
 
 
 def zip_merged(state: ImageTokens, ctx: ImageContext, step: Step, n_dominant: int, n_contextual: int,

@@ -162,9 +162,11 @@ class VisPrunerConfig:
     def plan(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
         if Site.VISION_OUT not in entering.family_sites:  # the Qwen families: LightCompress's Qwen2.5-VL path
             if not entering.tower_at_projector:
-                why = "an earlier step changed the tokens" if entering.after else "it offers no tower attention"
-                raise RecipeError(f"{key}.method", f"VisPruner needs the vision tower's attention, which "
-                                                   f"{geom.family} cannot give here: {why}")
+                if entering.after is None:  # the family offers neither the tower's output nor its attention
+                    raise entering.refusal("VisPruner", key, Site.VISION_OUT, geom)
+                raise RecipeError(f"{key}.method", "VisPruner scores with the vision tower's attention, which an "
+                                                   "earlier step has already changed on this family; remove one "
+                                                   "of the two")
             n = entering.image_tokens
             kept, _, _ = self._counts(n, key, even_candidates=True)
             return (Step("vispruner", Site.PROJECTOR_OUT, 0, n, kept, Output.KEPT),)
