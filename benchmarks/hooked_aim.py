@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmarks.hooked_fastv import image_span
 from tokcompile.reduce.schedule import Site
 
 
@@ -56,10 +57,8 @@ class HookedAIM:
     def _find_span(self, module: Any, args: tuple) -> None:
         ids = args[0]
         if ids.shape[1] > 1:
-            where = torch.nonzero(ids[0] == self.image_token_id).flatten()
-            self._span = (int(where[0]), int(where.numel()))
-            T = ids.shape[1]
-            self._alive = torch.ones(T, dtype=torch.bool)
+            self._span = image_span(ids, self.image_token_id)
+            self._alive = torch.ones(ids.shape[1], dtype=torch.bool)
             self.kept = []
             self._set_mask()
 

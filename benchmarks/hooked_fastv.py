@@ -29,6 +29,14 @@ import time
 from typing import Any
 
 
+def image_span(ids: Any, image_token_id: int) -> tuple[int, int]:
+    """(first image token, image token count) of sample 0 of `input_ids` (B, T), as the hooked methods find it."""
+    import torch
+
+    where = torch.nonzero(ids[0] == image_token_id).flatten()
+    return int(where[0]), int(where.numel())
+
+
 class HookedFastV:
     """FastV hooks on an HF LLaVA (`LlavaForConditionalGeneration`); `remove()` takes them off.
 
@@ -58,12 +66,8 @@ class HookedFastV:
             h.remove()
 
     def _find_span(self, module: Any, args: tuple) -> None:
-        import torch
-
-        ids = args[0]
-        if ids.shape[1] > 1:
-            where = torch.nonzero(ids[0] == self.image_token_id).flatten()
-            self._span = (int(where[0]), int(where.numel()))
+        if args[0].shape[1] > 1:
+            self._span = image_span(args[0], self.image_token_id)
 
     def _score(self, layer: Any, args: tuple, kwargs: dict) -> None:
         hidden = args[0]

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.eager_clusterings import agglomerative, dbdpc, dbscan, dpc, kmeans
+from benchmarks.hooked_fastv import image_span
 from tokcompile.reduce.pact_options import PACTOptions
 
 UNCOVERED = ("use_IQR_in_token_pruning", "use_attention_in_token_pruning", "prune_with_norm",
@@ -71,10 +72,8 @@ class HookedPACT:
             h.remove()
 
     def _find_span(self, module: Any, args: tuple) -> None:
-        ids = args[0]
-        if ids.shape[1] > 1:
-            where = torch.nonzero(ids[0] == self.image_token_id).flatten()
-            self._span = (int(where[0]), int(where.numel()))
+        if args[0].shape[1] > 1:
+            self._span = image_span(args[0], self.image_token_id)
 
     def _follow(self, layer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         return None if args[0].shape[1] == 1 else (args, {**kwargs, **self._cut})
