@@ -44,6 +44,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tokcompile.reduce.sparsevlm import THREE_STAGES  # noqa: E402  LightCompress's SparseVLM rows
+
 QUESTION = "Describe this image in detail, please."
 REFERENCE_LAYERS = 16  # the depth the layer indices below are written for (the medium LLaVA)
 
@@ -83,6 +85,11 @@ def _pyramid_layers(n: int) -> list[int]:
     return [_layer(k, n) for k in (4, 8, 12)]
 
 
+def _sparsevlm_layers(n: int) -> list[int]:
+    """LightCompress's [2, 6, 15] of 32 layers at `n` layers (each below n - 1, strictly increasing)."""
+    return [max(0, round(k * n / 32)) for k in (2, 6, 15)]
+
+
 CONFIGS: tuple[Config, ...] = (
     Config("none", None, lambda n: "no reduction", lambda n: None),
     Config("fastv-r0.5", "fastv", lambda n: "FastV K=2 R=0.5",
@@ -112,6 +119,10 @@ CONFIGS: tuple[Config, ...] = (
     Config("dart-k2-r0.7778", "dart", lambda n: "DART K=2 R=0.7778",
            lambda n: _special("DART", pruning_loc=2, reduction_ratio=0.7778, pivot_image_token=4,
                               pivot_text_token=4)),
+    # SparseVLM: LightCompress's layers 2, 6, 15 of 32 at this depth, with its "192" row (300, 200, 110 kept)
+    Config("sparsevlm-192", "sparsevlm", lambda n: "SparseVLM L" + "/".join(map(str, _sparsevlm_layers(n)))
+           + " 300/200/110", lambda n: _special("SparseVLM", pruning_loc=_sparsevlm_layers(n),
+                                               stage_tokens=[300, 200, 110])),
     Config("randomprune-r0.778", "randomprune", lambda n: "RandomPrune K=2 R=0.778",
            lambda n: _special("RandomPrune", pruning_loc=2, prune_ratio=0.778)),
     # FiCoCo-L: the official 14 per layer from layer 5 of 32 leaves 198 of 576; 29 from layer 3 of 16 leaves 199
@@ -168,6 +179,9 @@ def _budget_configs() -> tuple[Config, ...]:
                    lambda n, r=ratio: _special("DivPrune", reduction_ratio=r)),
             Config(f"dart-b{b}", "dart", lambda n, r=ratio: f"DART K=2 R={r}",
                    lambda n, r=ratio: _special("DART", pruning_loc=2, reduction_ratio=r)),
+            Config(f"sparsevlm-b{b}", "sparsevlm", lambda n, b=b: f"SparseVLM {'/'.join(map(str, THREE_STAGES[b]))}",
+                   lambda n, b=b: _special("SparseVLM", pruning_loc=_sparsevlm_layers(n),
+                                           stage_tokens=list(THREE_STAGES[b]))),
             Config(f"randomprune-b{b}", "randomprune", lambda n, r=ratio: f"RandomPrune K=2 R={r}",
                    lambda n, r=ratio: _special("RandomPrune", pruning_loc=2, prune_ratio=r)),
             Config(f"fastervlm-b{b}", "fastervlm", lambda n, r=ratio: f"FasterVLM R={r} (vision)",

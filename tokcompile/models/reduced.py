@@ -209,16 +209,20 @@ class Prefill(nn.Module):
         return TokenState(hidden, positions, valid, image_start, n_kept, last, n_appended=n_appended)
 
     def steps_before(self, layer: int, state: TokenState, prev: tuple[TokenState, Tensor] | None,
-                     outputs: dict[str, Tensor], forced: Forced | None = None) -> TokenState:
-        """Run the DECODER_LAYER steps at `layer`. `prev` is (the tokens that entered layer-1, its keys)."""
+                     outputs: dict[str, Tensor], forced: Forced | None = None,
+                     embedded: TokenState | None = None) -> TokenState:
+        """Run the DECODER_LAYER steps at `layer`. `prev` is (the tokens that entered layer-1, its keys);
+        `embedded` the sequence that entered layer 0."""
         for name, step, red in self.before.get(layer, ()):
-            ctx = DecoderContext(layer, self.ops, state, prev[0] if prev else None, prev[1] if prev else None)
+            ctx = DecoderContext(layer, self.ops, state, prev[0] if prev else None, prev[1] if prev else None,
+                                 embedded=embedded)
             state, idx = red.apply(state, ctx, step, (forced or {}).get(name))
             outputs[name] = idx
         return state
 
     def layer_forward(self, layer: int, state: TokenState, cache: KVCache, prev: tuple[TokenState, Tensor] | None,
-                      outputs: dict[str, Tensor], forced: Forced | None = None) -> TokenState:
+                      outputs: dict[str, Tensor], forced: Forced | None = None,
+                      embedded: TokenState | None = None) -> TokenState:
         """Decoder layer `layer` on `state` (its keys recorded in `cache`), with any DECODER_MID step inside."""
         a = self.adapter
         mod = a.decoder_layers(self.model)[layer]
@@ -232,14 +236,14 @@ class Prefill(nn.Module):
         entering, state = state, replace(state, hidden=h)
         for name, step, red in self.mid[layer]:
             ctx = DecoderContext(layer, self.ops, state, prev[0] if prev else None, prev[1] if prev else None,
-                                 keys_here=cache.keys[layer], state_in=entering)
+                                 keys_here=cache.keys[layer], state_in=entering, embedded=embedded)
             state, idx = red.apply(state, ctx, step, (forced or {}).get(name))
             outputs[name] = idx
         return replace(state, hidden=a.run_decoder_mlp(mod, state.hidden))
 
     def run(self, inputs: dict[str, Tensor], forced: Forced | None = None, n_appended: int = 0) -> dict[str, Tensor]:
         a, model = self.adapter, self.model
-        state = self.initial_state(inputs, n_appended)
+        state = embedded = self.initial_state(inputs, n_appended)
         # Decode continues after the largest position of each sample (M-RoPE: over all rows), as HF does.
         B, T = state.valid.shape
         flat = state.positions.reshape(B, T, -1).amax(-1)  # (B, T)
@@ -251,14 +255,14 @@ class Prefill(nn.Module):
         prev: tuple[TokenState, Tensor] | None = None
         biased_starts = {self.layout.groups[g][0] for g in self.layout.biased_groups}
         for i in range(self.geometry.n_layers):
-            state = self.steps_before(i, state, prev, outputs, forced)
+            state = self.steps_before(i, state, prev, outputs, forced, embedded)
             if i in self.group_starts:
                 masks.append(state.valid)  # this group caches the sequence entering its first layer
             if i in biased_starts:
                 sizes = state.sizes if state.sizes is not None else torch.ones_like(state.valid, dtype=torch.float)
                 biases.append(sizes.float().log())  # (B, T_g): the key bias decode keeps applying
             entering = state
-            state = self.layer_forward(i, state, cache, prev, outputs, forced)
+            state = self.layer_forward(i, state, cache, prev, outputs, forced, embedded)
             prev = (entering, cache.keys[i])
         h = a.final_norm(model)(state.hidden)  # (B, T', D)
         h_last = gather_tokens(h, state.last[:, None])[:, 0]  # (B, D)

@@ -74,16 +74,18 @@ def gptq_sequential(
     layers = a.decoder_layers(model)
     names_of = {id(m): n for n, m in model.named_modules()}
     states = [reduced.initial_state(b) for b in batches]
+    embedded = list(states)  # what entered layer 0, for steps that read the input embeddings
     prev: list[tuple[TokenState, Tensor] | None] = [None] * len(states)
     report: dict[str, Any] = {"layers": [], "n_batches": len(batches)}
     wq = config.weight
     t_all = time.perf_counter()
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
-        states = [prefill.steps_before(i, s, p, {}) for s, p in zip(states, prev)]
+        states = [prefill.steps_before(i, s, p, {}, None, e) for s, p, e in zip(states, prev, embedded)]
 
         def run(b: int, cache: KVCache | None = None) -> TokenState:
-            return prefill.layer_forward(i, states[b], cache if cache is not None else KVCache(), prev[b], {})
+            return prefill.layer_forward(i, states[b], cache if cache is not None else KVCache(), prev[b], {}, None,
+                                         embedded[b])
 
         reference = [run(b) for b in range(len(states))]  # this layer before quantization
         prefix = names_of[id(layer)] + "."

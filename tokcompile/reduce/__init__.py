@@ -13,6 +13,7 @@ from tokcompile.reduce import (  # noqa: F401
     pact,
     pyramiddrop,
     randomprune,
+    sparsevlm,
     tome,
     visionzip,
     vispruner,

@@ -127,6 +127,9 @@ class DecoderContext:
         keys_here: (B, Hkv, T, d) this layer's own keys, at DECODER_MID only (as its attention used them).
         state_in: the tokens that entered this layer's attention, at DECODER_MID only (the same tokens as
             `state`, before the attention residual), for methods that score with the layer's queries.
+        embedded: the sequence entering decoder layer 0 (the input embeddings, after any reduction before the
+            decoder), for methods that choose text tokens from them (SparseVLM's raters). Text tokens are never
+            reduced, so text token j after the image is text token j after the image in every later state.
     """
 
     layer: int
@@ -136,6 +139,7 @@ class DecoderContext:
     prev_keys: Tensor | None
     keys_here: Tensor | None = None
     state_in: TokenState | None = None
+    embedded: TokenState | None = None
 
     def _last_row(self, layer: int, st: TokenState, keys: Tensor) -> Tensor:
         h_last = gather_tokens(st.hidden, st.last[:, None])  # (B, 1, D)

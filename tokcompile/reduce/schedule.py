@@ -71,6 +71,9 @@ class Step:
     output: Output = Output.KEPT
     positions: Positions = Positions.KEEP
     sizes: bool = False  # decoder steps: the new tokens carry sizes that bias attention (log size per key)
+    # Further static counts the method's own `apply` needs (SparseVLM: kept, recycled and cluster counts); the
+    # graphs, layout and FLOPs never read them
+    detail: tuple[int, ...] = ()
 
     @property
     def output_name(self) -> str:
@@ -87,6 +90,7 @@ class Step:
             "output": self.output.value,
             "positions": self.positions.value,
             "sizes": self.sizes,
+            **({"detail": list(self.detail)} if self.detail else {}),
         }
 
 
