@@ -2,7 +2,8 @@
 python -m tokcompile generate EXPORT_DIR --image PATH --prompt TEXT [--backend onnxruntime|aoti|eager]
 python -m tokcompile report EXPORT_DIR... --out REPORT_DIR   (accuracy against cost, from exports' eval.json)
 python -m tokcompile save-model tiny-random:llava DIR        (a built-in model as a Hugging Face directory)
-python -m tokcompile vtw-search recipe.yml [--eta 0.003]      (VTW's withdrawal layer by its KL criterion)"""
+python -m tokcompile vtw-search recipe.yml [--eta 0.003]      (VTW's withdrawal layer by its KL criterion)
+python -m tokcompile quantize recipe.yml --out DIR          (GPTQ streamed layer by layer over a checkpoint)"""
 
 import sys
 
@@ -16,6 +17,10 @@ if __name__ == "__main__":
         sys.exit(save_model_main(args[1:]))
     if args and args[0] == "vtw-search":
         sys.exit(vtw_search_main(args[1:]))
+    if args and args[0] == "quantize":
+        from tokcompile.quantize_cli import quantize_main
+
+        sys.exit(quantize_main(args[1:]))
     if args and args[0] == "report":
         sys.exit(report_main(args[1:]))
     if args and args[0] == "compile":

@@ -38,6 +38,23 @@ class QuantGrid:
     zero: Tensor
 
 
+def peak_rss_mb() -> int:
+    """The process's peak resident memory so far, in MB: VmHWM of this program's memory (Linux), else
+    `ru_maxrss`, which also counts what a parent held when it forked this process."""
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024)
+
+
 # Sub-layer order for true_sequential, by the Linear's last name component.
 SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
@@ -65,9 +82,15 @@ def gptq_sequential(
     with_reduction: bool,
     log: Callable[[str], None] = print,
     results: dict[str, Any] | None = None,
+    before_layer: Callable[[int], None] | None = None,
+    after_layer: Callable[[int], None] | None = None,
+    max_layers: int | None = None,
 ) -> dict[str, Any]:
     """Quantize `linears` (decoder Linears, by qualified name) in place. Returns a per-layer report; each
-    Linear's integer codes and grid go to `results[fqn]` (a `QuantGrid`) when a dict is given."""
+    Linear's integer codes and grid go to `results[fqn]` (a `QuantGrid`) when a dict is given.
+    `before_layer(i)` runs before layer i's steps and calibration (the calibration inputs are ready by the first
+    call), `after_layer(i)` once layer i is quantized and its outputs computed: streaming loads and writes
+    layers there. `max_layers`: stop after that many layers (the rest keep their weights)."""
     if not with_reduction:
         reduced = reduced.without_reduction()
     a, model, prefill = reduced.adapter, reduced.model, reduced.prefill
@@ -79,8 +102,10 @@ def gptq_sequential(
     report: dict[str, Any] = {"layers": [], "n_batches": len(batches)}
     wq = config.weight
     t_all = time.perf_counter()
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers[:max_layers]):
         t0 = time.perf_counter()
+        if before_layer is not None:
+            before_layer(i)
         states = [prefill.steps_before(i, s, p, {}, None, e) for s, p, e in zip(states, prev, embedded)]
 
         def run(b: int, cache: KVCache | None = None) -> TokenState:
@@ -132,10 +157,15 @@ def gptq_sequential(
         den = sum(float((r[v] ** 2).sum()) for _, r, v in pairs)
         err = (num / den) ** 0.5 if den > 0 else 0.0
         seconds = time.perf_counter() - t0
+        peak = peak_rss_mb()
         report["layers"].append({"layer": i, "name": prefix[:-1], "linears": len(mine), "rel_output_error": err,
-                                 "seconds": round(seconds, 3), "tokens": int(sum(int(s.valid.sum()) for s in states))})
-        log(f"  gptq {prefix[:-1]}: {len(mine)} Linear, output error {err:.4f}, {seconds:.1f}s")
+                                 "seconds": round(seconds, 3), "tokens": int(sum(int(s.valid.sum()) for s in states)),
+                                 "peak_rss_mb": peak})
+        log(f"  gptq {prefix[:-1]}: {len(mine)} Linear, output error {err:.4f}, {seconds:.1f}s, peak memory "
+            f"{peak} MB")
         prev = [(s, c.keys[i]) for s, c in zip(states, caches)]
         states = outputs
+        if after_layer is not None:
+            after_layer(i)
     report["seconds"] = round(time.perf_counter() - t_all, 2)
     return report

@@ -1,0 +1,69 @@
+"""`python -m tokcompile quantize recipe.yml --out DIR`: the recipe's GPTQ streamed over its checkpoint, one
+decoder layer in memory at a time (`quant/streaming.py`), written as a fake-quantized HF checkpoint directory,
+shard by shard. A recipe without quantization pointed at DIR then compiles it like any checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from tokcompile.errors import RecipeError, TokcompileError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tokcompile quantize",
+        description="Quantize the recipe's checkpoint with its GPTQ settings layer by layer, never holding the "
+                    "whole model in memory, and write the fake-quantized checkpoint (safetensors shards, config "
+                    "and processor files) to --out. Prints one line per layer with its error, time and the "
+                    "process's peak memory.")
+    p.add_argument("recipe", help="a recipe whose quant section is GPTQ and whose model.path is a local directory")
+    p.add_argument("--out", required=True, help="the checkpoint directory to write (new, or empty)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="quantize only the first N decoder layers and copy the rest unchanged (a measurement run)")
+    p.add_argument("--force", action="store_true", help="replace an empty directory or an earlier export at --out")
+    p.add_argument("--trust-remote-code", action="store_true", help="confirm the recipe's model.trust_remote_code")
+    return p
+
+
+def quantize_main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    debug = os.environ.get("TOKCOMPILE_DEBUG") == "1"
+    if not debug:
+        warnings.filterwarnings("ignore")
+    try:
+        from tokcompile.models import tiny
+        from tokcompile.outdir import check_destination
+        from tokcompile.pipeline import plan_recipe
+        from tokcompile.publish import staging
+        from tokcompile.quant import GPTQConfig
+        from tokcompile.quant.streaming import stream_gptq
+
+        plan = plan_recipe(args.recipe, trust_remote_code=args.trust_remote_code)
+        if not isinstance(plan.quant, GPTQConfig):
+            raise RecipeError("quant.method", "streaming quantization runs GPTQ; set quant.method: GPTQ (RTN needs "
+                                              "no calibration and runs inside the compile)")
+        if tiny.is_tiny(plan.recipe.model.path):
+            raise RecipeError("model.path", "streaming reads a checkpoint directory; write the built-in model with "
+                                            "`python -m tokcompile save-model` and point model.path at it")
+        if args.layers is not None and args.layers < 1:
+            raise RecipeError("--layers", f"{args.layers} is not a layer count; give 1 or more, or leave it out")
+        dest = check_destination(args.out, args.force, "--out")
+        with staging(dest, args.force, "--out") as stage:
+            report = stream_gptq(plan, stage.tmp, log=lambda m: print(m, flush=True), max_layers=args.layers)
+            (stage.tmp / "quantization.json").write_text(json.dumps(report, indent=2) + "\n")
+            stage.publish()
+        s = report["streaming"]
+        print(f"done: {s['layers_quantized']} decoder layers quantized in {s['seconds']} s, peak memory "
+              f"{s['peak_rss_mb']} MB; wrote {dest}")
+        return 0
+    except TokcompileError as e:
+        if debug:
+            raise
+        from tokcompile.errors import one_line
+
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return e.exit_code
