@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def quantize_main(argv: list[str] | None = None) -> int:
+    from tokcompile.publish import Terminated
+
     args = _parser().parse_args(argv)
     debug = os.environ.get("TOKCOMPILE_DEBUG") == "1"
     if not debug:
@@ -67,3 +70,9 @@ def quantize_main(argv: list[str] | None = None) -> int:
 
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written to --out", file=sys.stderr)
+        return 130
+    except Terminated as e:  # SIGTERM: the staging directory is already removed
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + signal.SIGTERM

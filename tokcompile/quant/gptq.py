@@ -105,20 +105,33 @@ class GPTQResult:
 
 
 def _damped_inverse_factor(H: Tensor, percdamp: float) -> tuple[Tensor, float, int]:
-    """Upper Cholesky factor of (H + damp·I)⁻¹, raising percdamp ×10 on failure. Returns (Hinv, damp, retries)."""
+    """Upper Cholesky factor of (H + damp·I)⁻¹, raising percdamp ×10 on failure. Returns (Hinv, damp, retries).
+
+    H (I, I) is the caller's working copy: it is damped in place and released once factorised, so at most two
+    I×I matrices are alive at a time (11008² in float32 is 485 MB for a 7B model's down_proj). Should the
+    inverse fail to factorise (rare: the inverse of a positive definite matrix), H is rebuilt from it for the
+    retry, with its diagonal restored exactly."""
     mean_diag = torch.diag(H).mean().item()
-    idx = torch.arange(H.shape[0], device=H.device)
+    undamped = H.diagonal().clone()  # (I,)
     for retry in range(MAX_DAMP_RETRIES + 1):
         damp = percdamp * mean_diag
-        Hd = H.clone()
-        Hd[idx, idx] += damp
+        H.diagonal().copy_(undamped + damp)
         try:
-            Hinv = torch.cholesky_inverse(torch.linalg.cholesky(Hd))  # (I, I) = (H + damp·I)⁻¹
-            Hinv = torch.linalg.cholesky(Hinv, upper=True)  # (I, I) upper factor U, Uᵀ U = H⁻¹
-            if torch.isfinite(Hinv).all():
-                return Hinv, damp, retry
+            L = torch.linalg.cholesky(H)  # (I, I) lower
         except torch.linalg.LinAlgError:
-            pass
+            L = None
+        if L is not None:
+            H.set_()  # drops the working copy's storage (the caller's reference too): the factor replaces it
+            inverse = torch.cholesky_inverse(L)  # (I, I) = (H + damp·I)⁻¹
+            del L
+            try:
+                Hinv = torch.linalg.cholesky(inverse, upper=True)  # (I, I) upper factor U, Uᵀ U = H⁻¹
+                if torch.isfinite(Hinv.sum()):  # a NaN or inf anywhere makes the sum one (no I×I mask)
+                    return Hinv, damp, retry
+            except torch.linalg.LinAlgError:
+                pass
+            H = torch.linalg.inv(inverse)  # back to H + damp·I for the next try
+            del inverse
         if retry < MAX_DAMP_RETRIES:
             percdamp *= 10
             warnings.warn(
@@ -144,8 +157,10 @@ def gptq_quantize(
     actorder: bool = False,
     static_groups: bool = False,
     sym_grid: str = "narrow",
+    overwrite_h: bool = False,
 ) -> GPTQResult:
-    """Quantize one weight with GPTQ given its calibration Hessian (inputs are not modified).
+    """Quantize one weight with GPTQ given its calibration Hessian (inputs are not modified, except H with
+    `overwrite_h`).
 
     Args:
         W: (O, I) weight, any float dtype (computed in float32).
@@ -157,6 +172,8 @@ def gptq_quantize(
         static_groups: with groups, take every group's qparams from the unpermuted W before any update.
         sym_grid: symmetric scale, "narrow" or "full" (see `primitives.compute_qparams`); it sets only the
             scales, and every column is then rounded onto `qrange(bit, symmetric)` as with "narrow".
+        overwrite_h: use H (float32) as the working copy instead of cloning it (the caller is done with it):
+            one I×I matrix less in memory.
 
     Raises:
         ValueError: bad shapes, group_size not dividing I, non-finite H, or a Hessian that stays
@@ -172,7 +189,9 @@ def gptq_quantize(
     n_groups, g = num_groups(cols, group_size)  # raises if group_size does not divide I
     grouped = n_groups > 1 or group_size not in (None, -1)
     W = W.detach().clone().float()  # (O, I)
-    H = H.detach().to(device=W.device, dtype=torch.float32).clone()  # (I, I)
+    H = H.detach().to(device=W.device, dtype=torch.float32)  # (I, I)
+    if not overwrite_h:
+        H = H.clone()
 
     # Per-channel qparams: like the reference, from W before dead columns are zeroed.
     scale, zero = compute_qparams(W, bit, symmetric, None, sym_grid)  # (O, 1) each
@@ -187,7 +206,9 @@ def gptq_quantize(
     perm = None
     if actorder:
         perm = torch.argsort(torch.diag(H), descending=True)  # (I,) permuted position → original column
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        H = H.index_select(0, perm)  # two steps: two I×I matrices at a time, not three
+        H = H.index_select(1, perm)
     Hinv, damp, retries = _damped_inverse_factor(H, percdamp)  # (I, I) upper triangular
     del H
 

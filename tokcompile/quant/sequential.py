@@ -138,7 +138,7 @@ def gptq_sequential(
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     res = gptq_quantize(
-                        linears[n].weight, hessians[n][0], bit=wq.bit, symmetric=wq.symmetric,
+                        linears[n].weight, hessians.pop(n)[0], bit=wq.bit, overwrite_h=True, symmetric=wq.symmetric,
                         group_size=wq.group_size, blocksize=config.blocksize, percdamp=config.percdamp,
                         actorder=config.actorder, static_groups=config.static_groups, sym_grid=wq.sym_grid,
                     )
@@ -164,6 +164,7 @@ def gptq_sequential(
         log(f"  gptq {prefix[:-1]}: {len(mine)} Linear, output error {err:.4f}, {seconds:.1f}s, peak memory "
             f"{peak} MB")
         prev = [(s, c.keys[i]) for s, c in zip(states, caches)]
+        del caches, reference, pairs  # the values and the unquantized outputs are not needed any more
         states = outputs
         if after_layer is not None:
             after_layer(i)

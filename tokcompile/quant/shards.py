@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -51,19 +50,17 @@ class CheckpointShards:
         return list(self.file_of)
 
     def read(self, keys: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """The tensors of `keys`, each its own copy (in `dtype` if given), one file open at a time."""
+        """The tensors of `keys`, each its own copy (in `dtype` if given). The file is opened for one tensor at a
+        time, so its mapped pages never count for more than that tensor in the process's memory."""
         from safetensors import safe_open
 
-        by_file: dict[Path, list[str]] = defaultdict(list)
-        for k in keys:
-            by_file[self.file_of[k]].append(k)
         out = {}
-        for f, ks in by_file.items():
-            with safe_open(str(f), "pt") as s:
-                for k in ks:
-                    t = s.get_tensor(k)
-                    self.dtype_of[k] = t.dtype
-                    out[k] = t.to(dtype) if dtype is not None and t.dtype != dtype else t.clone()
+        for k in keys:
+            with safe_open(str(self.file_of[k]), "pt") as s:
+                t = s.get_tensor(k)
+                self.dtype_of[k] = t.dtype
+                out[k] = t.to(dtype) if dtype is not None and t.dtype != dtype else t.clone()
+            del t
         return out
 
 

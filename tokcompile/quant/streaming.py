@@ -5,13 +5,14 @@ frequencies, stay real). The vision tower, projector, embeddings and final norm 
 checkpoint's safetensors shards; the calibration batches run through them into the sequence entering decoder
 layer 0, and they are dropped again. Then `gptq_sequential` walks the decoder as it does in memory, and around
 each layer: its tensors are read from the shards in float32, quantized on the calibration activations (which
-stay in host memory), written to the output as one shard, and dropped once the next layer no longer needs
-them (a reduction step before layer i+1 scores with layer i). Every tensor that is not a quantized weight is
+stay in host memory), written to the output as one shard, and dropped before the next layer loads (after it,
+where a reduction step before layer i+1 scores with layer i). Every tensor that is not a quantized weight is
 copied to the output in its own dtype; quantized weights are written in float32, as `save.save_fake` writes
 them in memory, so the output holds the exact grid values.
 
-Peak memory is about two decoder layers in float32, their Hessians, the calibration activations, and the
-largest of the vision tower and the embeddings; the whole model is never resident.
+Peak memory is about one decoder layer in float32 (two around a reduction step), one Linear's Hessian and its
+GPTQ working matrices, the calibration activations, and, before the first layer, the vision tower and the
+embeddings; the whole model is never resident.
 """
 
 from __future__ import annotations
@@ -137,10 +138,14 @@ def stream_gptq(plan: Any, out: Path, log: Callable[[str], None] = print, max_la
                if any(n.startswith(p) for p in prefixes[:n_quant])}
     reduced = ReducedVLM(model, adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id)
     timing: list[dict] = []
+    # A reduction step before (or inside) layer i may score with layer i-1: keep that layer until layer i is done.
+    steps_at = {s.layer for s in plan.schedule if not s.site.in_vision_graph} if calib.with_reduction else set()
 
     def before(i: int) -> None:
         if i == 0:  # the calibration inputs are ready: only the final norm stays (DART-style steps read it)
             store.drop([n for n in front if n not in norm_params])
+        elif i not in steps_at:
+            store.drop(in_layers[i - 1])
         t = time.perf_counter()
         store.load(in_layers[i])
         timing.append({"layer": i, "read_s": round(time.perf_counter() - t, 3)})
@@ -156,7 +161,7 @@ def stream_gptq(plan: Any, out: Path, log: Callable[[str], None] = print, max_la
             if n in weights:
                 quantized_keys.add(key)
         writer.write(tensors)
-        if i > 0:
+        if i > 0 and i in steps_at:
             store.drop(in_layers[i - 1])
         timing[-1]["write_s"] = round(time.perf_counter() - t, 3)
         if i == n_quant - 1:
