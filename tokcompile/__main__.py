@@ -3,7 +3,8 @@ python -m tokcompile generate EXPORT_DIR --image PATH --prompt TEXT [--backend o
 python -m tokcompile report EXPORT_DIR... --out REPORT_DIR   (accuracy against cost, from exports' eval.json)
 python -m tokcompile save-model tiny-random:llava DIR        (a built-in model as a Hugging Face directory)
 python -m tokcompile vtw-search recipe.yml [--eta 0.003]      (VTW's withdrawal layer by its KL criterion)
-python -m tokcompile quantize recipe.yml --out DIR          (GPTQ streamed layer by layer over a checkpoint)"""
+python -m tokcompile quantize recipe.yml --out DIR          (GPTQ streamed layer by layer over a checkpoint)
+python -m tokcompile sweep sweep.yml [--address ADDR]       (a recipe grid compiled as Ray tasks)"""
 
 import sys
 
@@ -21,6 +22,10 @@ if __name__ == "__main__":
         from tokcompile.quantize_cli import quantize_main
 
         sys.exit(quantize_main(args[1:]))
+    if args and args[0] == "sweep":
+        from tokcompile.sweep_cli import sweep_main
+
+        sys.exit(sweep_main(args[1:]))
     if args and args[0] == "report":
         sys.exit(report_main(args[1:]))
     if args and args[0] == "compile":
