@@ -45,7 +45,8 @@ def quantize_main(argv: list[str] | None = None) -> int:
         from tokcompile.quant import GPTQConfig
         from tokcompile.quant.streaming import stream_gptq
 
-        plan = plan_recipe(args.recipe, trust_remote_code=args.trust_remote_code)
+        # Nothing is exported here: plan for the eager target, which takes any dtype the recipe names.
+        plan = plan_recipe(args.recipe, targets=("eager",), trust_remote_code=args.trust_remote_code, evaluate=False)
         if not isinstance(plan.quant, GPTQConfig):
             raise RecipeError("quant.method", "streaming quantization runs GPTQ; set quant.method: GPTQ (RTN needs "
                                               "no calibration and runs inside the compile)")

@@ -4,7 +4,8 @@ the base recipe has an `eval` section) as a Ray task, with one table of cost aga
 A sweep file:
 
     base: recipes/tiny/fastv.yml            # relative to the sweep file
-    out: exported/sweeps/fastv              # default: exported/sweeps/<sweep file name>
+    out: exported/sweeps/fastv              # relative to the current directory, like save.save_path;
+                                            # default: exported/sweeps/<sweep file name>
     points:                                 # optional: explicit override sets (e.g. one per method)
       - {sparse.special: {method: FastV, pruning_loc: 2, rate: 0.5}}
       - {sparse.special: {method: DART, pruning_loc: 2, reduction_ratio: 0.7778}}
@@ -92,7 +93,12 @@ def load_sweep(path: str | Path) -> Sweep:
     base_path = (src.parent / data["base"]).resolve()
     if not base_path.is_file():
         raise RecipeError("base", f"{base_path} does not exist")
-    base = load_bounded(base_path.read_text(encoding="utf-8"))
+    try:
+        base = load_bounded(base_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise RecipeError("base", f"{base_path} could not be read as YAML ({one_line(str(e))})") from None
+    if not isinstance(base, dict):
+        raise RecipeError("base", f"{base_path} is not a recipe (a mapping of sections)")
     points = data.get("points") or [{}]
     grid = data.get("grid") or {}
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):

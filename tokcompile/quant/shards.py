@@ -83,9 +83,9 @@ def names_in_model(model: Any, keys: Iterable[str]) -> dict[str, str]:
     for k in keys:
         name, converted = rename_source_key(k, renamings, converters, model.base_model_prefix, state)
         if converted is not None:
-            raise RecipeError("quant.streaming", f"transformers converts the checkpoint tensor {k} when it loads "
-                                                 "(fused or split weights), which a layer-by-layer load cannot "
-                                                 "do; quantize without streaming")
+            raise RecipeError("model.path", f"transformers converts the checkpoint tensor {k} when it loads "
+                                            "(fused or split weights), which a layer-by-layer load cannot do; "
+                                            "quantize inside the compile instead")
         if name in state:
             out[k] = name
     return out

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from tokcompile.errors import RecipeError
-from tokcompile.reduce.base import REDUCERS, Entering
+from tokcompile.reduce.base import REDUCERS, Entering, is_int, is_number
 from tokcompile.reduce.dpc_knn import distances, dpc_knn, gamma_rank, merge_clusters
 from tokcompile.reduce.ops import first_argmax, gather_tokens, topk_sorted
 from tokcompile.reduce.prune import keep_image_tokens
@@ -118,10 +118,14 @@ class SparseVLMConfig:
             return row
         if self.reduction_ratio is not None:
             r = self.reduction_ratio
-            if not 0 <= r < 1:
-                raise RecipeError(f"{key}.reduction_ratio", f"{r} is outside [0, 1)")
+            if not is_number(r) or not 0 <= r < 1:
+                raise RecipeError(f"{key}.reduction_ratio", f"{r!r} is not a fraction in [0, 1); LightCompress's "
+                                                            "settings are 0.6667, 0.7778 and 0.8889")
             retained, where = round(n * (1 - r)), f"reduction_ratio {r} gives round({n}·(1 − {r}))"
         elif self.retained_tokens is not None:
+            if not is_int(self.retained_tokens):
+                raise RecipeError(f"{key}.retained_tokens", f"expected an integer (192, 128 or 64), got "
+                                                            f"{self.retained_tokens!r}")
             retained, where = self.retained_tokens, "retained_tokens"
         else:
             raise RecipeError(f"{key}.reduction_ratio", "SparseVLM needs reduction_ratio (0.6667, 0.7778 or 0.8889 "
