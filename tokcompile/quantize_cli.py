@@ -11,6 +11,7 @@ import signal
 import sys
 import warnings
 
+from tokcompile.cli import _report
 from tokcompile.errors import RecipeError, TokcompileError
 
 
@@ -65,12 +66,7 @@ def quantize_main(argv: list[str] | None = None) -> int:
               f"{s['peak_rss_mb']} MB; wrote {dest}")
         return 0
     except TokcompileError as e:
-        if debug:
-            raise
-        from tokcompile.errors import one_line
-
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
-        return e.exit_code
+        return _report(e, debug)
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written to --out", file=sys.stderr)
         return 130

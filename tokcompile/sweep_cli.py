@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 
-from tokcompile.errors import TokcompileError, one_line
+from tokcompile.cli import _report
+from tokcompile.errors import TokcompileError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +52,4 @@ def sweep_main(argv: list[str] | None = None) -> int:
         print(f"done: {len(rows)} points, {failed} failed; wrote {sweep.out / 'sweep.md'}")
         return 1 if failed else 0
     except TokcompileError as e:
-        if debug:
-            raise
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
-        return e.exit_code
+        return _report(e, debug)
