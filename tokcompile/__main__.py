@@ -4,7 +4,8 @@ python -m tokcompile report EXPORT_DIR... --out REPORT_DIR   (accuracy against c
 python -m tokcompile save-model tiny-random:llava DIR        (a built-in model as a Hugging Face directory)
 python -m tokcompile vtw-search recipe.yml [--eta 0.003]      (VTW's withdrawal layer by its KL criterion)
 python -m tokcompile quantize recipe.yml --out DIR          (GPTQ streamed layer by layer over a checkpoint)
-python -m tokcompile sweep sweep.yml [--address ADDR]       (a recipe grid compiled as Ray tasks)"""
+python -m tokcompile sweep sweep.yml [--address ADDR]       (a recipe grid compiled as Ray tasks)
+python -m tokcompile tune tune.yml [--serial]               (the best reduction within a FLOPs budget)"""
 
 import sys
 
@@ -26,6 +27,10 @@ if __name__ == "__main__":
         from tokcompile.sweep_cli import sweep_main
 
         sys.exit(sweep_main(args[1:]))
+    if args and args[0] == "tune":
+        from tokcompile.tune_cli import tune_main
+
+        sys.exit(tune_main(args[1:]))
     if args and args[0] == "report":
         sys.exit(report_main(args[1:]))
     if args and args[0] == "compile":

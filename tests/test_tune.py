@@ -1,0 +1,83 @@
+"""The budget autotuner (`python -m tokcompile tune`): the budget filter, successive halving on the KL proxy, the
+finalist compiled through the sweep engine, and the winning recipe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tokcompile.errors import RecipeError
+from tokcompile.tune import load_tune, rungs
+
+
+def _tune(tmp_path, **data) -> str:
+    path = tmp_path / "tune.yml"
+    path.write_text(yaml.safe_dump({"base": str(ROOT / "recipes/tiny/fastv.yml"), "out": str(tmp_path / "out"),
+                                    "targets": ["onnx"], **data}))
+    return str(path)
+
+
+def test_rungs_halve_down_to_the_finalists():
+    assert rungs(5, 8, 2, 1) == [1, 2, 4, 8]
+    assert rungs(9, 9, 3, 1) == [1, 3, 9]
+    assert rungs(2, 8, 2, 2) == [8]
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"budget": {"ttft_ms": 5}, "candidates": [{"method": "FastV"}]}, "budget"),
+    ({"budget": {"flops_ratio": "0.5"}, "candidates": [{"method": "FastV"}]}, "budget"),
+    ({"budget": {"flops_ratio": 0.5}}, "candidates"),
+    ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV", "grid": {"rate": []}}]},
+     "candidates[0].grid"),
+    ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "search": {"eta": 1}}, "search"),
+    ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "seach": {}}, "seach"),
+])
+def test_errors_name_the_key(tmp_path, data, key):
+    with pytest.raises(RecipeError) as e:
+        load_tune(_tune(tmp_path, **data))
+    assert e.value.key == key
+
+
+def test_the_tuner_picks_the_least_drift_within_budget(tmp_path):
+    """RandomPrune with prune_ratio 0 keeps every token: its KL is 0, so within a budget that admits it, it must
+    win. SparseVLM's scoring makes its ratio on the tiny model 1.015: over the budget of 1.0, never scored. A
+    candidate that does not plan is one line in the report."""
+    candidates = [{"method": "FastV", "grid": {"pruning_loc": [2], "rate": [0.5, 0.75]}},
+                  {"method": "DART", "grid": {"pruning_loc": [2], "reduction_ratio": [0.75]}},
+                  {"method": "DivPrune", "grid": {"reduction_ratio": [0.5]}},
+                  {"method": "RandomPrune", "grid": {"pruning_loc": [3], "prune_ratio": [0.0]}},
+                  {"method": "SparseVLM", "grid": {"pruning_loc": [[0, 2]], "stage_tokens": [[0.5, 12]]}},
+                  {"method": "FastV", "grid": {"pruning_loc": [9]}}]
+    res = subprocess.run([sys.executable, "-m", "tokcompile", "tune", _tune(
+        tmp_path, budget={"flops_ratio": 1.0}, candidates=candidates, search={"samples": 4, "eta": 2}), "--serial"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr + res.stdout
+    doc = json.loads((tmp_path / "out" / "tune.json").read_text())
+    rows = doc["candidates"]
+    assert len(rows) == 7 and "pruning_loc" in rows[6]["error"] and not rows[6]["rungs"]
+    assert rows[5]["flops_ratio"] > 1.0 and not rows[5]["in_budget"] and not rows[5]["rungs"]
+    scored = [r for r in rows if r["rungs"]]
+    assert len(scored) == 5 and all(r["in_budget"] for r in scored)
+    prompts = sorted({x["prompts"] for r in scored for x in r["rungs"]})
+    assert prompts == [1, 2, 4]  # rungs on 1, 1, 2 and 4 prompts: 5 candidates -> 3 -> 2 -> 1 finalist
+    assert doc["best"] == {"method": "RandomPrune", "pruning_loc": 3, "prune_ratio": 0.0}
+    final = [r for r in rows if "final" in r]
+    assert len(final) == 1 and final[0]["final"]["status"] == "compiled" and final[0]["params"] == doc["best"]
+    assert final[0]["rungs"][-1]["kl"] < 1e-6 and final[0]["rungs"][-1]["top1_agreement"] == 1.0
+    assert all(r["rungs"][0]["kl"] > 1e-6 for r in scored if r is not final[0])  # the others do drift
+    best = yaml.safe_load((tmp_path / "out" / "best.yml").read_text())
+    assert best["sparse"]["special"] == doc["best"]
+    assert (tmp_path / "out" / "points" / final[0]["final"]["id"] / "manifest.json").is_file()
+    assert (tmp_path / "out" / "tune.md").read_text().count("| `") == 7
+
+
+def test_the_example_tune_file_expands():
+    spec = load_tune(ROOT / "sweeps" / "tiny_tune.yml")
+    assert len(spec["candidates"]) == 6 + 4 + 2 + 2 and spec["budget"] == 0.92
+    assert spec["candidates"][0]["recipe"]["sparse"] == {"special": {"method": "FastV", "pruning_loc": 1,
+                                                                     "rate": 0.5}}

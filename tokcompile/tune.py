@@ -1,0 +1,200 @@
+"""The budget autotuner: `python -m tokcompile tune tune.yml` finds, among candidate methods and parameter grids,
+the token reduction that loses the least quality within a prefill FLOPs budget.
+
+    base: ../recipes/tiny/fastv.yml        # relative to the tune file; its model, quantization and export
+    out: exported/tune/tiny                # default: exported/tune/<tune file name>
+    budget: {flops_ratio: 0.6}             # the exact prefill FLOPs ratio (vision, decoder, lm_head, scoring)
+    candidates:
+      - {method: FastV, grid: {pruning_loc: [1, 2, 3], rate: [0.5, 0.75]}}
+      - {method: ToMe, section: vision, grid: {r: [8, 16]}}
+    search: {samples: 16, eta: 2, finalists: 2}
+    targets: [onnx]                        # export.targets of the finalists' compiles
+    resources: {num_cpus: 1}               # what each finalist's compile asks Ray for
+
+1. **Budget.** Every candidate is planned (no weights): its exact FLOPs ratio decides whether it is in budget;
+   a candidate whose parameters do not plan is listed with its error.
+2. **Proxy, by successive halving** (Jamieson and Talwalkar, AISTATS 2016): the candidates in budget are scored
+   on the first `samples / eta^R` calibration prompts by the mean KL divergence of the reduced model's next-token
+   distribution from the unreduced model's (eager, unquantized: quantization is the same for every candidate),
+   then the best 1/eta go on with eta times more prompts, until `finalists` remain; ties go to the higher top-1
+   agreement.
+3. **Finalists** compile through the sweep engine (`sweep.py`: Ray tasks, or `--serial`) with the base recipe's
+   quantization, export and `eval` section. With an `eval` section the winner is the most accurate finalist
+   (its first dataset, `exported` else `transformed`); without, the one of least KL.
+
+`out/tune.md` and `out/tune.json` list every candidate tried (FLOPs ratio, budget, the KL and agreement of each
+rung it ran); `out/best.yml` is the winning recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokcompile.errors import RecipeError, TokcompileError, one_line
+from tokcompile.sweep import Point, Sweep, execute, point_id
+from tokcompile.vtw_search import kl_withdrawn_to_full
+
+KEYS = ("base", "out", "budget", "candidates", "search", "targets", "resources")
+
+
+def _read(path: Path, key: str) -> Any:
+    from tokcompile.yaml_safe import load_bounded
+
+    try:
+        return load_bounded(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise RecipeError(key, f"{path} could not be read as YAML ({one_line(str(e))})") from None
+
+
+def load_tune(path: str | Path) -> dict[str, Any]:
+    """The tune file, checked, with its base recipe and candidates expanded to recipe mappings."""
+    src = Path(path)
+    if not src.is_file():
+        raise RecipeError(str(path), "is not a file; pass the path of a tune .yml")
+    data = _read(src, str(path))
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), "a tune file is a mapping with base, budget and candidates")
+    unknown = [k for k in data if k not in KEYS]
+    if unknown:
+        raise RecipeError(unknown[0], f"unknown tune key; known: {', '.join(KEYS)}")
+    if not isinstance(data.get("base"), str) or not (src.parent / data["base"]).is_file():
+        raise RecipeError("base", "give the base recipe's path, relative to the tune file")
+    base = _read(src.parent / data["base"], "base")
+    budget = data.get("budget")
+    if not isinstance(budget, dict) or set(budget) != {"flops_ratio"} or isinstance(budget["flops_ratio"], bool) \
+            or not isinstance(budget["flops_ratio"], (int, float)) or not budget["flops_ratio"] > 0:
+        raise RecipeError("budget", "give {flops_ratio: R}: the most exact prefill FLOPs ratio to accept (0 < R)")
+    search = {"samples": 16, "eta": 2, "finalists": 1, **(data.get("search") or {})}
+    if any(not isinstance(search[k], int) or search[k] < 1 for k in ("samples", "eta", "finalists")) or \
+            search["eta"] < 2:
+        raise RecipeError("search", "samples and finalists are integers >= 1, eta an integer >= 2")
+    candidates = []
+    for i, cand in enumerate(data.get("candidates") or []):
+        if not isinstance(cand, dict) or not isinstance(cand.get("method"), str):
+            raise RecipeError(f"candidates[{i}]", "each candidate is {method: NAME, grid: {param: [values]}}")
+        grid = cand.get("grid") or {}
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise RecipeError(f"candidates[{i}].grid", "a mapping of parameter -> non-empty list of values")
+        section = cand.get("section", "special")
+        if section not in ("special", "vision"):
+            raise RecipeError(f"candidates[{i}].section", f"{section!r}: use special (default) or vision")
+        for combo in itertools.product(*grid.values()):
+            special = {"method": cand["method"], **dict(zip(grid, combo))}
+            sparse = {"special": special} if section == "special" else {
+                "vision": {"method": "TokenReduction", "special": special}}
+            recipe = {**json.loads(json.dumps(base)), "sparse": sparse}
+            recipe.setdefault("save", {}).pop("save_path", None)
+            if data.get("targets") is not None:
+                recipe.setdefault("export", {})["targets"] = data["targets"]
+            candidates.append({"params": special, "recipe": recipe})
+    if not candidates:
+        raise RecipeError("candidates", "no candidate; list methods with their parameter grids")
+    out = Path(data.get("out") or Path("exported") / "tune" / src.stem)
+    return {"source": src, "out": out, "budget": float(budget["flops_ratio"]), "search": search,
+            "candidates": candidates, "resources": data.get("resources") or {}}
+
+
+def _plan(recipe: dict[str, Any]):
+    from tokcompile.plan import resolve
+    from tokcompile.recipe import load_recipe_dict
+
+    parsed = dataclasses.replace(load_recipe_dict(recipe, "candidate"), eval=None)
+    return resolve(parsed)
+
+
+def rungs(n: int, samples: int, eta: int, finalists: int) -> list[int]:
+    """Prompts per rung: halvings from n candidates down to `finalists`, the last rung on all `samples`."""
+    r = max(0, math.ceil(math.log(max(n, 1) / finalists, eta))) if n > finalists else 0
+    return [max(1, samples // eta ** (r - k)) for k in range(r + 1)]
+
+
+def tune(path: str | Path, *, serial: bool = False, address: str | None = None,
+         log: Callable[[str], None] = print) -> dict[str, Any]:
+    from tokcompile.graphs import build_modules
+    from tokcompile.models.loading import load_model, load_processor
+    from tokcompile.quant.calib import calibration_batches
+    from tokcompile.recipe import CalibConfig
+
+    spec = load_tune(path)
+    budget, search = spec["budget"], spec["search"]
+    rows = []
+    for c in spec["candidates"]:
+        row = {"params": c["params"], "recipe": c["recipe"], "rungs": []}
+        try:
+            plan = _plan(c["recipe"])
+            row["flops_ratio"] = round(plan.flops["total_exact"]["ratio"], 4)
+            row["in_budget"] = row["flops_ratio"] <= budget
+            row["plan"] = plan
+        except TokcompileError as e:
+            row.update(flops_ratio=None, in_budget=False, error=one_line(str(e)))
+        rows.append(row)
+    alive = [r for r in rows if r["in_budget"]]
+    log(f"tune {spec['source'].name}: {len(rows)} candidates, {len(alive)} within FLOPs ratio {budget}")
+    if not alive:
+        raise RecipeError("budget", f"no candidate is within a FLOPs ratio of {budget}; raise it or add candidates "
+                                    "that prune more")
+    first = alive[0]["plan"]
+    recipe = first.recipe
+    calib = dataclasses.replace(recipe.quant.calib if recipe.quant is not None else CalibConfig(),
+                                n_samples=search["samples"])
+    processor = load_processor(recipe.model.path, recipe.model.trust_remote_code)
+    model = load_model(recipe.model.path, first.config, recipe.base.seed, recipe.model.trust_remote_code)
+    batches = calibration_batches(calib, processor, first.adapter, first.geometry, recipe.base.seed, 1)
+    full_model, _ = build_modules(dataclasses.replace(first, schedule=(), reducers=()), model)
+    with torch.no_grad():
+        full = [full_model.run(dict(b))["logits"] for b in batches]  # (1, V) each
+    counts = rungs(len(alive), len(batches), search["eta"], search["finalists"])
+    for k, n in enumerate(counts):
+        for r in alive:
+            reduced, _ = build_modules(r["plan"], model)
+            with torch.no_grad():
+                logits = [reduced.run(dict(b))["logits"] for b in batches[:n]]
+            kl = float(torch.cat([kl_withdrawn_to_full(x, f) for x, f in zip(logits, full)]).double().mean())
+            top1 = float(sum(int(x.argmax(-1) == f.argmax(-1)) for x, f in zip(logits, full)) / n)
+            r["rungs"].append({"prompts": n, "kl": kl, "top1_agreement": top1})
+        alive.sort(key=lambda r: (r["rungs"][-1]["kl"], -r["rungs"][-1]["top1_agreement"]))
+        keep = search["finalists"] if k == len(counts) - 1 else max(search["finalists"],
+                                                                     math.ceil(len(alive) / search["eta"]))
+        log(f"  rung {k + 1}/{len(counts)}: {len(alive)} candidate(s) on {n} prompt(s); best KL "
+            f"{alive[0]['rungs'][-1]['kl']:.4g} ({alive[0]['params']}); {min(keep, len(alive))} go on")
+        alive = alive[:keep]
+    points = tuple(Point({"sparse": r["recipe"]["sparse"]}, r["recipe"], point_id(r["recipe"])) for r in alive)
+    sweep = Sweep(spec["source"], spec["out"], points, {k: float(v) for k, v in spec["resources"].items()})
+    compiled = execute(sweep, address=address, serial=serial, log=log)
+    for r, c in zip(alive, compiled):
+        r["final"] = {k: v for k, v in c.items() if k != "overrides"}
+    ok = [r for r in alive if r["final"]["status"] != "failed"]
+    if not ok:
+        raise RecipeError("candidates", f"every finalist failed to compile; see {spec['out'] / 'sweep.md'}")
+    accuracy = [k for k in ok[0]["final"] if k.startswith("accuracy:")]
+    best = max(ok, key=lambda r: r["final"][accuracy[0]]) if accuracy else ok[0]
+    return _write(spec, rows, best, accuracy[0] if accuracy else None)
+
+
+def _write(spec: dict[str, Any], rows: list[dict], best: dict, by: str | None) -> dict[str, Any]:
+    out = spec["out"]
+    (out / "best.yml").write_text(json.dumps(best["recipe"], indent=1) + "\n")  # JSON is YAML
+    doc = {"budget_flops_ratio": spec["budget"], "search": spec["search"], "chosen_by": by or "kl",
+           "best": best["params"], "candidates": [
+               {k: v for k, v in r.items() if k not in ("plan", "recipe")} for r in rows]}
+    (out / "tune.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    lines = [f"# Tune (FLOPs ratio <= {spec['budget']}; chosen by {by or 'the KL proxy'})", "",
+             f"Best: `{json.dumps(best['params'])}`, recipe `best.yml`.", "",
+             "| candidate | FLOPs ratio | in budget | KL per rung (prompts) | top-1 agreement (last rung) | final |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        rung = ", ".join(f"{x['kl']:.4g} ({x['prompts']})" for x in r["rungs"]) or r.get("error", "")
+        top1 = f"{r['rungs'][-1]['top1_agreement']:.3f}" if r["rungs"] else ""
+        final = r.get("final", {}).get("status", "")
+        lines.append(f"| `{json.dumps(r['params'])}` | {r['flops_ratio']} | {r['in_budget']} | {rung} | {top1} | "
+                     f"{final} |")
+    (out / "tune.md").write_text("\n".join(lines) + "\n")
+    return doc
