@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import ROOT
 from tokcompile.errors import RecipeError
-from tokcompile.sweep import load_sweep, point_id
+from tokcompile.sweep import load_sweep, point_id, point_resources
 
 
 def _sweep(tmp_path, **data) -> str:
@@ -79,3 +79,10 @@ def test_the_example_sweep_expands():
     methods = [p.recipe["sparse"]["special"]["method"] for p in sweep.points]
     assert methods == ["FastV", "FastV", "DART", "DART", "RandomPrune", "RandomPrune", "DivPrune", "DivPrune"]
     assert all(p.recipe["export"]["targets"] == ["onnx"] for p in sweep.points)
+
+
+def test_a_point_asks_for_what_its_recipe_needs(tmp_path):
+    sweep = load_sweep(_sweep(tmp_path, points=[{"export.targets": ["onnx"]}, {"export.targets": ["onnx", "tensorrt"]}],
+                              resources={"num_cpus": 2}))
+    assert [point_resources(p, sweep.resources) for p in sweep.points] == [
+        {"num_cpus": 2.0, "num_gpus": 0}, {"num_cpus": 2.0, "num_gpus": 1}]

@@ -11,7 +11,7 @@ A sweep file:
       - {sparse.special: {method: DART, pruning_loc: 2, reduction_ratio: 0.7778}}
     grid:                                   # optional: every combination, crossed with the points
       quant.weight.bit: [4, 8]
-    resources: {num_cpus: 1, num_gpus: 0}   # what each point's task asks Ray for
+    resources: {num_cpus: 1, num_gpus: 0}   # what each point's task asks Ray for (a tensorrt point: a GPU)
     targets: [onnx]                         # optional: export.targets for every point
 
 An override key is a dotted recipe path; its value replaces what is there (a mapping replaces the whole
@@ -144,6 +144,14 @@ def run_point(recipe_path: str, out_dir: str, num_threads: int) -> dict[str, Any
                 "seconds": round(time.perf_counter() - t0, 1), "traceback": traceback.format_exc()[-2000:]}
 
 
+def point_resources(point: Point, defaults: dict[str, float]) -> dict[str, float]:
+    """What a point's task asks Ray for: the sweep's `resources` (1 CPU by default), and a GPU where its recipe
+    needs one (the tensorrt target builds its engines on a CUDA GPU)."""
+    targets = (point.recipe.get("export") or {}).get("targets") or []
+    gpus = max(defaults.get("num_gpus", 0), 1 if "tensorrt" in targets else 0)
+    return {"num_cpus": defaults.get("num_cpus", 1), "num_gpus": gpus}
+
+
 def _published(out_dir: Path) -> bool:
     return (out_dir / "manifest.json").is_file()
 
@@ -176,9 +184,8 @@ def execute(sweep: Sweep, *, address: str | None = None, serial: bool = False,
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      **({} if address else {"object_store_memory": 200 << 20}))
-        task = ray.remote(run_point).options(num_cpus=sweep.resources.get("num_cpus", 1),
-                                             num_gpus=sweep.resources.get("num_gpus", 0))
-        refs = {task.remote(rp, od, threads): p for p, rp, od in todo}
+        task = ray.remote(run_point)
+        refs = {task.options(**point_resources(p, sweep.resources)).remote(rp, od, threads): p for p, rp, od in todo}
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
