@@ -36,6 +36,7 @@ def test_rungs_halve_down_to_the_finalists():
      "candidates[0].grid"),
     ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "search": {"eta": 1}}, "search"),
     ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "seach": {}}, "seach"),
+    ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "search": {"sample": 4}}, "search"),
 ])
 def test_errors_name_the_key(tmp_path, data, key):
     with pytest.raises(RecipeError) as e:

@@ -72,7 +72,10 @@ def load_tune(path: str | Path) -> dict[str, Any]:
     if not isinstance(budget, dict) or set(budget) != {"flops_ratio"} or isinstance(budget["flops_ratio"], bool) \
             or not isinstance(budget["flops_ratio"], (int, float)) or not budget["flops_ratio"] > 0:
         raise RecipeError("budget", "give {flops_ratio: R}: the most exact prefill FLOPs ratio to accept (0 < R)")
-    search = {"samples": 16, "eta": 2, "finalists": 1, **(data.get("search") or {})}
+    given = data.get("search") or {}
+    if not isinstance(given, dict) or any(k not in ("samples", "eta", "finalists") for k in given):
+        raise RecipeError("search", "takes samples, eta and finalists")
+    search = {"samples": 16, "eta": 2, "finalists": 1, **given}
     if any(not isinstance(search[k], int) or search[k] < 1 for k in ("samples", "eta", "finalists")) or \
             search["eta"] < 2:
         raise RecipeError("search", "samples and finalists are integers >= 1, eta an integer >= 2")
