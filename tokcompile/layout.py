@@ -4,9 +4,10 @@ Graph builders, the generation loop, the runtime, parity and the manifest all re
 slices outputs by position. Modules return tuples in the layout's order (what exporters need) and runners
 turn them into dicts with `named()`.
 
-- vision:  the processor's media inputs -> image_embeds (B, N', D), image_source (B, N') and the parity
-           output of every vision-graph step (`kept_j` (B, k), `assign_j` or `cluster_j` (B, n_in): see
-           `reduce.schedule.Output`; j is its schedule index).
+- vision:  the processor's media inputs (and `question_ids`, `question_mask` (B, S, L) where a step reads
+           the question) -> image_embeds (B, N', D), image_source (B, N'; -1 marks an unused slot, which the
+           decoder never attends) and the parity output of every vision-graph step (`kept_j` (B, k),
+           `assign_j` or `cluster_j` (B, n_in): see `reduce.schedule.Output`; j is its schedule index).
 - prefill: the processor's text inputs, image_embeds, image_source -> logits (B, V), the parity output of
            every decoder step, cache_mask_g (B, T_g) per cache group g, cache_bias_g (B, T_g) float for groups
            whose tokens carry sizes (log size, proportional attention), next_position (B, 1), and
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tokcompile.question import QUESTION_INPUTS
 from tokcompile.reduce.schedule import Output, Schedule, Site
 
 VISION, PREFILL, DECODE = "vision", "prefill", "decode"
@@ -132,6 +134,8 @@ def build_layout(adapter: Any, geometry: Any, schedule: Schedule) -> GraphLayout
     axes = adapter.input_axes(geometry)
     text = text_inputs(axes, names)
     media = tuple(n for n in names if n not in text)
+    if any(s.question for s in schedule):
+        media += QUESTION_INPUTS
     step_outputs = tuple(f"{s.output_name}_{j}" for j, s in enumerate(schedule))
     vision_steps = tuple(o for o, s in zip(step_outputs, schedule) if s.site.in_vision_graph)
     decoder_steps = tuple(o for o, s in zip(step_outputs, schedule) if not s.site.in_vision_graph)

@@ -122,14 +122,17 @@ def random_images(rng: np.random.Generator, n: int, size: tuple[int, int]) -> li
 
 def process(
     processor: Any, adapter: Any, geometry: Any, images: list, questions: list[str], prompt_format: str = "auto",
-    key: str = PROCESSOR_KEY,
+    key: str = PROCESSOR_KEY, question: Any = None,
 ) -> dict[str, Tensor]:
     """(images, prompts) -> the prefill graph's inputs, as the processor returns them for the compiled
     resolution (images resized first where the family's processor output depends on the image size).
 
     Prompts are bare questions or formatted prompts (see `format_prompt`). A prompt that does not fit its format,
     or one the processor rejects, raises RecipeError naming `key`: the checkpoint's processor (`model.path`) at
-    compile time, the user's prompt at run time."""
+    compile time, the user's prompt at run time.
+
+    `question` (a `tokcompile.question.QuestionTokenizer`), where a vision-graph step reads the question, adds
+    `question_ids` and `question_mask` made from each prompt with its media placeholder replaced by a space."""
     prompts = [format_prompt(processor, adapter, q, geometry.media, prompt_format, key) for q in questions]
     media = adapter.prepare_images(images, geometry)
     try:
@@ -150,11 +153,15 @@ def process(
     if missing:
         raise RecipeError(key, f"the processor returned no {', '.join(missing)}, which {type(adapter).__name__} "
                                "needs; is this processor the model's?")
-    return {n: out[n] for n in names}
+    picked = {n: out[n] for n in names}
+    if question is not None:
+        picked.update(question(list(questions), adapter.placeholder(geometry.media), key))
+    return picked
 
 
 def make_inputs(
-    processor: Any, adapter: Any, geometry: Any, batch_size: int, samples: int, seed: int, max_len: int
+    processor: Any, adapter: Any, geometry: Any, batch_size: int, samples: int, seed: int, max_len: int,
+    question: Any = None,
 ) -> list[ParityInputs]:
     """`samples` batches with prompts of different lengths (so batches > 1 carry padding)."""
     rng = np.random.default_rng(seed)
@@ -162,7 +169,7 @@ def make_inputs(
     for s in range(samples):
         questions = [PROMPTS[(s * batch_size + b) % len(PROMPTS)] for b in range(batch_size)]
         images = adapter.random_media(rng, batch_size, geometry)
-        batch = process(processor, adapter, geometry, images, questions)
+        batch = process(processor, adapter, geometry, images, questions, question=question)
         if batch["input_ids"].shape[1] > max_len:
             n = batch["input_ids"].shape[1]
             raise ValueError(f"a parity prompt needs {n} tokens, above the {max_len} compiled")

@@ -20,6 +20,8 @@ from typing import Any
 from tokcompile import outdir, publish
 from tokcompile.errors import ExportError, RecipeError
 from tokcompile.plan import Plan, check_remote_code, remote_code_warning, resolve
+from tokcompile.question import SAVED_DIR as SAVED_QUESTION_DIR
+from tokcompile.question import for_plan as question_tokenizer
 from tokcompile.recipe import load_recipe
 
 Log = Callable[[str], None]
@@ -120,7 +122,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     try:
         inputs = parity.make_inputs(
             processor, plan.adapter, g, plan.batch_size, recipe.parity.samples, recipe.base.seed,
-            plan.text_len_range[1],
+            plan.text_len_range[1], question_tokenizer(plan),
         )
     except ValueError as e:
         raise RecipeError("inputs.max_prompt_len", f"{e}; raise it or remove it") from None
@@ -151,6 +153,8 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         done()
 
     processor.save_pretrained(str(tmp / "processor"))
+    if (question := question_tokenizer(plan)) is not None:  # the runtime tokenizes questions with it
+        question.save(tmp / SAVED_QUESTION_DIR)
     if recipe.save.save_fake:
         done = stage("save_fake")
         model.save_pretrained(str(tmp / "fake_quant"), safe_serialization=True)
@@ -313,7 +317,8 @@ def _quantize(plan: Plan, model: Any, processor: Any, log: Log) -> tuple[Any, di
         return report, None, ints
     calib = plan.recipe.quant.calib
     batches = calibration_batches(calib, processor, plan.adapter, plan.geometry, plan.recipe.base.seed,
-                                  batch_size=calib.bs if calib.bs > 0 else calib.n_samples)
+                                  batch_size=calib.bs if calib.bs > 0 else calib.n_samples,
+                                  question=question_tokenizer(plan))
     original = {n: m.weight.detach().clone() for n, m in linears.items()}
     reduced = ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id)
     log(f"  GPTQ on {calib.n_samples} {calib.name} calibration samples"

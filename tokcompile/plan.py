@@ -19,9 +19,10 @@ from tokcompile.export.tensorrt_profile import check_ranges
 from tokcompile.layout import GraphLayout, build_layout
 from tokcompile.models import ADAPTERS, Geometry, VLMAdapter, tiny
 from tokcompile.models.loading import check_weights_present, load_config, model_type_of, resolve_dtype
+from tokcompile.question import QuestionSpec
 from tokcompile.recipe import EXPORT_TARGETS, Recipe
 from tokcompile.reduce import REDUCERS, Entering, Output, Positions, Schedule, Site, Step, config_from_params
-from tokcompile.reduce.base import sites_used
+from tokcompile.reduce.base import FAMILY_NEEDS, missing_needs, sites_used
 from tokcompile.reduce.schedule import decoder_image_tokens_in, image_tokens_per_decoder_layer
 from tokcompile.registry import suggest
 
@@ -53,6 +54,7 @@ class Plan:
     dtype: str = "float32"  # the graphs' precision (export.dtype, or model.torch_dtype; see resolve_export_dtype)
     atol: float = 1e-4  # parity tolerances: the recipe's, else DTYPE_TOLERANCES[dtype]
     rtol: float = 1e-3
+    question: QuestionSpec | None = None  # what the vision graph's question inputs hold, where a step reads it
 
     @property
     def batch_size(self) -> int:
@@ -83,6 +85,7 @@ class Plan:
             "parity_tolerance": {"atol": self.atol, "rtol": self.rtol},
             "quant_include": list(self.quant_include),
             "quant_ignore": list(self.quant_ignore),
+            **({"question": self.question.to_dict()} if self.question else {}),
         }
 
 
@@ -158,11 +161,13 @@ _SITE_WHERE = {
 }
 
 
-def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Schedule, tuple]:
+def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Schedule, tuple, QuestionSpec | None]:
     """Plan every reduction of the recipe in data order, one reducer per step, and check that the steps
-    chain: sites in order, each step's entering count equal to what the previous steps leave."""
+    chain: sites in order, each step's entering count equal to what the previous steps leave. Also returns
+    what the question inputs hold, where a step reads the question (one tokenizer and shape per export)."""
     steps: list[Step] = []
     reducers: list = []
+    question: QuestionSpec | None = None
     cls_offset = geom.vision_tokens - geom.n_image_tokens  # tower tokens the feature selection drops (CLS)
     n_vision, n_image = geom.vision_tokens, geom.n_image_tokens
     for spec in recipe.reductions:
@@ -178,9 +183,14 @@ def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Sch
             reason = adapter.site_refusals.get(site, "the adapter does not expose this site")
             raise RecipeError(spec.method_key, f"{cls.method} runs {_SITE_WHERE[site]}, which {geom.family} does "
                                                f"not support: {reason}")
+        for need in missing_needs(cls, adapter):
+            raise RecipeError(spec.method_key, f"{cls.method} needs {FAMILY_NEEDS[need]}, which {geom.family}'s "
+                                               "adapter does not give; choose another method for this family")
         after = (steps[-1].site, steps[-1].layer) if steps else None
+        first_projector = not any(s.site is Site.PROJECTOR_OUT for s in steps)
         planned = cfg.plan(geom, spec.key, Entering(n_image, n_vision, after, adapter.sites, adapter.site_refusals,
-                                                    adapter.tower_at_projector and not steps))
+                                                    adapter.tower_at_projector and not steps,
+                                                    adapter.features_at_projector and first_projector))
         for step in planned:
             if step.site not in cls.sites:
                 raise RecipeError(spec.method_key, f"{cls.method} planned a step at {step.site.value}, outside the "
@@ -204,9 +214,22 @@ def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Sch
                 n_image = n_vision - cls_offset
             else:
                 n_image = step.n_out
+            if step.question:
+                if not step.site.in_vision_graph:
+                    raise RecipeError(spec.method_key, f"{cls.method} reads the question at {step.site.value}; only "
+                                                       "vision-graph steps can")
+                mine = cfg.question(spec.key)
+                if question is not None and (mine.directory, mine.segments, mine.length, mine.truncate) != (
+                        question.directory, question.segments, question.length, question.truncate):
+                    raise RecipeError(mine.key, f"{cls.method} reads the question with {mine.directory} "
+                                                f"({mine.segments} × {mine.length} tokens), but an earlier step reads "
+                                                f"it with {question.directory} ({question.segments} × "
+                                                f"{question.length}); an export takes one question input: use the "
+                                                "same text encoder and segments")
+                question = question or mine
             steps.append(step)
             reducers.append(cfg)
-    return tuple(steps), tuple(reducers)
+    return tuple(steps), tuple(reducers), question
 
 
 def _with_reducer_warnings(recipe: Recipe, reducers: tuple) -> Recipe:
@@ -351,7 +374,7 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
     except ValueError as e:
         key = "inputs.video_frames" if frames is not None and "frame" in str(e) else "inputs.image_size"
         raise RecipeError(key, str(e)) from None
-    schedule, reducers = _reduction(recipe, adapter, geom)
+    schedule, reducers, question = _reduction(recipe, adapter, geom)
     recipe = _with_reducer_warnings(recipe, reducers)
     quant, include, ignore = _quant(recipe, adapter, geom)
 
@@ -411,6 +434,7 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
         dtype=dtype,
         atol=atol,
         rtol=rtol,
+        question=question,
     )
 
 

@@ -254,6 +254,14 @@ class Generator:
         geom["image_size"], geom["layout"] = tuple(geom["image_size"]), tuple(geom.get("layout", ()))
         self.geometry = Geometry(**geom)
         self.fixed_inputs = self.manifest.get("media", {}).get("fixed_inputs", {})
+        self.question = None  # where a vision-graph step reads the question: its tokenizer, saved in the export
+        if plan.get("question"):
+            from tokcompile.question import SAVED_DIR, QuestionSpec, QuestionTokenizer
+
+            q_dir = inside(self.dir, SAVED_DIR, "the question tokenizer")
+            if not q_dir.is_dir():
+                raise _fail(str(q_dir), "is missing; the export is incomplete, recompile it")
+            self.question = QuestionTokenizer.load(QuestionSpec(**plan["question"]), str(q_dir))
 
     def _image(self, im: Any) -> Any:
         return open_image(im)
@@ -288,7 +296,7 @@ class Generator:
 
         try:
             batch = process(self.processor, self.adapter, self.geometry, media, prompts, prompt_format,
-                            key="--prompt")
+                            key="--prompt", question=self.question)
         except ValueError as e:  # media the compiled geometry cannot take (e.g. a video's frame count)
             raise _fail(f"--{self.geometry.media}", str(e)) from None
         for name, want in self.fixed_inputs.items():

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from tokcompile.errors import RecipeError, TokcompileError, one_line
+from tokcompile.question import QuestionTokenizer
 from tokcompile.sweep import Point, Sweep, execute, point_id
 from tokcompile.vtw_search import kl_withdrawn_to_full
 
@@ -150,7 +151,13 @@ def tune(path: str | Path, *, serial: bool = False, address: str | None = None,
                                 n_samples=search["samples"])
     processor = load_processor(recipe.model.path, recipe.model.trust_remote_code)
     model = load_model(recipe.model.path, first.config, recipe.base.seed, recipe.model.trust_remote_code)
-    batches = calibration_batches(calib, processor, first.adapter, first.geometry, recipe.base.seed, 1)
+    # candidates that read the question (TRIM, CDPruner) get it from one tokenizer; the others ignore it
+    specs = {r["plan"].question for r in alive if r["plan"].question is not None}
+    if len(specs) > 1:
+        raise RecipeError("candidates", "candidates read the question with different text encoders or segments; "
+                                        "give them one text_encoder and text_segments")
+    question = QuestionTokenizer.load(specs.pop()) if specs else None
+    batches = calibration_batches(calib, processor, first.adapter, first.geometry, recipe.base.seed, 1, question)
     full_model, _ = build_modules(dataclasses.replace(first, schedule=(), reducers=()), model)
     with torch.no_grad():
         full = [full_model.run(dict(b))["logits"] for b in batches]  # (1, V) each

@@ -22,7 +22,9 @@ from tokcompile.models import ADAPTERS, ReducedVLM, tiny
 from tokcompile.parity import make_inputs
 from tokcompile.plan import resolve
 from tokcompile.recipe import load_recipe_dict
+from tokcompile.question import for_plan
 from tokcompile.reduce import REDUCERS
+from tokcompile.reduce.base import FAMILY_NEEDS, missing_needs
 from tokcompile.reduce.schedule import Output, Site, decoder_image_tokens_in
 
 # family case -> the tiny recipe that fixes its resolution (and media)
@@ -97,11 +99,18 @@ def test_reducer_against_family(method, case, family_models):
         assert msg.startswith(f"{recipe.reductions[-1].method_key}: ") and "does not support" in msg
         assert adapter.site_refusals[next(iter(missing))] in msg
         return
+    needs = missing_needs(cls, adapter)
+    if needs:  # more than a site: what the family's adapter would have to hand the method
+        with pytest.raises(RecipeError) as e:
+            resolve(recipe)
+        msg = str(e.value)
+        assert msg.startswith(f"{recipe.reductions[-1].method_key}: ") and FAMILY_NEEDS[needs[0]] in msg
+        return
     plan = resolve(recipe)
     g = plan.geometry
     assert plan.schedule and all(s.method == method for s in plan.schedule)
     model, processor = family_models(family)
-    batch = make_inputs(processor, plan.adapter, g, 2, 1, seed=3, max_len=10_000)[0].batch
+    batch = make_inputs(processor, plan.adapter, g, 2, 1, seed=3, max_len=10_000, question=for_plan(plan))[0].batch
     vlm = ReducedVLM(model, plan.adapter, g, plan.schedule, plan.reducers, plan.image_token_id).eval()
     with torch.no_grad():
         out = vlm.run(batch)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from tokcompile.eval.datasets import QA
 from tokcompile.eval.score import first_token_kl, normalize, vqa_score
+from tokcompile.question import for_plan as question_tokenizer
 
 # questions -> (answer texts, first-token logits [B, V])
 Answerer = Callable[[list[QA]], tuple[list[str], Tensor]]
@@ -45,10 +46,11 @@ def eager_answerer(plan: Any, model: Any, processor: Any, reduce: bool, max_new_
     graphs = eager_runners(reduced, decode)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id(plan))
     tokenizer = processor.tokenizer
+    question = question_tokenizer(plan)
 
     def answer(batch: list[QA]) -> tuple[list[str], Tensor]:
         feed = process(processor, plan.adapter, plan.geometry, [q.image for q in batch], [q.question for q in batch],
-                       key="eval.name")
+                       key="eval.name", question=question)
         result = generate(*graphs, dict(feed), layout=reduced.layout, cfg=cfg, keep_logits=True)
         texts = [tokenizer.decode([t for t in seq if t != cfg.eos_token_id], skip_special_tokens=True)
                  for seq in result.sequences()]
@@ -137,11 +139,12 @@ class Evaluation:
         if not self.wants("exported"):
             return
         limit = plan.text_len_range[1]
+        question = question_tokenizer(plan)
         for name, data in self.data.items():
             for i in range(0, len(data), 32):
                 chunk = data[i : i + 32]
                 ids = process(processor, plan.adapter, plan.geometry, [q.image for q in chunk],
-                              [q.question for q in chunk], key="eval.name")["input_ids"]
+                              [q.question for q in chunk], key="eval.name", question=question)["input_ids"]
                 if ids.shape[1] > limit:
                     raise RecipeError("inputs.max_prompt_len", f"a question of {name} needs {ids.shape[1]} tokens "
                                                                f"(image tokens included), more than the {limit} the "

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from tokcompile.models.geometry import Geometry
+from tokcompile.question import QUESTION_INPUTS
 from tokcompile.reduce.schedule import Site
 from tokcompile.reduce.state import ImageTokens
 
@@ -53,6 +54,9 @@ class VLMAdapter:
     # last block to the first projector-output step (`ImageContext.tower`), for methods that score image tokens
     # by the tower's attention where the tower's own sites are refused.
     tower_at_projector: ClassVar[bool] = False
+    # `encode_image_tokens` keeps the features the projector received (`ImageTokens.features`) for the first
+    # projector-output step (`ImageContext.features`), for methods that score with them there (CDPruner).
+    features_at_projector: ClassVar[bool] = False
     rope: ClassVar[str] = "1d"
     # Module-name patterns that quantization skips by default (see quant.base.select_linears).
     quant_ignore: ClassVar[tuple[str, ...]] = ()
@@ -251,6 +255,7 @@ class VLMAdapter:
                 out[name] = t[b][keep][None]
             else:
                 out[name] = t[b : b + 1]
+        out.update({n: batch[n][b : b + 1] for n in QUESTION_INPUTS if n in batch})  # (1, S, L)
         return out
 
     def extend_text(self, batch: Inputs, tokens: Tensor, geom: Geometry) -> Inputs:

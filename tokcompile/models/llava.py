@@ -55,6 +55,7 @@ class LlavaAdapter(VLMAdapter):
     # LightCompress's names for this family ("Llava" is the original-repo format; we load its HF twin).
     lightcompress_types: ClassVar[tuple[str, ...]] = ("Llava", "LlavaHf")
     sites: ClassVar[frozenset[Site]] = frozenset(Site)
+    features_at_projector: ClassVar[bool] = True
     rope: ClassVar[str] = "1d"
     quant_include: ClassVar[tuple[str, ...]] = ("model.language_model",)
     quant_ignore: ClassVar[tuple[str, ...]] = ("lm_head", "vision_tower", "multi_modal_projector")
@@ -124,9 +125,12 @@ class LlavaAdapter(VLMAdapter):
     def encode_image_tokens(self, model: nn.Module, inputs: dict[str, Tensor], geom: Geometry,
                             steps: VisionSteps | None = None) -> ImageTokens:
         if steps is None or not steps.touches_tower:
-            return super().encode_image_tokens(model, inputs, geom, steps)
+            feats = self.vision_features(model, inputs["pixel_values"])  # (B, N, Dv)
+            B, N = feats.shape[:2]
+            source = torch.arange(N, device=feats.device)[None].expand(B, N)  # (B, N)
+            return ImageTokens(self.project_features(model, feats), source, features=feats)  # (B, N, D)
         tokens = self.vision_tokens(model, inputs["pixel_values"], steps)  # (B, N', Dv)
-        return replace(tokens, hidden=self.project_features(model, tokens.hidden))  # (B, N', D)
+        return replace(tokens, hidden=self.project_features(model, tokens.hidden), features=tokens.hidden)
 
     def vision_tokens(self, model: nn.Module, pixel_values: Tensor, steps: VisionSteps) -> ImageTokens:
         """pixel_values (B, 3, H, W) -> the selected layer's tokens after the schedule's vision-tower steps,

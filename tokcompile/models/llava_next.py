@@ -198,6 +198,7 @@ class LlavaNextAdapter(LlavaAdapter):
         Site.VISION_OUT: "LLaVA-NeXT's anyres packing needs every tile's full patch grid",
     }
     encode_image_tokens = VLMAdapter.encode_image_tokens  # no vision-tower sites
+    features_at_projector: ClassVar[bool] = False  # the span holds tiles, newlines and unpadding
     # LightCompress has no LLaVA-NeXT class of its own: its `Llava` class loads LLaVA-1.6 in the original
     # repository's format (we load its HF twin); the NeXT names are accepted as well.
     lightcompress_types: ClassVar[tuple[str, ...]] = ("LlavaNext", "LlavaNextHf", "Llava")

@@ -229,6 +229,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         Site.VISION_OUT: "OneVision's anyres packing and frame pooling need every tile's full patch grid",
     }
     encode_image_tokens = VLMAdapter.encode_image_tokens  # no vision-tower sites
+    features_at_projector: ClassVar[bool] = False  # the span holds tiles, newlines and unpadding
     # LightCompress's name for this family (its original-repo format; we load the HF twin).
     lightcompress_types: ClassVar[tuple[str, ...]] = ("Llava_OneVision",)
     rope: ClassVar[str] = "1d"

@@ -31,6 +31,7 @@ from tokcompile.errors import RecipeError
 from tokcompile.models.base import Inputs, VLMAdapter
 from tokcompile.models.geometry import Geometry
 from tokcompile.models.registry import ADAPTERS
+from tokcompile.question import QUESTION_INPUTS
 from tokcompile.reduce.context import VisionContext
 from tokcompile.reduce.schedule import Site
 from tokcompile.reduce.state import ImageTokens
@@ -455,6 +456,7 @@ class Qwen2VLAdapter(VLMAdapter):
                 out[name] = t[b * kind[1] : (b + 1) * kind[1]]
             else:
                 out[name] = t[b : b + 1]
+        out.update({n: batch[n][b : b + 1] for n in QUESTION_INPUTS if n in batch})  # (1, S, L)
         return out
 
     def hf_position_ids(self, model: nn.Module, sample: Inputs) -> Tensor:

@@ -20,10 +20,11 @@ from torch import Tensor, nn
 from tokcompile.layout import GraphLayout, NamedOutputs, build_layout
 from tokcompile.models.base import VLMAdapter, causal_mask, splice_image_features, with_key_bias
 from tokcompile.models.geometry import Geometry
+from tokcompile.question import QUESTION_INPUTS, QuestionTokens
 from tokcompile.reduce.context import DecoderContext, ImageContext, VisionContext
 from tokcompile.reduce.ops import gather_tokens, keep_image_tokens_index
 from tokcompile.reduce.prune import contiguous_positions
-from tokcompile.reduce.schedule import Schedule, Site
+from tokcompile.reduce.schedule import Schedule, Site, Step
 from tokcompile.reduce.state import ImageTokens, TokenState
 
 Forced = dict[str, Tensor]  # step output name -> a selection to replay (eager no-cache references)
@@ -88,19 +89,26 @@ class VisionSteps:
     Each call returns new tokens and records the step's parity output under its layout name.
     """
 
-    def __init__(self, schedule: Schedule, reducers: tuple, names: tuple[str, ...], forced: Forced | None = None):
+    def __init__(self, schedule: Schedule, reducers: tuple, names: tuple[str, ...], forced: Forced | None = None,
+                 question: QuestionTokens | None = None, modules: Any = None):
         self.blocks = _by_site(schedule, reducers, names, Site.VISION_BLOCK)
         self.out = _by_site(schedule, reducers, names, Site.VISION_OUT).get(0, [])
         self.forced = forced or {}
         self.outputs: dict[str, Tensor] = {}
+        self.question, self.modules = question, modules if modules is not None else {}
 
     @property
     def touches_tower(self) -> bool:
         return bool(self.blocks or self.out)
 
+    def context(self, ctx: Any, name: str, step: Step) -> Any:
+        """The site's context with what this step's reducer brings: the question, its own weights."""
+        module = self.modules[name] if name in self.modules else None
+        return replace(ctx, question=self.question if step.question else None, module=module)
+
     def _run(self, steps: list, tokens: ImageTokens, ctx: Any) -> ImageTokens:
         for name, step, red in steps:
-            tokens, idx = red.apply(tokens, ctx, step, self.forced.get(name))
+            tokens, idx = red.apply(tokens, self.context(ctx, name, step), step, self.forced.get(name))
             self.outputs[name] = idx
         return tokens
 
@@ -127,6 +135,9 @@ class VisionEncoder(nn.Module):
         self.reducers = tuple(r for _, r, _ in picked)
         self.names = tuple(n for _, _, n in picked)
         self.projector_steps = [(n, s, r) for s, r, n in picked if s.site is Site.PROJECTOR_OUT]
+        # weights the reducers bring (e.g. CLIP's text tower): submodules, so every export carries them
+        loaded = {n: r.load_module() for _, r, n in picked if callable(getattr(r, "load_module", None))}
+        self.step_modules = nn.ModuleDict({n: m for n, m in loaded.items() if m is not None})
 
     @property
     def input_names(self) -> list[str]:
@@ -137,12 +148,18 @@ class VisionEncoder(nn.Module):
         return list(self.layout.vision.outputs)
 
     def run(self, inputs: dict[str, Tensor], forced: Forced | None = None) -> dict[str, Tensor]:
-        steps = VisionSteps(self.schedule, self.reducers, self.names, forced)
-        tokens = self.adapter.encode_image_tokens(self.model, inputs, self.geometry, steps)  # (B, N, D)
+        question = None
+        if QUESTION_INPUTS[0] in inputs:
+            question = QuestionTokens(*(inputs[n].long() for n in QUESTION_INPUTS))  # (B, S, L) each
+        steps = VisionSteps(self.schedule, self.reducers, self.names, forced, question, self.step_modules)
+        media = {n: v for n, v in inputs.items() if n not in QUESTION_INPUTS}
+        tokens = self.adapter.encode_image_tokens(self.model, media, self.geometry, steps)  # (B, N, D)
         out = dict(steps.outputs)
-        for name, step, red in self.projector_steps:
+        for i, (name, step, red) in enumerate(self.projector_steps):
             tower = tokens.tower if step is self.schedule[0] else None  # only the first step sees the tower
-            ctx = ImageContext(step.layer, self.geometry.frames, *(tower or (None, None)))
+            features = tokens.features if i == 0 else None  # and the projector's input
+            ctx = steps.context(ImageContext(step.layer, self.geometry.frames, *(tower or (None, None)),
+                                             features=features), name, step)
             tokens, idx = red.apply(tokens, ctx, step, (forced or {}).get(name))
             out[name] = idx
         return {"image_embeds": tokens.hidden, "image_source": tokens.source.long(), **out}
@@ -196,10 +213,13 @@ class Prefill(nn.Module):
         is_image = input_ids == self.image_token_id  # (B, T)
         image_start = is_image.int().argmax(dim=1)  # (B,) first placeholder
         full_positions = a.initial_positions(inputs, image_start, g)  # (B, T) or (B, T, R): the full prompt
-        src = keep_image_tokens_index(image_start, source.long(), N, T)  # (B, T - N + N')
+        used = source >= 0  # (B, N'): -1 marks a slot a vision-graph step left unused
+        src = keep_image_tokens_index(image_start, source.long().clamp(min=0), N, T)  # (B, T - N + N')
         text = a.embed_tokens(self.model)(input_ids)  # (B, T, D)
         hidden = splice_image_features(gather_tokens(text, src), feats, image_start)  # (B, T', D)
         valid = gather_tokens(attention_mask.bool(), src)  # (B, T')
+        span = image_start[:, None] + torch.arange(n_kept, device=input_ids.device)[None]  # (B, N')
+        valid = valid.scatter(1, span, gather_tokens(valid, span) & used)  # unused slots are never attended
         if g.rope == "1d" and n_kept != N:
             positions = contiguous_positions(valid)  # P0: a shorter prompt
         else:

@@ -54,7 +54,7 @@ def _pairs_from_path(path: str) -> list[tuple[Any, str]]:
 
 
 def calibration_batches(
-    calib: Any, processor: Any, adapter: Any, geometry: Any, seed: int, batch_size: int = 1
+    calib: Any, processor: Any, adapter: Any, geometry: Any, seed: int, batch_size: int = 1, question: Any = None
 ) -> list[dict[str, Any]]:
     """`calib.n_samples` samples as processor batches of `batch_size` (prompts left-padded), holding the
     prefill graph's inputs (`adapter.input_names_for(geometry)`)."""
@@ -82,7 +82,8 @@ def calibration_batches(
     batches = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        out = process(processor, adapter, geometry, [im for im, _ in chunk], [q for _, q in chunk], key=key)
+        out = process(processor, adapter, geometry, [im for im, _ in chunk], [q for _, q in chunk], key=key,
+                      question=question)
         if calib.seq_len is not None and out["input_ids"].shape[1] > calib.seq_len:
             raise RecipeError(
                 "quant.calib.seq_len",

@@ -30,6 +30,7 @@ from torch import nn
 from tokcompile.errors import RecipeError
 from tokcompile.quant.sequential import gptq_sequential, peak_rss_mb
 from tokcompile.quant.shards import CheckpointShards, ShardWriter, names_in_model
+from tokcompile.question import for_plan
 
 COPY_CHUNK_BYTES = 512 << 20  # tensors copied unchanged go out in files of about this size
 
@@ -132,7 +133,8 @@ def stream_gptq(plan: Any, out: Path, log: Callable[[str], None] = print, max_la
     processor = load_processor(recipe.model.path, recipe.model.trust_remote_code)
     calib = recipe.quant.calib
     batches = calibration_batches(calib, processor, adapter, plan.geometry, recipe.base.seed,
-                                  batch_size=calib.bs if calib.bs > 0 else calib.n_samples)
+                                  batch_size=calib.bs if calib.bs > 0 else calib.n_samples,
+                                  question=for_plan(plan))
     n_quant = len(layers) if max_layers is None else min(max_layers, len(layers))
     linears = {n: m for n, m in select_linears(model, plan.quant_include, plan.quant_ignore).items()
                if any(n.startswith(p) for p in prefixes[:n_quant])}

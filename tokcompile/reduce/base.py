@@ -34,6 +34,8 @@ class Entering:
         family_refusals: why the family refuses the others (the adapter's reasons), for that method's error.
         tower_at_projector: the family hands its tower's last block to the first projector-output step
             (`ImageContext.tower`).
+        features_at_projector: the family hands the features its projector received to the first
+            projector-output step (`ImageContext.features`).
     """
 
     image_tokens: int
@@ -42,6 +44,7 @@ class Entering:
     family_sites: frozenset[Site] = frozenset(Site)
     family_refusals: Mapping[Site, str] = field(default_factory=dict)
     tower_at_projector: bool = False
+    features_at_projector: bool = False
 
     def refusal(self, method: str, key: str, site: Site, geom: Geometry) -> RecipeError:
         """The plan's error for a method that needs `site` where the family refuses it."""
@@ -58,7 +61,7 @@ class Entering:
     def start_for(cls, geom: Geometry, adapter: Any) -> Entering:
         """Nothing reduced yet, with what the model family offers."""
         return cls(geom.n_image_tokens, geom.vision_tokens, None, adapter.sites, adapter.site_refusals,
-                   adapter.tower_at_projector)
+                   adapter.tower_at_projector, adapter.features_at_projector)
 
 
 class Reducer(Protocol):
@@ -66,7 +69,15 @@ class Reducer(Protocol):
     parameters choose among them (FiCoCo: the tower, the decoder or both) also defines
     `sites_used() -> frozenset[Site]`, and only those must be supported by the model family. A method that
     accepts options without effect here (another toolkit's logging switches) defines `warnings() -> tuple[str,
-    ...]`: the plan adds them to the recipe's warnings."""
+    ...]`: the plan adds them to the recipe's warnings.
+
+    A method that needs more than a site from the family lists the adapter's flags in `family_needs` (a
+    ClassVar tuple, keys of `FAMILY_NEEDS`); the plan refuses a family that lacks one.
+
+    Optional, for vision-graph methods: `question(key) -> QuestionSpec` when a step reads the question (its
+    `Step.question`; `key` names the recipe section for errors), and `load_module() -> nn.Module | None`, weights
+    the method brings itself (CLIP's text tower), loaded when the graphs are built, registered in the vision
+    graph (so every export carries them) and handed to `apply` as `ctx.module`."""
 
     method: ClassVar[str]
     sites: ClassVar[frozenset[Site]]
@@ -77,6 +88,17 @@ class Reducer(Protocol):
 
 
 REDUCERS: Registry[type] = Registry("token-reduction method")
+
+# What a method may need from the family beyond a site (`family_needs`: the adapter's flag -> what it gives).
+FAMILY_NEEDS = {
+    "features_at_projector": "the features the projector received, at the projector-output site",
+    "tower_at_projector": "the vision tower's last block, at the projector-output site",
+}
+
+
+def missing_needs(cls: type, adapter: Any) -> list[str]:
+    """The adapter flags a reducer class lists in `family_needs` that the family's adapter does not set."""
+    return [n for n in getattr(cls, "family_needs", ()) if not getattr(adapter, n, False)]
 
 
 def is_int(v: Any) -> bool:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from tokcompile.question import QuestionTokens
 from tokcompile.reduce.ops import attention_row, gather_tokens
 from tokcompile.reduce.state import TokenState
 
@@ -51,6 +52,8 @@ class VisionContext:
             (s - n_protected) // cols. None where the family does not give it.
         key_mask: (t, t) bool, True where the block let a query attend a key (Qwen2.5-VL's window blocks), or
             None: every key.
+        question: the question's tokens (`tokcompile.question`), for a step whose `Step.question` is set; else None.
+        module: the weights the step's reducer owns (`Reducer.load_module`), e.g. CLIP's text tower; else None.
     """
 
     layer: int
@@ -59,6 +62,8 @@ class VisionContext:
     key_bias: Tensor | None = None
     patch_grid: tuple[int, int] | None = None
     key_mask: Tensor | None = None
+    question: QuestionTokens | None = None
+    module: nn.Module | None = None
 
     def mean_keys(self) -> Tensor:
         """Keys averaged over heads: (B, t, dv)."""
@@ -90,12 +95,19 @@ class ImageContext:
             tokens (`VLMAdapter.tower_at_projector`: Qwen), the tower's last block as it ran (queries and keys
             (B, Hv, S, dv) over its S tokens in the tower's own order, its mask); None otherwise.
         tower_groups: (S,) int64 with `tower`: the image token (index in the span) each tower token became.
+        features: at the first projector-output step, (B, N, Dv) the features the projector received, token for
+            token with the state (LLaVA-1.5: the selected vision layer's patches, CLS dropped), on families whose
+            adapter gives them (`VLMAdapter.features_at_projector`); None otherwise.
+        question, module: as in `VisionContext`.
     """
 
     layer: int = 0
     frames: tuple[int, int] | None = None
     tower: VisionContext | None = None
     tower_groups: Tensor | None = None
+    features: Tensor | None = None
+    question: QuestionTokens | None = None
+    module: nn.Module | None = None
 
     def _per_image_token(self, n: int) -> tuple[Tensor, Tensor]:
         """(S, N) one-hot of every tower token's image token and (N,) how many tower tokens each one has."""

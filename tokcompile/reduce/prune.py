@@ -63,6 +63,7 @@ def keep_tokens(state: ImageTokens, kept: Tensor, hidden: Tensor | None = None) 
         hidden=gather_tokens(state.hidden, kept) if hidden is None else hidden,  # (B, k, D)
         source=gather_tokens(state.source, kept),  # (B, k)
         sizes=None if state.sizes is None else gather_tokens(state.sizes, kept),  # (B, k)
+        features=None if state.features is None else gather_tokens(state.features, kept),  # (B, k, Dv)
     )
 
 

@@ -74,6 +74,9 @@ class Step:
     # Further static counts the method's own `apply` needs (SparseVLM: kept, recycled and cluster counts); the
     # graphs, layout and FLOPs never read them
     detail: tuple[int, ...] = ()
+    # Vision-graph steps: the step reads the question (`ctx.question`); the vision graph then takes
+    # `question_ids` and `question_mask` (tokcompile.question), which the reducer's `question(key)` describes
+    question: bool = False
 
     @property
     def output_name(self) -> str:
@@ -91,6 +94,7 @@ class Step:
             "positions": self.positions.value,
             "sizes": self.sizes,
             **({"detail": list(self.detail)} if self.detail else {}),
+            **({"question": True} if self.question else {}),
         }
 
 

@@ -18,13 +18,17 @@ class ImageTokens:
 
     Args:
         hidden: (B, t, Dv) inside the vision tower, (B, N, D) after the projector.
-        source: (B, t) index of the original token each one stands for (a merged token: its destination's).
+        source: (B, t) index of the original token each one stands for (a merged token: its destination's), or
+            -1 for an unused slot (a step whose kept count depends on the data pads to a static count): the
+            decoder never attends it, and the tokens after it take contiguous positions as if it were absent.
             Inside the tower it counts the tower's tokens (CLS 0); after the projector, the image span.
         sizes: (B, t) float, how many original tokens each one holds, or None when nothing has merged.
         n_protected: leading tokens no step may drop or merge (the CLS token inside a CLIP tower).
         tower: after the projector of a family with `tower_at_projector`, (the tower's last block as a
             `VisionContext`, (S,) the image token each tower token became), for the first projector step's
             `ImageContext`; None otherwise.
+        features: after the projector of a family with `features_at_projector`, (B, N, Dv) the features the
+            projector received, token for token, for the first projector step's `ImageContext`; None otherwise.
     """
 
     hidden: Tensor
@@ -32,6 +36,7 @@ class ImageTokens:
     sizes: Tensor | None = None
     n_protected: int = 0
     tower: tuple[Any, Tensor] | None = None
+    features: Tensor | None = None
 
     @property
     def n(self) -> int:
