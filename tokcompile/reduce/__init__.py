@@ -15,6 +15,7 @@ from tokcompile.reduce import (  # noqa: F401
     randomprune,
     sparsevlm,
     tome,
+    trim,
     visionzip,
     vispruner,
     vtw,
