@@ -221,11 +221,13 @@ def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Sch
                 mine = cfg.question(spec.key)
                 if question is not None and (mine.directory, mine.segments, mine.length, mine.truncate) != (
                         question.directory, question.segments, question.length, question.truncate):
-                    raise RecipeError(mine.key, f"{cls.method} reads the question with {mine.directory} "
-                                                f"({mine.segments} × {mine.length} tokens), but an earlier step reads "
-                                                f"it with {question.directory} ({question.segments} × "
-                                                f"{question.length}); an export takes one question input: use the "
-                                                "same text encoder and segments")
+                    def form(q: QuestionSpec) -> str:
+                        return (f"{q.directory} ({q.segments} × {q.length} tokens, "
+                                f"{'truncated' if q.truncate else 'not truncated'})")
+
+                    raise RecipeError(mine.key, f"{cls.method} reads the question with {form(mine)}, but an earlier "
+                                                f"step reads it with {form(question)}; an export takes one question "
+                                                "input: combine methods that read it the same way")
                 question = question or mine
             steps.append(step)
             reducers.append(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 # Importing a method's module registers it under its file name.
 from tokcompile.reduce import (  # noqa: F401
     aim,
+    cdpruner,
     dart,
     divprune,
     fastervlm,
