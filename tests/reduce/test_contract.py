@@ -21,8 +21,8 @@ from tokcompile.errors import RecipeError
 from tokcompile.models import ADAPTERS, ReducedVLM, tiny
 from tokcompile.parity import make_inputs
 from tokcompile.plan import resolve
-from tokcompile.recipe import load_recipe_dict
 from tokcompile.question import for_plan
+from tokcompile.recipe import load_recipe_dict
 from tokcompile.reduce import REDUCERS
 from tokcompile.reduce.base import FAMILY_NEEDS, missing_needs
 from tokcompile.reduce.schedule import Output, Site, decoder_image_tokens_in
