@@ -113,7 +113,7 @@ def export_chain(plan: Any, model: Any, batch: dict[str, Any], backend: str, out
 
     from tokcompile.export import EXPORTERS
     from tokcompile.export.base import ExportRequest
-    from tokcompile.layout import IMAGE_OUTPUTS, PREFILL, VISION
+    from tokcompile.layout import PREFILL, VISION
     from tokcompile.models import ReducedVLM
 
     reduced = ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id,
@@ -136,11 +136,11 @@ def export_chain(plan: Any, model: Any, batch: dict[str, Any], backend: str, out
         runners[name] = io.wrap(art.load(out_dir))
 
     vision, prefill = runners[VISION], runners[PREFILL]
-    text = [n for n in layout.prefill.inputs if n not in IMAGE_OUTPUTS]
+    text = [n for n in layout.prefill.inputs if n not in layout.image_outputs]
 
     def run(b: dict[str, Any]) -> dict[str, Any]:
         image = vision({n: b[n] for n in layout.vision.inputs})
-        return prefill({**{n: b[n] for n in text}, **{n: image[n] for n in IMAGE_OUTPUTS}})
+        return prefill({**{n: b[n] for n in text}, **{n: image[n] for n in layout.image_outputs}})
 
     got_vision = vision(vision_feed)
     check_outputs(f"{backend} vision graph", got_vision, {n: seen[n] for n in layout.vision.outputs})

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from tokcompile.errors import RecipeError
 from tokcompile.graphs import decode_feed
-from tokcompile.layout import IMAGE_OUTPUTS, GraphLayout
+from tokcompile.layout import GraphLayout
 
 Graph = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -83,8 +83,8 @@ def run_prompt(vision: Graph, prefill: Graph, layout: GraphLayout, batch: dict[s
     """The vision graph on the media inputs, then the prefill graph on the text inputs and image embeddings:
     every output of both, by name."""
     seen = vision({n: batch[n] for n in layout.vision.inputs})
-    feed = {n: batch[n] for n in layout.prefill.inputs if n not in IMAGE_OUTPUTS}
-    feed.update({n: seen[n] for n in IMAGE_OUTPUTS})
+    feed = {n: batch[n] for n in layout.prefill.inputs if n not in layout.image_outputs}
+    feed.update({n: seen[n] for n in layout.image_outputs})
     return {**seen, **prefill(feed)}
 
 

@@ -6,7 +6,8 @@ turn them into dicts with `named()`.
 
 - vision:  the processor's media inputs (and `question_ids`, `question_mask` (B, S, L) where a step reads
            the question) -> image_embeds (B, N', D), image_source (B, N'; -1 marks an unused slot, which the
-           decoder never attends) and the parity output of every vision-graph step (`kept_j` (B, k),
+           decoder never attends), image_side_k (B, N', D) per side stream (Qwen3-VL's DeepStack features) and
+           the parity output of every vision-graph step (`kept_j` (B, k),
            `assign_j` or `cluster_j` (B, n_in): see `reduce.schedule.Output`; j is its schedule index).
 - prefill: the processor's text inputs, image_embeds, image_source -> logits (B, V), the parity output of
            every decoder step, cache_mask_g (B, T_g) per cache group g, cache_bias_g (B, T_g) float for groups
@@ -94,6 +95,11 @@ class GraphLayout:
     n_layers: int
     biased_groups: tuple[int, ...] = ()  # cache groups whose keys carry a size bias (proportional attention)
 
+    @property
+    def image_outputs(self) -> tuple[str, ...]:
+        """What the vision graph hands the prefill graph: image_embeds, image_source and any side streams."""
+        return IMAGE_OUTPUTS + tuple(n for n in self.vision.outputs if n.startswith("image_side_"))
+
     def graph(self, name: str) -> GraphIO:
         return {VISION: self.vision, PREFILL: self.prefill, DECODE: self.decode}[name]
 
@@ -129,6 +135,11 @@ def text_inputs(input_axes: dict[str, dict[int, Any]], names: Sequence[str]) -> 
     return tuple(n for n in names if "prompt_len" in input_axes.get(n, {}).values())
 
 
+def side_names(n: int) -> tuple[str, ...]:
+    """The names of `n` image-aligned side streams (`Geometry.side_streams`) between the vision and prefill graphs."""
+    return tuple(f"image_side_{k}" for k in range(n))
+
+
 def build_layout(adapter: Any, geometry: Any, schedule: Schedule) -> GraphLayout:
     names = tuple(adapter.input_names_for(geometry))
     axes = adapter.input_axes(geometry)
@@ -144,9 +155,10 @@ def build_layout(adapter: Any, geometry: Any, schedule: Schedule) -> GraphLayout
     biased = tuple(g for g, (start, _) in enumerate(groups) if sized and start >= min(sized))
     n = geometry.n_layers
     present = tuple(f"present_{kind}_{i}" for i in range(n) for kind in ("key", "value"))
-    vision = GraphIO(media, IMAGE_OUTPUTS + vision_steps)
+    image = IMAGE_OUTPUTS + side_names(getattr(geometry, "side_streams", 0))
+    vision = GraphIO(media, image + vision_steps)
     prefill = GraphIO(
-        text + IMAGE_OUTPUTS,
+        text + image,
         ("logits", *decoder_steps, *(f"cache_mask_{g}" for g in range(len(groups))),
          *(f"cache_bias_{g}" for g in biased), "next_position", *present),
     )

@@ -32,6 +32,9 @@ class Geometry:
             LLaVA-NeXT's tile grid), recorded in the manifest.
         frame_tokens: video whose span holds its `vision_images` frames one after another, `frame_tokens` each,
             then any trailing tokens (LLaVA-OneVision's one newline); 0 otherwise.
+        side_streams: image-aligned side streams the vision graph hands the decoder (Qwen3-VL's DeepStack: one
+            (B, N', D) feature per stream, added to the output of decoder layer j at the image positions, j <
+            side_streams); every reduction before those layers gathers them with the image tokens.
     """
 
     family: str
@@ -54,6 +57,7 @@ class Geometry:
     vision_images: int = 1
     layout: tuple[int, ...] = ()
     frame_tokens: int = 0
+    side_streams: int = 0
 
     @property
     def one_image_grid(self) -> bool:

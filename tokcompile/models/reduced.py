@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokcompile.layout import GraphLayout, NamedOutputs, build_layout
+from tokcompile.layout import GraphLayout, NamedOutputs, build_layout, side_names
 from tokcompile.models.base import VLMAdapter, causal_mask, splice_image_features, with_key_bias
 from tokcompile.models.geometry import Geometry
 from tokcompile.question import QUESTION_INPUTS, QuestionTokens
@@ -162,11 +162,27 @@ class VisionEncoder(nn.Module):
                                              features=features), name, step)
             tokens, idx = red.apply(tokens, ctx, step, (forced or {}).get(name))
             out[name] = idx
-        return {"image_embeds": tokens.hidden, "image_source": tokens.source.long(), **out}
+        if len(tokens.side) != self.geometry.side_streams:
+            raise ValueError(f"the adapter gave {len(tokens.side)} side streams, the geometry says "
+                             f"{self.geometry.side_streams}")
+        sides = dict(zip(side_names(len(tokens.side)), tokens.side))  # (B, N', D) each
+        return {"image_embeds": tokens.hidden, "image_source": tokens.source.long(), **sides, **out}
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         out = self.run(dict(zip(self.input_names, inputs)))
         return tuple(out[n] for n in self.output_names)
+
+
+def _add_side_stream(state: TokenState, layer: int) -> TokenState:
+    """Decoder layer `layer`'s output with side stream `layer` added (Qwen3-VL's DeepStack: at the image positions,
+    zero elsewhere); after the last stream the state carries none."""
+    if layer >= len(state.side):
+        return state
+    stream = state.side[layer]
+    if stream.shape != state.hidden.shape:  # Python ints: a step changed the tokens without carrying the streams
+        raise ValueError(f"side stream {layer} is {tuple(stream.shape)} but the tokens are {tuple(state.hidden.shape)}")
+    side = state.side if layer + 1 < len(state.side) else ()
+    return replace(state, hidden=state.hidden + stream, side=side)
 
 
 class Prefill(nn.Module):
@@ -226,7 +242,10 @@ class Prefill(nn.Module):
             positions = gather_tokens(full_positions, src)  # original ids (the identity when nothing was cut)
         T2 = hidden.shape[1]
         last = (valid.long() * torch.arange(T2, device=input_ids.device)[None]).amax(1)  # (B,)
-        return TokenState(hidden, positions, valid, image_start, n_kept, last, n_appended=n_appended)
+        zeros = torch.zeros_like(hidden)
+        side = tuple(splice_image_features(zeros, inputs[n], image_start)  # (B, T', D): the image span only
+                     for n in side_names(g.side_streams))
+        return TokenState(hidden, positions, valid, image_start, n_kept, last, n_appended=n_appended, side=side)
 
     def steps_before(self, layer: int, state: TokenState, prev: tuple[TokenState, Tensor] | None,
                      outputs: dict[str, Tensor], forced: Forced | None = None,
@@ -251,7 +270,8 @@ class Prefill(nn.Module):
             mask = with_key_bias(mask, state.sizes.log(), state.hidden.dtype)
         rope = a.rotary(self.model, state.hidden, state.positions)
         if layer not in self.mid:
-            return replace(state, hidden=a.run_decoder_layer(mod, state.hidden, mask, rope, state.positions, cache))
+            out = replace(state, hidden=a.run_decoder_layer(mod, state.hidden, mask, rope, state.positions, cache))
+            return _add_side_stream(out, layer)
         h = a.run_decoder_attention(mod, state.hidden, mask, rope, cache)  # (B, T, D) after the residual
         entering, state = state, replace(state, hidden=h)
         for name, step, red in self.mid[layer]:
@@ -259,7 +279,7 @@ class Prefill(nn.Module):
                                  keys_here=cache.keys[layer], state_in=entering, embedded=embedded)
             state, idx = red.apply(state, ctx, step, (forced or {}).get(name))
             outputs[name] = idx
-        return replace(state, hidden=a.run_decoder_mlp(mod, state.hidden))
+        return _add_side_stream(replace(state, hidden=a.run_decoder_mlp(mod, state.hidden)), layer)
 
     def run(self, inputs: dict[str, Tensor], forced: Forced | None = None, n_appended: int = 0) -> dict[str, Tensor]:
         a, model = self.adapter, self.model
@@ -338,7 +358,7 @@ class ReducedVLM(nn.Module):
         trailing generated tokens (both for no-cache references of generation)."""
         vision = self.vision.run({n: inputs[n] for n in self.vision.input_names}, forced)
         feed = {n: inputs[n] for n in self.prefill.input_names if n in inputs}
-        feed.update({n: vision[n] for n in ("image_embeds", "image_source")})
+        feed.update({n: vision[n] for n in self.layout.image_outputs})
         return {**vision, **self.prefill.run(feed, forced, n_appended)}
 
     def initial_state(self, inputs: dict[str, Tensor]) -> TokenState:

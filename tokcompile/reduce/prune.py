@@ -52,6 +52,7 @@ def keep_image_tokens(state: TokenState, kept: Tensor, step: Step) -> TokenState
         n_image=step.n_out,
         last=last,
         sizes=None if state.sizes is None else gather_tokens(state.sizes, src),  # (B, T')
+        side=tuple(gather_tokens(s, src) for s in state.side),  # (B, T', D) each
     )
 
 
@@ -64,6 +65,7 @@ def keep_tokens(state: ImageTokens, kept: Tensor, hidden: Tensor | None = None) 
         source=gather_tokens(state.source, kept),  # (B, k)
         sizes=None if state.sizes is None else gather_tokens(state.sizes, kept),  # (B, k)
         features=None if state.features is None else gather_tokens(state.features, kept),  # (B, k, Dv)
+        side=tuple(gather_tokens(s, kept) for s in state.side),  # (B, k, D) each
     )
 
 

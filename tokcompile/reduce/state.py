@@ -29,6 +29,8 @@ class ImageTokens:
             `ImageContext`; None otherwise.
         features: after the projector of a family with `features_at_projector`, (B, N, Dv) the features the
             projector received, token for token, for the first projector step's `ImageContext`; None otherwise.
+        side: after the projector, the family's image-aligned side streams ((B, N, D) each, `Geometry.side_streams`:
+            Qwen3-VL's DeepStack features), token for token with `hidden`; a step that keeps tokens keeps them.
     """
 
     hidden: Tensor
@@ -37,6 +39,7 @@ class ImageTokens:
     n_protected: int = 0
     tower: tuple[Any, Tensor] | None = None
     features: Tensor | None = None
+    side: tuple[Tensor, ...] = ()
 
     @property
     def n(self) -> int:
@@ -61,6 +64,10 @@ class TokenState:
         n_appended: trailing tokens that are not part of the prompt but generated tokens re-run without a cache
             (the no-cache reference of generation; 0 in every exported graph). Renumbering (P2) leaves them at
             their original positions, as cached decode places generated token t at T + t.
+        side: the family's side streams while decoder layers still add them (`Geometry.side_streams`: Qwen3-VL's
+            DeepStack), (B, T, D) each, zero outside the image span; the output of decoder layer j gets stream j
+            added. Steps that keep tokens gather them (`prune.keep_image_tokens`); the plan refuses merges
+            before the last such layer. Empty once the last stream is added.
     """
 
     hidden: Tensor
@@ -71,3 +78,4 @@ class TokenState:
     last: Tensor
     sizes: Tensor | None = None
     n_appended: int = 0
+    side: tuple[Tensor, ...] = ()
