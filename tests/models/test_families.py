@@ -21,7 +21,8 @@ from tokcompile.quant.sequential import gptq_sequential
 from tokcompile.recipe import CalibConfig
 
 W4 = WeightQuantConfig(bit=4, symmetric=True, group_size=32)
-FAMILIES = [f for f in ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl") if f in tiny.FAMILIES]
+FAMILIES = [f for f in ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+            if f in tiny.FAMILIES]
 
 
 def test_every_family_has_a_tiny_model_and_an_adapter():

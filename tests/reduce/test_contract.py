@@ -35,6 +35,7 @@ FAMILY_RECIPES = {
     "llava_onevision_video": "recipes/tiny/llava_onevision_video.yml",
     "qwen2_vl": "recipes/tiny/qwen2_vl.yml",
     "qwen2_5_vl": "recipes/tiny/qwen2_5_vl.yml",
+    "qwen3_vl": "recipes/tiny/qwen3_vl.yml",
 }
 
 
@@ -106,6 +107,17 @@ def test_reducer_against_family(method, case, family_models):
         msg = str(e.value)
         assert msg.startswith(f"{recipe.reductions[-1].method_key}: ") and FAMILY_NEEDS[needs[0]] in msg
         return
+    side = ADAPTERS.get(family)().geometry(tiny.build_config(family), None).side_streams
+    if side:  # DeepStack: a merge before the last layer that adds side features must be refused
+        twin = load_recipe_dict({**data, "model": {"path": "tiny-random:qwen2_5_vl"},
+                                 "inputs": {**data["inputs"], "image_size": [64, 96]}}, f"{method}-twin")
+        merges = [s for s in resolve(twin).schedule  # the same method on the family without side streams
+                  if s.output is not Output.KEPT and (s.site.in_vision_graph or s.layer < side)]
+        if merges:
+            with pytest.raises(RecipeError) as e:
+                resolve(recipe)
+            assert "DeepStack" in str(e.value) and str(e.value).startswith(f"{recipe.reductions[-1].key}")
+            return
     plan = resolve(recipe)
     g = plan.geometry
     assert plan.schedule and all(s.method == method for s in plan.schedule)

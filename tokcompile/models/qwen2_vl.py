@@ -137,9 +137,9 @@ def images_only_processor_class(family: str) -> type:
     names HF's processor. It also saves the image processor alone (preprocessor_config.json), as the released
     checkpoints do: that file is where HF builds the video processor from when no video processor config exists.
     """
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 
-    base = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}[family]
+    base = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[family]
 
     def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
                  **kwargs: Any) -> None:

@@ -23,6 +23,7 @@ _MODULES = {
     "llava_onevision": "llava_onevision",
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_vl",
+    "qwen3_vl": "qwen3_vl",
 }
 
 
