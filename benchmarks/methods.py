@@ -161,6 +161,9 @@ CONFIGS += (
 )
 
 BUDGETS = (64, 128, 192)  # image tokens kept of LLaVA-1.5's 576, as the method papers report them
+# The built-in CLIP whose vision head takes the benchmarked tower's features (set by `bench` from the geometry),
+# for the methods that read the question (TRIM, CDPruner): random weights, as the LLaVA's.
+CLIP = {"text_encoder": "tiny-random:clip@384"}
 
 
 def _budget_configs() -> tuple[Config, ...]:
@@ -195,6 +198,11 @@ def _budget_configs() -> tuple[Config, ...]:
                    lambda n, r=ficoco_r: {"vision": _special("FiCoCo", r=r, control_encoding_layer=0)}),
             Config(f"tome-b{b}", "tome", lambda n, r=tome_r: f"ToMe r={r} (vision)",
                    lambda n, r=tome_r: {"vision": _special("ToMe", r=r)}),
+            # keep_ratio just above b/576 so that the code's int(576·k) is b; TRIM adds its aggregated token
+            Config(f"trim-b{b}", "trim", lambda n, b=b: f"TRIM k={b}/576 + 1 aggregated (vision)",
+                   lambda n, b=b: _special("TRIM", keep_ratio=round(b / 576 + 1e-4, 4), **CLIP)),
+            Config(f"cdpruner-b{b}", "cdpruner", lambda n, b=b: f"CDPruner k={b} (projector)",
+                   lambda n, b=b: _special("CDPruner", visual_token_num=b, **CLIP)),
         ]
     return tuple(out)
 
@@ -277,11 +285,13 @@ def bench(size: str, configs: list[Config], backends: list[str], repeats: int, t
     from tokcompile.errors import ExportError, RecipeError
     from tokcompile.models.tiny import build_model, build_processor
     from tokcompile.parity import process
+    from tokcompile.question import for_plan
     from tokcompile.reduce import REDUCERS
     from tokcompile.reduce.schedule import Output, decoder_image_tokens_in
 
     base_plan = _plan(size, None, tmp, "base")
     g = base_plan.geometry
+    CLIP["text_encoder"] = f"tiny-random:clip@{g.vision_hidden_size}"
     model = build_model("llava", seed=0, size=size)
     processor = build_processor("llava", size)
     batch = process(processor, base_plan.adapter, g, base_plan.adapter.random_media(np.random.default_rng(0), 1, g),
@@ -310,7 +320,8 @@ def bench(size: str, configs: list[Config], backends: list[str], repeats: int, t
             print(f"[{cfg.name}] skipped at size {size}: {e}", flush=True)
             continue
         per_layer = plan.image_tokens_per_layer()
-        ours = _static_eager(plan, model, batch)
+        feed = batch if plan.question is None else {**batch, **for_plan(plan)([QUESTION])}  # + question inputs
+        ours = _static_eager(plan, model, feed)
         if plan.schedule and plan.schedule[-1].output is Output.CLUSTER:
             centre = ours[0][ours[1][-1]]  # (B, n)
             clusters = float((centre == torch.arange(centre.shape[1])).sum(-1).float().mean())
@@ -330,13 +341,13 @@ def bench(size: str, configs: list[Config], backends: list[str], repeats: int, t
         for backend in backends:
             t0 = time.perf_counter()
             try:
-                runner = export_chain(plan, model, batch, backend, tmp / f"{cfg.name}-{backend}")
+                runner = export_chain(plan, model, feed, backend, tmp / f"{cfg.name}-{backend}")
             except (AssertionError, ExportError) as e:  # export failed or disagrees with eager: reported, not timed
                 print(f"[{cfg.name}] {backend}: not timed, {e}", flush=True)
                 row.setdefault("parity_failed", {})[backend] = str(e)
                 continue
             export_s = time.perf_counter() - t0
-            ms = 1e3 * median_time(runner, batch, repeats)
+            ms = 1e3 * median_time(runner, feed, repeats)
             row["times_ms"][backend], row["speedup"][backend] = ms, head["hf_full_ms"] / ms
             print(f"[{cfg.name}] {backend}: {ms:.0f} ms, {row['speedup'][backend]:.2f}x hf_full "
                   f"(exported and checked in {export_s:.0f}s)", flush=True)
