@@ -29,7 +29,9 @@ def test_rungs_halve_down_to_the_finalists():
 
 
 @pytest.mark.parametrize("data, key", [
-    ({"budget": {"ttft_ms": 5}, "candidates": [{"method": "FastV"}]}, "budget"),
+    ({"budget": {"ttft_ms": -5}, "candidates": [{"method": "FastV"}]}, "budget"),
+    ({"budget": {"latency": 5}, "candidates": [{"method": "FastV"}]}, "budget"),
+    ({"budget": {}, "candidates": [{"method": "FastV"}]}, "budget"),
     ({"budget": {"flops_ratio": "0.5"}, "candidates": [{"method": "FastV"}]}, "budget"),
     ({"budget": {"flops_ratio": 0.5}}, "candidates"),
     ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV", "grid": {"rate": []}}]},
@@ -55,7 +57,8 @@ def test_the_tuner_picks_the_least_drift_within_budget(tmp_path):
                   {"method": "SparseVLM", "grid": {"pruning_loc": [[0, 2]], "stage_tokens": [[0.5, 12]]}},
                   {"method": "FastV", "grid": {"pruning_loc": [9]}}]
     res = subprocess.run([sys.executable, "-m", "tokcompile", "tune", _tune(
-        tmp_path, budget={"flops_ratio": 1.0}, candidates=candidates, search={"samples": 4, "eta": 2}), "--serial"],
+        tmp_path, budget={"flops_ratio": 1.0, "ttft_ms": 600000}, candidates=candidates,
+        search={"samples": 4, "eta": 2, "ttft_repeats": 2}), "--serial"],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr + res.stdout
     doc = json.loads((tmp_path / "out" / "tune.json").read_text())
@@ -70,6 +73,8 @@ def test_the_tuner_picks_the_least_drift_within_budget(tmp_path):
     final = [r for r in rows if "final" in r]
     assert len(final) == 1 and final[0]["final"]["status"] == "compiled" and final[0]["params"] == doc["best"]
     assert final[0]["rungs"][-1]["kl"] < 1e-6 and final[0]["rungs"][-1]["top1_agreement"] == 1.0
+    assert 0 < final[0]["final"]["ttft_ms"] < 600000 and final[0]["final"]["ttft_backend"] == "onnxruntime"
+    assert "ttft_ms <= 600000" in (tmp_path / "out" / "tune.md").read_text()
     assert all(r["rungs"][0]["kl"] > 1e-6 for r in scored if r is not final[0])  # the others do drift
     best = yaml.safe_load((tmp_path / "out" / "best.yml").read_text())
     assert best["sparse"]["special"] == doc["best"]
@@ -79,6 +84,30 @@ def test_the_tuner_picks_the_least_drift_within_budget(tmp_path):
 
 def test_the_example_tune_file_expands():
     spec = load_tune(ROOT / "sweeps" / "tiny_tune.yml")
-    assert len(spec["candidates"]) == 6 + 4 + 2 + 2 and spec["budget"] == 0.92
+    assert len(spec["candidates"]) == 6 + 4 + 2 + 2 and spec["budget"] == {"flops_ratio": 0.92}
     assert spec["candidates"][0]["recipe"]["sparse"] == {"special": {"method": "FastV", "pruning_loc": 1,
                                                                      "rate": 0.5}}
+
+
+def test_finalists_above_the_ttft_budget_cannot_win(tmp_path):
+    """Measured times decide: the finalists over budget drop out in order; none within is one line naming the key."""
+    from tokcompile.tune import _within_ttft
+
+    spec = {"out": tmp_path, "budget": {"ttft_ms": 100.0}, "search": {"ttft_repeats": 1}}
+    finalists = [{"params": {"n": i}, "recipe": {"export": {"targets": ["aoti", "onnx"]}}, "final": {"id": f"p{i}"}}
+                 for i in range(3)]
+    measured = {"p0": 180.0, "p1": 95.0, "p2": 40.0}
+    seen = []
+
+    def measure(export, backend, repeats):
+        seen.append((export.name, backend, repeats))
+        return measured[export.name]
+
+    within = _within_ttft(spec, finalists, lambda m: None, measure)
+    assert [r["final"]["id"] for r in within] == ["p1", "p2"]  # the best-ranked finalist is over budget
+    assert seen == [("p0", "aoti", 1), ("p1", "aoti", 1), ("p2", "aoti", 1)]
+    spec["budget"]["ttft_ms"] = 10.0
+    with pytest.raises(RecipeError) as e:
+        _within_ttft(spec, finalists, lambda m: None, measure)
+    assert e.value.key == "budget.ttft_ms" and "180.0 ms, 95.0 ms, 40.0 ms" in str(e.value)
+

@@ -1,9 +1,11 @@
 """The budget autotuner: `python -m tokcompile tune tune.yml` finds, among candidate methods and parameter grids,
-the token reduction that loses the least quality within a prefill FLOPs budget.
+the token reduction that loses the least quality within a prefill FLOPs budget, a measured time-to-first-token
+budget, or both.
 
     base: ../recipes/tiny/fastv.yml        # relative to the tune file; its model, quantization and export
     out: exported/tune/tiny                # default: exported/tune/<tune file name>
-    budget: {flops_ratio: 0.6}             # the exact prefill FLOPs ratio (vision, decoder, lm_head, scoring)
+    budget: {flops_ratio: 0.6}             # the exact prefill FLOPs ratio (vision, decoder, lm_head, scoring);
+                                           # and/or ttft_ms: 400, measured on this machine (step 4)
     candidates:
       - {method: FastV, grid: {pruning_loc: [1, 2, 3], rate: [0.5, 0.75]}}
       - {method: ToMe, section: vision, grid: {r: [8, 16]}}
@@ -21,6 +23,10 @@ the token reduction that loses the least quality within a prefill FLOPs budget.
 3. **Finalists** compile through the sweep engine (`sweep.py`: Ray tasks, or `--serial`) with the base recipe's
    quantization, export and `eval` section. With an `eval` section the winner is the most accurate finalist
    (its first dataset, `exported` else `transformed`); without, the one of least KL.
+4. **Time to first token** (`budget.ttft_ms`): after every compile has finished, each compiled finalist is
+   loaded with the runtime and timed alone, one after another (`ttft.py`: one image, one question, batch 1,
+   median of `search.ttft_repeats`, default 5, on the first of its targets). Finalists above the budget cannot
+   win. Only finalists are timed (the others are never compiled): raise `search.finalists` for a wider choice.
 
 `out/tune.md` and `out/tune.json` list every candidate tried (FLOPs ratio, budget, the KL and agreement of each
 rung it ran); `out/best.yml` is the winning recipe.
@@ -70,16 +76,17 @@ def load_tune(path: str | Path) -> dict[str, Any]:
         raise RecipeError("base", "give the base recipe's path, relative to the tune file")
     base = _read(src.parent / data["base"], "base")
     budget = data.get("budget")
-    if not isinstance(budget, dict) or set(budget) != {"flops_ratio"} or isinstance(budget["flops_ratio"], bool) \
-            or not isinstance(budget["flops_ratio"], (int, float)) or not budget["flops_ratio"] > 0:
-        raise RecipeError("budget", "give {flops_ratio: R}: the most exact prefill FLOPs ratio to accept (0 < R)")
+    if not isinstance(budget, dict) or not budget or any(k not in ("flops_ratio", "ttft_ms") for k in budget) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in budget.values()):
+        raise RecipeError("budget", "give {flops_ratio: R} (the most exact prefill FLOPs ratio to accept, 0 < R), "
+                                    "{ttft_ms: M} (the most measured time to first token, in ms) or both")
     given = data.get("search") or {}
-    if not isinstance(given, dict) or any(k not in ("samples", "eta", "finalists") for k in given):
-        raise RecipeError("search", "takes samples, eta and finalists")
-    search = {"samples": 16, "eta": 2, "finalists": 1, **given}
-    if any(not isinstance(search[k], int) or search[k] < 1 for k in ("samples", "eta", "finalists")) or \
-            search["eta"] < 2:
-        raise RecipeError("search", "samples and finalists are integers >= 1, eta an integer >= 2")
+    if not isinstance(given, dict) or any(k not in ("samples", "eta", "finalists", "ttft_repeats") for k in given):
+        raise RecipeError("search", "takes samples, eta, finalists and ttft_repeats")
+    search = {"samples": 16, "eta": 2, "finalists": 1, "ttft_repeats": 5, **given}
+    if any(not isinstance(search[k], int) or search[k] < 1 for k in ("samples", "eta", "finalists", "ttft_repeats")) \
+            or search["eta"] < 2:
+        raise RecipeError("search", "samples, finalists and ttft_repeats are integers >= 1, eta an integer >= 2")
     candidates = []
     for i, cand in enumerate(data.get("candidates") or []):
         if not isinstance(cand, dict) or not isinstance(cand.get("method"), str):
@@ -102,7 +109,7 @@ def load_tune(path: str | Path) -> dict[str, Any]:
     if not candidates:
         raise RecipeError("candidates", "no candidate; list methods with their parameter grids")
     out = Path(data.get("out") or Path("exported") / "tune" / src.stem)
-    return {"source": src, "out": out, "budget": float(budget["flops_ratio"]), "search": search,
+    return {"source": src, "out": out, "budget": {k: float(v) for k, v in budget.items()}, "search": search,
             "candidates": candidates, "resources": data.get("resources") or {}}
 
 
@@ -128,7 +135,8 @@ def tune(path: str | Path, *, serial: bool = False, address: str | None = None,
     from tokcompile.recipe import CalibConfig
 
     spec = load_tune(path)
-    budget, search = spec["budget"], spec["search"]
+    search = spec["search"]
+    budget = spec["budget"].get("flops_ratio", math.inf)
     rows = []
     for c in spec["candidates"]:
         row = {"params": c["params"], "recipe": c["recipe"], "rungs": []}
@@ -141,10 +149,10 @@ def tune(path: str | Path, *, serial: bool = False, address: str | None = None,
             row.update(flops_ratio=None, in_budget=False, error=one_line(str(e)))
         rows.append(row)
     alive = [r for r in rows if r["in_budget"]]
-    log(f"tune {spec['source'].name}: {len(rows)} candidates, {len(alive)} within FLOPs ratio {budget}")
+    log(f"tune {spec['source'].name}: {len(rows)} candidates, {len(alive)} within FLOPs ratio {budget:g}")
     if not alive:
-        raise RecipeError("budget", f"no candidate is within a FLOPs ratio of {budget}; raise it or add candidates "
-                                    "that prune more")
+        raise RecipeError("budget.flops_ratio", f"no candidate is within a FLOPs ratio of {budget}; raise it or "
+                                                "add candidates that prune more")
     first = alive[0]["plan"]
     recipe = first.recipe
     calib = dataclasses.replace(recipe.quant.calib if recipe.quant is not None else CalibConfig(),
@@ -184,27 +192,53 @@ def tune(path: str | Path, *, serial: bool = False, address: str | None = None,
     ok = [r for r in alive if r["final"]["status"] != "failed"]
     if not ok:
         raise RecipeError("candidates", f"every finalist failed to compile; see {spec['out'] / 'sweep.md'}")
+    if "ttft_ms" in spec["budget"]:
+        ok = _within_ttft(spec, ok, log)
     accuracy = [k for k in ok[0]["final"] if k.startswith("accuracy:")]
     best = max(ok, key=lambda r: r["final"][accuracy[0]]) if accuracy else ok[0]
     return _write(spec, rows, best, accuracy[0] if accuracy else None)
 
 
+def _within_ttft(spec: dict[str, Any], finalists: list[dict], log: Callable[[str], None],
+                 measure: Callable[[Path, str, int], float] | None = None) -> list[dict]:
+    """The compiled finalists whose measured time to first token is within `budget.ttft_ms`, in their order;
+    each gets `final.ttft_ms`. Timed one after another, after every compile has finished."""
+    from tokcompile.ttft import backend_for, ttft_ms
+
+    measure = measure or ttft_ms
+    limit = spec["budget"]["ttft_ms"]
+    for r in finalists:
+        export = spec["out"] / "points" / r["final"]["id"]
+        backend = backend_for(r["recipe"].get("export", {}).get("targets") or ["onnx"])
+        r["final"]["ttft_ms"] = round(measure(export, backend, spec["search"]["ttft_repeats"]), 1)
+        r["final"]["ttft_backend"] = backend
+        log(f"  ttft {r['params']}: {r['final']['ttft_ms']} ms ({backend})")
+    within = [r for r in finalists if r["final"]["ttft_ms"] <= limit]
+    if not within:
+        seen = ", ".join(f"{r['final']['ttft_ms']} ms" for r in finalists)
+        raise RecipeError("budget.ttft_ms", f"no finalist answers within {limit:g} ms on this machine (measured: "
+                                            f"{seen}); raise it, lower flops_ratio or raise search.finalists")
+    return within
+
+
 def _write(spec: dict[str, Any], rows: list[dict], best: dict, by: str | None) -> dict[str, Any]:
     out = spec["out"]
     (out / "best.yml").write_text(json.dumps(best["recipe"], indent=1) + "\n")  # JSON is YAML
-    doc = {"budget_flops_ratio": spec["budget"], "search": spec["search"], "chosen_by": by or "kl",
+    doc = {"budget": spec["budget"], "search": spec["search"], "chosen_by": by or "kl",
            "best": best["params"], "candidates": [
                {k: v for k, v in r.items() if k not in ("plan", "recipe")} for r in rows]}
     (out / "tune.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    lines = [f"# Tune (FLOPs ratio <= {spec['budget']}; chosen by {by or 'the KL proxy'})", "",
+    within = " and ".join(f"{k} <= {v:g}" for k, v in spec["budget"].items())
+    lines = [f"# Tune ({within}; chosen by {by or 'the KL proxy'})", "",
              f"Best: `{json.dumps(best['params'])}`, recipe `best.yml`.", "",
-             "| candidate | FLOPs ratio | in budget | KL per rung (prompts) | top-1 agreement (last rung) | final |",
-             "|---|---|---|---|---|---|"]
+             "| candidate | FLOPs ratio | in budget | KL per rung (prompts) | top-1 agreement (last rung) | final | "
+             "TTFT ms |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         rung = ", ".join(f"{x['kl']:.4g} ({x['prompts']})" for x in r["rungs"]) or r.get("error", "")
         top1 = f"{r['rungs'][-1]['top1_agreement']:.3f}" if r["rungs"] else ""
         final = r.get("final", {}).get("status", "")
+        ttft = r.get("final", {}).get("ttft_ms", "")
         lines.append(f"| `{json.dumps(r['params'])}` | {r['flops_ratio']} | {r['in_budget']} | {rung} | {top1} | "
-                     f"{final} |")
+                     f"{final} | {ttft} |")
     (out / "tune.md").write_text("\n".join(lines) + "\n")
     return doc
