@@ -24,7 +24,7 @@ FORMATTED = {
     "qwen2_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                 "<|vision_start|><|image_pad|><|vision_end|>What is shown?<|im_end|>\n<|im_start|>assistant\n",
 }
-FORMATTED["qwen2_5_vl"] = FORMATTED["qwen2_vl"]
+FORMATTED["qwen2_5_vl"] = FORMATTED["qwen3_vl"] = FORMATTED["qwen2_vl"]
 
 
 def _case(family: str):

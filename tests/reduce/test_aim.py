@@ -209,6 +209,6 @@ def test_one_image_grid_is_what_stage_1_needs():
 
     grid = {case: plan_recipe(ROOT / path).geometry.one_image_grid for case, path in FAMILY_RECIPES.items()}
     assert grid == {"llava": True, "llava_next": False, "llava_onevision": False, "llava_onevision_video": False,
-                    "qwen2_vl": True, "qwen2_5_vl": True}
+                    "qwen2_vl": True, "qwen2_5_vl": True, "qwen3_vl": True}
     frames = {case: plan_recipe(ROOT / path).geometry.frames for case, path in FAMILY_RECIPES.items()}
     assert frames == {**{case: None for case in FAMILY_RECIPES}, "llava_onevision_video": (4, 1)}
