@@ -57,6 +57,17 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> str:
+    """The built-in tiny CLIP (vision head 32 wide: the tiny LLaVA's tower) saved as an ordinary checkpoint
+    directory (safetensors, config, tokenizer), for the question-conditioned methods and their references."""
+    from tokcompile.models.tiny import clip as tiny_clip
+
+    d = tmp_path_factory.mktemp("tiny_clip")
+    tiny_clip.save(str(d), width=32)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
 def processor():
     return build_processor("llava")
 

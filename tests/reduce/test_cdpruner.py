@@ -21,7 +21,6 @@ from tests.conftest import (
 from tests.references.cdpruner import cdpruner_reference, dpp_map
 from tokcompile.errors import RecipeError
 from tokcompile.models import ReducedVLM
-from tokcompile.models.tiny import clip as tiny_clip
 from tokcompile.pipeline import plan_recipe
 from tokcompile.question import QuestionTokenizer
 from tokcompile.reduce.base import Entering, config_from_params
@@ -37,13 +36,6 @@ LONG = ("Look at the whole picture carefully and tell me how many shapes of each
 @pytest.fixture(scope="module")
 def case():
     return padded_family_case("llava")
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip")
-    tiny_clip.save(str(d), width=32)
-    return str(d)
 
 
 def _run(case, cfg: CDPrunerConfig, questions=PADDED_QUESTIONS):

@@ -24,7 +24,6 @@ from tests.conftest import (
 from tests.references.trim import trim_reference
 from tokcompile.errors import RecipeError
 from tokcompile.models import ReducedVLM
-from tokcompile.models.tiny import clip as tiny_clip
 from tokcompile.question import QuestionTokenizer
 from tokcompile.reduce.base import Entering, config_from_params
 from tokcompile.reduce.schedule import Output, Site
@@ -37,13 +36,6 @@ TINY = "tiny-random:clip@32"
 @pytest.fixture(scope="module")
 def case():
     return padded_family_case("llava")
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip")
-    tiny_clip.save(str(d), width=32)
-    return str(d)
 
 
 def _run(case, cfg: TRIMConfig, batch: dict | None = None, questions=PADDED_QUESTIONS):

@@ -51,6 +51,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
+from tests.references.trim import spliced_logits  # the same LLaVA splice, P0 positions
+
 
 @lru_cache(maxsize=4)
 def load_clip(clip_dir: str) -> SimpleNamespace:
@@ -148,26 +150,6 @@ def cdpruner_select(model: nn.Module, clip_dir: str, pixel_values: Tensor, quest
     kernel = rel.unsqueeze(2) * sim * rel.unsqueeze(1)  # (1, N, N)
     select_idx = dpp_map(kernel, visual_token_num)  # (1, T)
     return image_features[0], select_idx[0].tolist(), kernel[0]
-
-
-@torch.no_grad()
-def spliced_logits(model: nn.Module, sample: dict[str, Tensor], image_embeds: Tensor,
-                   image_token_id: int) -> Tensor:
-    """Next-token logits (V,) of one unpadded LLaVA sample whose image placeholders (one contiguous run) are
-    replaced by `image_embeds` (k, D) (already projected), positions 0..T'-1."""
-    if not bool(sample["attention_mask"].all()):
-        raise ValueError("the reference takes one unpadded sample")
-    ids = sample["input_ids"][0]  # (T,)
-    pos = (ids == image_token_id).nonzero().flatten().tolist()
-    start, n = pos[0], len(pos)
-    if pos != list(range(start, start + n)):
-        raise ValueError("image placeholders must be contiguous")
-    lm = model.model.language_model
-    emb = lm.embed_tokens(ids)  # (T, D)
-    embeds = torch.cat([emb[:start], image_embeds.to(emb.dtype), emb[start + n:]])[None]  # (1, T', D)
-    positions = torch.arange(embeds.shape[1])[None]  # (1, T'): P0
-    out = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False)
-    return model.lm_head(out.last_hidden_state)[0, -1]  # (V,)
 
 
 @torch.no_grad()

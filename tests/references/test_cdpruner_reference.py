@@ -18,17 +18,9 @@ from tests.references.cdpruner import (
     text_embeds,
     text_segments,
 )
-from tokcompile.models.tiny import clip as tiny_clip
 
 LONG_QUESTION = ("Describe every object in this picture and say where it is, what colour it has, how large it is, "
                  "and whether it touches any other object.")
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("tiny_clip")
-    tiny_clip.save(str(d), width=32)
-    return str(d)
 
 
 @pytest.fixture(scope="module")

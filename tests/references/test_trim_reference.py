@@ -17,14 +17,6 @@ from tests.references.trim import (
     trim_reference,
     trim_scores,
 )
-from tokcompile.models.tiny import clip as tiny_clip
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("tiny_clip")
-    tiny_clip.save(str(d), width=32)
-    return str(d)
 
 
 @pytest.fixture(scope="module")
