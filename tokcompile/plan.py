@@ -209,9 +209,9 @@ def _reduction(recipe: Recipe, adapter: VLMAdapter, geom: Geometry) -> tuple[Sch
             before_side = step.site.in_vision_graph or step.layer < geom.side_streams
             if geom.side_streams and step.output is not Output.KEPT and before_side:
                 raise RecipeError(spec.key, f"{cls.method} merges image tokens before decoder layer "
-                                            f"{geom.side_streams - 1}, whose output {geom.family} still adds per-token "
-                                            "side features to (DeepStack); merging those with the same weights is not "
-                                            "implemented: use a pruning method there, or merge after that layer")
+                                            f"{geom.side_streams - 1}, whose output {geom.family} still adds "
+                                            "per-image-token side features to; merging those with the same weights is "
+                                            "not implemented: use a pruning method there, or merge after that layer")
             if step.positions is Positions.RENUMBER and geom.rope != "1d":
                 raise RecipeError(spec.key, f"{cls.method} renumbers positions, which {geom.family}'s {geom.rope} "
                                             "RoPE cannot take; keep the original positions")

@@ -141,7 +141,7 @@ def _recipe(tmp_path, special: dict) -> object:
 def test_merges_before_the_deepstack_layers_are_refused(tmp_path, special):
     with pytest.raises(RecipeError) as e:
         plan_recipe(_recipe(tmp_path, special), out=tmp_path / "o")
-    assert e.value.key == "sparse.special" and "DeepStack" in str(e.value) and "decoder layer 2" in str(e.value)
+    assert e.value.key == "sparse.special" and "side features" in str(e.value) and "decoder layer 2" in str(e.value)
 
 
 def test_a_merge_after_the_deepstack_layers_plans(tmp_path):

@@ -116,7 +116,7 @@ def test_reducer_against_family(method, case, family_models):
         if merges:
             with pytest.raises(RecipeError) as e:
                 resolve(recipe)
-            assert "DeepStack" in str(e.value) and str(e.value).startswith(f"{recipe.reductions[-1].key}")
+            assert "side features" in str(e.value) and str(e.value).startswith(f"{recipe.reductions[-1].key}")
             return
     plan = resolve(recipe)
     g = plan.geometry
