@@ -5,6 +5,8 @@ sharded safetensors (about 14 GB), generated tensor by tensor without ever holdi
 the time per layer.
 
     python benchmarks/streaming_gptq.py --dir /tmp/llava7b-random --layers 4 [--samples 8]
+    python benchmarks/streaming_gptq.py --dir /tmp/llava7b-random --layers 32 --device cuda   # on a GPU machine
+    python benchmarks/streaming_gptq.py --dir /tmp/llava7b-random --layers 2 --spill-dir /tmp/act  # on disk
 
 The checkpoint is written once (`--dir`; kept for later runs). Its tensor names are the model's own (transformers
 loads them as they are). The tokenizer is the built-in byte-level one, so the vocabulary rows beyond its 261
@@ -69,6 +71,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="the quantized checkpoint (default: DIR-gptq)")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers to quantize (the rest are copied)")
     ap.add_argument("--samples", type=int, default=8, help="calibration samples (synthetic, 576 image tokens each)")
+    ap.add_argument("--device", default=None, help="compute the current layer there (e.g. cuda)")
+    ap.add_argument("--spill-dir", default=None, help="keep the calibration activations in files there")
     args = ap.parse_args()
     if not (args.dir / "model.safetensors.index.json").is_file():
         t = time.perf_counter()
@@ -86,6 +90,8 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)  # this script's own output of an earlier run
     cmd = [sys.executable, "-m", "tokcompile", "quantize", str(recipe), "--out", str(out), "--layers",
            str(args.layers)]
+    cmd += ["--device", args.device] if args.device else []
+    cmd += ["--spill-dir", args.spill_dir] if args.spill_dir else []
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
     report = json.loads((out / "quantization.json").read_text())
@@ -94,7 +100,8 @@ def main() -> None:
     per_layer = [r["seconds"] for r in report["layers"]]
     print(f"checkpoint {size / 1024:.2f} GiB; peak resident memory {s['peak_rss_mb']} MB = "
           f"{s['peak_rss_mb'] / size:.3f} of the checkpoint; {s['layers_quantized']} layers at "
-          f"{sum(per_layer) / len(per_layer):.0f} s each (GPTQ), {s['seconds']} s in all")
+          f"{sum(per_layer) / len(per_layer):.0f} s each (GPTQ), {s['seconds']} s in all, on {s['device']}"
+          + (", activations on disk" if s["activations_spilled"] else ""))
 
 
 if __name__ == "__main__":

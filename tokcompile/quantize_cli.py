@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from tokcompile.cli import _report
 from tokcompile.errors import RecipeError, TokcompileError
@@ -26,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the checkpoint directory to write (new, or empty)")
     p.add_argument("--layers", type=int, default=None,
                    help="quantize only the first N decoder layers and copy the rest unchanged (a measurement run)")
+    p.add_argument("--device", default=None,
+                   help="compute the current layer (and the vision tower) there, e.g. cuda; everything else stays on "
+                        "the host (default: the host's CPU)")
+    p.add_argument("--spill-dir", default=None,
+                   help="keep the calibration activations between layers in files under this directory (default: "
+                        "in memory, spilled into --out's staging directory when they would not fit)")
     p.add_argument("--force", action="store_true", help="replace an empty directory or an earlier export at --out")
     p.add_argument("--trust-remote-code", action="store_true", help="confirm the recipe's model.trust_remote_code")
     return p
@@ -54,11 +61,22 @@ def quantize_main(argv: list[str] | None = None) -> int:
         if tiny.is_tiny(plan.recipe.model.path):
             raise RecipeError("model.path", "streaming reads a checkpoint directory; write the built-in model with "
                                             "`python -m tokcompile save-model` and point model.path at it")
+        if args.device is not None:
+            import torch
+
+            try:
+                dev = torch.device(args.device)
+            except RuntimeError:
+                raise RecipeError("--device", f"'{args.device}' is not a device; give cpu or cuda (cuda:N)") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise RecipeError("--device", "CUDA is not available on this machine; leave --device out")
         if args.layers is not None and args.layers < 1:
             raise RecipeError("--layers", f"{args.layers} is not a layer count; give 1 or more, or leave it out")
         dest = check_destination(args.out, args.force, "--out")
         with staging(dest, args.force, "--out") as stage:
-            report = stream_gptq(plan, stage.tmp, log=lambda m: print(m, flush=True), max_layers=args.layers)
+            report = stream_gptq(plan, stage.tmp, log=lambda m: print(m, flush=True), max_layers=args.layers,
+                                 device=args.device,
+                                 spill_dir=Path(args.spill_dir) if args.spill_dir is not None else None)
             (stage.tmp / "quantization.json").write_text(json.dumps(report, indent=2) + "\n")
             stage.publish()
         s = report["streaming"]

@@ -84,10 +84,57 @@ def test_a_measurement_run_copies_the_layers_it_leaves(tmp_path):
     assert all(torch.equal(got[k], original[k]) for k in got if "layers.0." not in k)
 
 
+def test_spilled_activations_give_the_same_weights(tmp_path):
+    """Calibration activations kept in files between layers (one batch read back at a time) change nothing."""
+    src = tmp_path / "ckpt"
+    _checkpoint(src, "tiny", torch.float32, "200KB")
+    recipe = _recipe(tmp_path, src, quant={**GPTQ, "calib": {**GPTQ["calib"], "n_samples": 3, "bs": 1}})
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    (spill / "keep.txt").write_text("not ours")
+    runs = {}
+    for name, extra in (("memory", ()), ("disk", ("--spill-dir", str(spill)))):
+        res = _quantize(recipe, tmp_path / name, *extra)
+        assert res.returncode == 0, res.stderr + res.stdout
+        runs[name] = res.stdout
+    assert "activations on disk" in runs["disk"] and "activations on disk" not in runs["memory"]
+    assert sorted(p.name for p in spill.iterdir()) == ["keep.txt"]  # its own files removed, nothing else
+    from safetensors.torch import load_file
+
+    def weights(d):
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    a, b = weights(tmp_path / "memory"), weights(tmp_path / "disk")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((tmp_path / "disk" / "quantization.json").read_text())
+    assert report["streaming"]["activations_spilled"] and report["n_batches"] == 3
+
+
+def test_activation_store_round_trips_token_states(tmp_path):
+    from tokcompile.quant.activations import ActivationStore
+    from tokcompile.reduce.state import TokenState
+
+    state = TokenState(torch.randn(2, 5, 8), torch.arange(10).reshape(2, 5), torch.ones(2, 5, dtype=torch.bool),
+                       torch.tensor([1, 0]), 3, torch.tensor([4, 4]), side=(torch.randn(2, 5, 8),))
+    keys = torch.randn(2, 1, 5, 4)
+    store = ActivationStore(spill_dir=tmp_path)
+    store.put("prev", 0, (state, keys))
+    store.put("prev", 1, None)
+    got, k = store.get("prev", 0)
+    assert isinstance(got, TokenState) and got.n_image == 3 and torch.equal(k, keys)
+    assert all(torch.equal(getattr(got, f), getattr(state, f)) for f in ("hidden", "positions", "valid", "last"))
+    assert torch.equal(got.side[0], state.side[0]) and got.sizes is None and store.get("prev", 1) is None
+    store.rename("prev", "state", 2)
+    assert store.get("state", 1) is None
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("recipe_extra, args, text", [
     ({"quant": {"method": "RTN", "weight": {"bit": 4}}}, (), "quant.method: streaming quantization runs GPTQ"),
     ({}, ("--layers", "0"), "--layers: 0 is not a layer count"),
-])
+    ({}, ("--device", "tpu9"), "--device: 'tpu9' is not a device"),
+] + ([] if torch.cuda.is_available() else [({}, ("--device", "cuda"), "--device: CUDA is not available")]))
 def test_errors_are_one_line(tmp_path, recipe_extra, args, text):
     src = tmp_path / "ckpt"
     _checkpoint(src, "tiny", torch.float32, "1GB")

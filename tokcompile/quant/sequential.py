@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from tokcompile.models.reduced import KVCache, ReducedVLM
+from tokcompile.quant.activations import ActivationStore
 from tokcompile.quant.base import replace_weight_
 from tokcompile.quant.gptq import GPTQConfig, add_to_hessian, gptq_quantize
 from tokcompile.reduce.state import TokenState
@@ -85,34 +86,44 @@ def gptq_sequential(
     before_layer: Callable[[int], None] | None = None,
     after_layer: Callable[[int], None] | None = None,
     max_layers: int | None = None,
+    store: ActivationStore | None = None,
 ) -> dict[str, Any]:
     """Quantize `linears` (decoder Linears, by qualified name) in place. Returns a per-layer report; each
     Linear's integer codes and grid go to `results[fqn]` (a `QuantGrid`) when a dict is given.
     `before_layer(i)` runs before layer i's steps and calibration (the calibration inputs are ready by the first
     call), `after_layer(i)` once layer i is quantized and its outputs computed: streaming loads and writes
-    layers there. `max_layers`: stop after that many layers (the rest keep their weights)."""
+    layers there. `max_layers`: stop after that many layers (the rest keep their weights). `store` keeps the
+    calibration activations between layers (default: in memory, computed where they are); it may spill them to
+    disk and compute on another device (`activations.py`): the arithmetic is the same."""
     if not with_reduction:
         reduced = reduced.without_reduction()
     a, model, prefill = reduced.adapter, reduced.model, reduced.prefill
     layers = a.decoder_layers(model)
     names_of = {id(m): n for n, m in model.named_modules()}
-    states = [reduced.initial_state(b) for b in batches]
-    embedded = list(states)  # what entered layer 0, for steps that read the input embeddings
-    prev: list[tuple[TokenState, Tensor] | None] = [None] * len(states)
-    report: dict[str, Any] = {"layers": [], "n_batches": len(batches)}
+    store = store if store is not None else ActivationStore()
+    n_batches = len(batches)
+    for b, batch in enumerate(batches):
+        state = reduced.initial_state(store.to_compute(batch))
+        store.put("state", b, state)
+        store.put("embedded", b, state)  # what entered layer 0, for steps that read the input embeddings
+        store.put("prev", b, None)  # (the tokens that entered the previous layer, its keys)
+    report: dict[str, Any] = {"layers": [], "n_batches": n_batches}
     wq = config.weight
     t_all = time.perf_counter()
     for i, layer in enumerate(layers[:max_layers]):
         t0 = time.perf_counter()
         if before_layer is not None:
             before_layer(i)
-        states = [prefill.steps_before(i, s, p, {}, None, e) for s, p, e in zip(states, prev, embedded)]
+        for b in range(n_batches):
+            store.put("state", b, prefill.steps_before(i, store.get("state", b), store.get("prev", b), {}, None,
+                                                       store.get("embedded", b)))
 
-        def run(b: int, cache: KVCache | None = None) -> TokenState:
-            return prefill.layer_forward(i, states[b], cache if cache is not None else KVCache(), prev[b], {}, None,
-                                         embedded[b])
+        def run(b: int, state: TokenState, cache: KVCache | None = None) -> TokenState:
+            return prefill.layer_forward(i, state, cache if cache is not None else KVCache(), store.get("prev", b),
+                                         {}, None, store.get("embedded", b))
 
-        reference = [run(b) for b in range(len(states))]  # this layer before quantization
+        for b in range(n_batches):  # this layer before quantization
+            store.put("reference", b, run(b, store.get("state", b)))
         prefix = names_of[id(layer)] + "."
         mine = [n for n in linears if n.startswith(prefix)]
         for group in _groups(mine, config.true_sequential):
@@ -128,9 +139,10 @@ def gptq_sequential(
 
             handles = [linears[n].register_forward_pre_hook(hook(n)) for n in group]
             try:
-                for b in range(len(states)):
-                    valid[:] = [states[b].valid]
-                    run(b)
+                for b in range(n_batches):
+                    state = store.get("state", b)
+                    valid[:] = [state.valid]
+                    run(b, state)
             finally:
                 for h in handles:
                     h.remove()
@@ -149,24 +161,32 @@ def gptq_sequential(
                 replace_weight_(linears[n], res.weight)
                 if results is not None:  # compact: int8 codes and the grid, not the dequantized copy
                     results[n] = QuantGrid(res.codes.to(torch.int8), res.scale, res.zero)
-        caches = [KVCache() for _ in states]
-        outputs = [run(b, caches[b]) for b in range(len(states))]
-        # A step inside the layer may select other tokens once the layer is quantized: compare equal shapes only.
-        pairs = [(o.hidden, r.hidden, o.valid) for o, r in zip(outputs, reference) if o.hidden.shape == r.hidden.shape]
-        num = sum(float(((o - r)[v] ** 2).sum()) for o, r, v in pairs)
-        den = sum(float((r[v] ** 2).sum()) for _, r, v in pairs)
+        # The quantized layer's outputs become the next layer's inputs; a step inside the layer may select other
+        # tokens once the layer is quantized, so the error compares equal shapes only.
+        num = den = 0.0
+        tokens = 0
+        for b in range(n_batches):
+            state, cache = store.get("state", b), KVCache()
+            out, ref = run(b, state, cache), store.get("reference", b)
+            if out.hidden.shape == ref.hidden.shape:
+                v = out.valid
+                num += float(((out.hidden - ref.hidden)[v] ** 2).sum())
+                den += float((ref.hidden[v] ** 2).sum())
+            tokens += int(state.valid.sum())
+            store.put("next", b, out)
+            store.put("next_prev", b, (state, cache.keys[i]))
+        store.drop("reference", n_batches)  # the unquantized outputs are not needed any more
+        store.rename("next", "state", n_batches)
+        store.rename("next_prev", "prev", n_batches)
         err = (num / den) ** 0.5 if den > 0 else 0.0
         seconds = time.perf_counter() - t0
         peak = peak_rss_mb()
         report["layers"].append({"layer": i, "name": prefix[:-1], "linears": len(mine), "rel_output_error": err,
-                                 "seconds": round(seconds, 3), "tokens": int(sum(int(s.valid.sum()) for s in states)),
-                                 "peak_rss_mb": peak})
+                                 "seconds": round(seconds, 3), "tokens": tokens, "peak_rss_mb": peak})
         log(f"  gptq {prefix[:-1]}: {len(mine)} Linear, output error {err:.4f}, {seconds:.1f}s, peak memory "
             f"{peak} MB")
-        prev = [(s, c.keys[i]) for s, c in zip(states, caches)]
-        del caches, reference, pairs  # the values and the unquantized outputs are not needed any more
-        states = outputs
         if after_layer is not None:
             after_layer(i)
+    store.close()
     report["seconds"] = round(time.perf_counter() - t_all, 2)
     return report

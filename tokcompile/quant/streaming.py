@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tokcompile.errors import RecipeError
+from tokcompile.quant.activations import ActivationStore
 from tokcompile.quant.sequential import gptq_sequential, peak_rss_mb
 from tokcompile.quant.shards import CheckpointShards, ShardWriter, names_in_model
 from tokcompile.question import for_plan
@@ -78,11 +79,12 @@ class LayerStore:
             raise RecipeError("model.path", f"the checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} "
                                             "more); is it this model's checkpoint?")
 
-    def load(self, names: list[str]) -> None:
+    def load(self, names: list[str], device: str | None = None) -> None:
         self.check(names)
         tensors = self.shards.read([self.key_of[n] for n in names], torch.float32)
         for n in names:
-            self._set(n, nn.Parameter(tensors[self.key_of[n]], requires_grad=False))
+            t = tensors[self.key_of[n]]
+            self._set(n, nn.Parameter(t.to(device) if device is not None else t, requires_grad=False))
 
     def drop(self, names: list[str]) -> None:
         for n in names:
@@ -94,9 +96,42 @@ class LayerStore:
         self.model.get_submodule(owner)._parameters[leaf] = value
 
 
-def stream_gptq(plan: Any, out: Path, log: Callable[[str], None] = print, max_layers: int | None = None) -> dict:
+def buffers_to(model: nn.Module, device: str) -> None:
+    """Move the skeleton's real buffers (RoPE tables and the like; parameters stay on the meta device)."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device.type != "meta":
+                module._buffers[name] = buf.to(device)
+
+
+def available_mb() -> int | None:
+    """MemAvailable from /proc/meminfo, in MB (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def activation_mb(batches: list[dict], hidden_size: int) -> int:
+    """What the driver keeps per layer for the calibration set, in MB: fp32 tokens entering the layer, those
+    that entered layer 0, the layer's unquantized and quantized outputs, and the previous layer's tokens and
+    keys (about five copies of every calibration token's hidden state)."""
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    return 5 * tokens * hidden_size * 4 >> 20
+
+
+def stream_gptq(plan: Any, out: Path, log: Callable[[str], None] = print, max_layers: int | None = None,
+                device: str | None = None, spill_dir: Path | None = None) -> dict:
     """Quantize the recipe's checkpoint layer by layer into the HF checkpoint directory `out` (which exists and
     is empty). `max_layers`: quantize only the first layers and copy the rest unchanged (a measurement run).
+    `device` ("cuda"): the vision tower, the projector and the current decoder layer compute there, the
+    activations and everything else stay on the host. `spill_dir`: keep the calibration activations between
+    layers in files there instead of memory; without it they spill (into `out`, removed at the end) when they
+    would take more than half of the memory available.
+
     Returns GPTQ's per-layer report with the streaming figures."""
     from tokcompile.models import ReducedVLM
     from tokcompile.models.loading import check_weights_present, load_processor
@@ -109,6 +144,8 @@ def stream_gptq(plan: Any, out: Path, log: Callable[[str], None] = print, max_la
     rss_start = current_rss_mb()
     shards = CheckpointShards(check_weights_present(recipe.model.path))
     model = skeleton(plan)
+    if device is not None:
+        buffers_to(model, device)
     store = LayerStore(model, shards)
     layers = adapter.decoder_layers(model)
     names_of = {id(m): n for n, m in model.named_modules()}
@@ -126,7 +163,7 @@ def stream_gptq(plan: Any, out: Path, log: Callable[[str], None] = print, max_la
     layer_keys = [{store.key_of[n] for n in names} for names in in_layers]
     in_any_layer = set().union(*layer_keys)
     _copy(shards, [k for k in shards.keys if k not in in_any_layer], writer)  # the rest of the model, unchanged
-    store.load(front)  # vision tower, projector, embeddings, final norm
+    store.load(front, device)  # vision tower, projector, embeddings, final norm
     log(f"  streaming {len(layers)} decoder layers from {len(set(shards.file_of.values()))} shard(s); vision tower, "
         f"projector and embeddings loaded, peak memory {peak_rss_mb()} MB")
 
@@ -139,6 +176,8 @@ def stream_gptq(plan: Any, out: Path, log: Callable[[str], None] = print, max_la
     linears = {n: m for n, m in select_linears(model, plan.quant_include, plan.quant_ignore).items()
                if any(n.startswith(p) for p in prefixes[:n_quant])}
     reduced = ReducedVLM(model, adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id)
+    if device is not None:
+        reduced.vision.step_modules.to(device)  # weights a reducer brings (CLIP's text tower)
     timing: list[dict] = []
     # A reduction step before (or inside) layer i may score with layer i-1: keep that layer until layer i is done.
     steps_at = {s.layer for s in plan.schedule if not s.site.in_vision_graph} if calib.with_reduction else set()
@@ -149,7 +188,7 @@ def stream_gptq(plan: Any, out: Path, log: Callable[[str], None] = print, max_la
         elif i not in steps_at:
             store.drop(in_layers[i - 1])
         t = time.perf_counter()
-        store.load(in_layers[i])
+        store.load(in_layers[i], device)
         timing.append({"layer": i, "read_s": round(time.perf_counter() - t, 3)})
 
     def after(i: int) -> None:
@@ -158,7 +197,7 @@ def stream_gptq(plan: Any, out: Path, log: Callable[[str], None] = print, max_la
         tensors = {}
         for n in in_layers[i]:
             key = store.key_of[n]
-            value = model.get_parameter(n).detach()
+            value = model.get_parameter(n).detach().cpu()
             tensors[key] = value if n in weights else value.to(shards.dtype_of[key])
             if n in weights:
                 quantized_keys.add(key)
@@ -169,9 +208,16 @@ def stream_gptq(plan: Any, out: Path, log: Callable[[str], None] = print, max_la
         if i == n_quant - 1:
             store.drop(in_layers[i])
 
-    log(f"  GPTQ on {calib.n_samples} {calib.name} calibration samples, {n_quant} of {len(layers)} layers")
+    need, free = activation_mb(batches, plan.geometry.hidden_size), available_mb()
+    if spill_dir is None and free is not None and need > free // 2:
+        spill_dir = out / ".activations"  # inside the staging directory: removed with it whatever happens
+        log(f"  calibration activations (about {need} MB) exceed half the available memory ({free} MB): "
+            f"spilling them to {spill_dir}")
+    activations = ActivationStore(device, spill_dir)
+    log(f"  GPTQ on {calib.n_samples} {calib.name} calibration samples, {n_quant} of {len(layers)} layers"
+        + (f", on {device}" if device is not None else "") + (", activations on disk" if spill_dir else ""))
     report = gptq_sequential(reduced, batches, plan.quant, linears, with_reduction=calib.with_reduction, log=log,
-                             before_layer=before, after_layer=after, max_layers=n_quant)
+                             before_layer=before, after_layer=after, max_layers=n_quant, store=activations)
     for i in range(n_quant, len(layers)):  # layers left unquantized (a measurement run) are copied as they are
         _copy(shards, sorted(layer_keys[i]), writer)
     writer.finish()
@@ -180,6 +226,7 @@ def stream_gptq(plan: Any, out: Path, log: Callable[[str], None] = print, max_la
             shutil.copyfile(shards.directory / name, out / name)
     processor.save_pretrained(str(out))
     return {**report, "streaming": {"layers_quantized": n_quant, "per_layer": timing, "peak_rss_mb": peak_rss_mb(),
+                                    "device": device or "cpu", "activations_spilled": spill_dir is not None,
                                     "rss_at_start_mb": rss_start,
                                     "seconds": round(time.perf_counter() - t_start, 1),
                                     "quantized_tensors": len(quantized_keys)}}
