@@ -32,6 +32,8 @@ def test_rungs_halve_down_to_the_finalists():
     ({"budget": {"ttft_ms": -5}, "candidates": [{"method": "FastV"}]}, "budget"),
     ({"budget": {"latency": 5}, "candidates": [{"method": "FastV"}]}, "budget"),
     ({"budget": {}, "candidates": [{"method": "FastV"}]}, "budget"),
+    ({"budget": {"flops_ratio": 0.5, "backend": "aoti"}, "candidates": [{"method": "FastV"}]}, "budget.backend"),
+    ({"budget": {"ttft_ms": 50, "backend": "tflite"}, "candidates": [{"method": "FastV"}]}, "budget.backend"),
     ({"budget": {"flops_ratio": "0.5"}, "candidates": [{"method": "FastV"}]}, "budget"),
     ({"budget": {"flops_ratio": 0.5}}, "candidates"),
     ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV", "grid": {"rate": []}}]},
@@ -110,4 +112,15 @@ def test_finalists_above_the_ttft_budget_cannot_win(tmp_path):
     with pytest.raises(RecipeError) as e:
         _within_ttft(spec, finalists, lambda m: None, measure)
     assert e.value.key == "budget.ttft_ms" and "180.0 ms, 95.0 ms, 40.0 ms" in str(e.value)
+    spec["budget"].update(ttft_ms=100.0, backend="onnxruntime")  # a named backend wins over the targets
+    seen.clear()
+    _within_ttft(spec, finalists, lambda m: None, measure)
+    assert {b for _, b, _ in seen} == {"onnxruntime"}
+
+    def missing(export, backend, repeats):
+        raise RecipeError(str(export), "has no onnx graphs")
+
+    with pytest.raises(RecipeError) as e:
+        _within_ttft(spec, finalists, lambda m: None, missing)
+    assert e.value.key == "budget.backend" and "add its target to targets" in str(e.value)
 

@@ -5,7 +5,8 @@ budget, or both.
     base: ../recipes/tiny/fastv.yml        # relative to the tune file; its model, quantization and export
     out: exported/tune/tiny                # default: exported/tune/<tune file name>
     budget: {flops_ratio: 0.6}             # the exact prefill FLOPs ratio (vision, decoder, lm_head, scoring);
-                                           # and/or ttft_ms: 400, measured on this machine (step 4)
+                                           # and/or ttft_ms: 400, measured on this machine (step 4), on
+                                           # backend: onnxruntime (default: the first of the targets)
     candidates:
       - {method: FastV, grid: {pruning_loc: [1, 2, 3], rate: [0.5, 0.75]}}
       - {method: ToMe, section: vision, grid: {r: [8, 16]}}
@@ -25,8 +26,9 @@ budget, or both.
    (its first dataset, `exported` else `transformed`); without, the one of least KL.
 4. **Time to first token** (`budget.ttft_ms`): after every compile has finished, each compiled finalist is
    loaded with the runtime and timed alone, one after another (`ttft.py`: one image, one question, batch 1,
-   median of `search.ttft_repeats`, default 5, on the first of its targets). Finalists above the budget cannot
-   win. Only finalists are timed (the others are never compiled): raise `search.finalists` for a wider choice.
+   median of `search.ttft_repeats`, default 5, on `budget.backend` or the first of its targets). Finalists above
+   the budget cannot win. Only finalists are timed (the others never compile): raise `search.finalists` for a
+   wider choice.
 
 `out/tune.md` and `out/tune.json` list every candidate tried (FLOPs ratio, budget, the KL and agreement of each
 rung it ran); `out/best.yml` is the winning recipe.
@@ -76,10 +78,18 @@ def load_tune(path: str | Path) -> dict[str, Any]:
         raise RecipeError("base", "give the base recipe's path, relative to the tune file")
     base = _read(src.parent / data["base"], "base")
     budget = data.get("budget")
-    if not isinstance(budget, dict) or not budget or any(k not in ("flops_ratio", "ttft_ms") for k in budget) or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in budget.values()):
+    limits = {k: v for k, v in budget.items() if k != "backend"} if isinstance(budget, dict) else {}
+    if not isinstance(budget, dict) or not limits or any(k not in ("flops_ratio", "ttft_ms") for k in limits) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in limits.values()):
         raise RecipeError("budget", "give {flops_ratio: R} (the most exact prefill FLOPs ratio to accept, 0 < R), "
                                     "{ttft_ms: M} (the most measured time to first token, in ms) or both")
+    backend = budget.get("backend")
+    if backend is not None:
+        from tokcompile.runtime import BACKENDS
+
+        if "ttft_ms" not in limits or backend not in BACKENDS:
+            raise RecipeError("budget.backend", f"{backend!r}: the runtime backend the time to first token is "
+                                                f"measured on, with ttft_ms; one of {', '.join(BACKENDS)}")
     given = data.get("search") or {}
     if not isinstance(given, dict) or any(k not in ("samples", "eta", "finalists", "ttft_repeats") for k in given):
         raise RecipeError("search", "takes samples, eta, finalists and ttft_repeats")
@@ -109,7 +119,9 @@ def load_tune(path: str | Path) -> dict[str, Any]:
     if not candidates:
         raise RecipeError("candidates", "no candidate; list methods with their parameter grids")
     out = Path(data.get("out") or Path("exported") / "tune" / src.stem)
-    return {"source": src, "out": out, "budget": {k: float(v) for k, v in budget.items()}, "search": search,
+    limits = {k: float(v) for k, v in limits.items()}
+    return {"source": src, "out": out, "budget": {**limits, **({"backend": backend} if backend else {})},
+            "search": search,
             "candidates": candidates, "resources": data.get("resources") or {}}
 
 
@@ -209,8 +221,13 @@ def _within_ttft(spec: dict[str, Any], finalists: list[dict], log: Callable[[str
     limit = spec["budget"]["ttft_ms"]
     for r in finalists:
         export = spec["out"] / "points" / r["final"]["id"]
-        backend = backend_for(r["recipe"].get("export", {}).get("targets") or ["onnx"])
-        r["final"]["ttft_ms"] = round(measure(export, backend, spec["search"]["ttft_repeats"]), 1)
+        backend = spec["budget"].get("backend") or backend_for(r["recipe"].get("export", {}).get("targets") or ["onnx"])
+        try:
+            r["final"]["ttft_ms"] = round(measure(export, backend, spec["search"]["ttft_repeats"]), 1)
+        except TokcompileError as e:  # the export lacks that backend's graphs, or the backend is not installed
+            raise RecipeError("budget.backend", f"{backend} could not run finalist {r['final']['id']} "
+                                                f"({one_line(str(e))}); add its target to targets, or name another "
+                                                "backend") from None
         r["final"]["ttft_backend"] = backend
         log(f"  ttft {r['params']}: {r['final']['ttft_ms']} ms ({backend})")
     within = [r for r in finalists if r["final"]["ttft_ms"] <= limit]
@@ -228,7 +245,7 @@ def _write(spec: dict[str, Any], rows: list[dict], best: dict, by: str | None) -
            "best": best["params"], "candidates": [
                {k: v for k, v in r.items() if k not in ("plan", "recipe")} for r in rows]}
     (out / "tune.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    within = " and ".join(f"{k} <= {v:g}" for k, v in spec["budget"].items())
+    within = " and ".join(f"{k} <= {v:g}" for k, v in spec["budget"].items() if k != "backend")
     lines = [f"# Tune ({within}; chosen by {by or 'the KL proxy'})", "",
              f"Best: `{json.dumps(best['params'])}`, recipe `best.yml`.", "",
              "| candidate | FLOPs ratio | in budget | KL per rung (prompts) | top-1 agreement (last rung) | final | "
