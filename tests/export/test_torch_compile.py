@@ -22,11 +22,13 @@ def test_compiled_program_equals_eager_and_new_lengths_do_not_recompile(tmp_path
     assert art.files == ["prefill.ep.pt2", "weights.safetensors"] and art.backend == "torch_compile"
     run = art.load(tmp_path, {})
     before = counters["stats"]["unique_graphs"]
+    # Inductor fuses and reorders the sums: logits up to ~20 in size from 8 terms each, so fp32 rounding alone
+    # reaches ~2e-5 near zero (atol); an exact match of the order is not what this checks
     for shape in ((2, 5), (2, 9), (3, 17)):  # one compile: new batch sizes (>= 2) and lengths reuse it
         x = torch.randint(0, 16, shape)
-        torch.testing.assert_close(run({"ids": x})[0], model(x)[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(run({"ids": x})[0], model(x)[0], rtol=1e-5, atol=1e-4)
     x = torch.randint(0, 16, (4, 12))[:, ::2]  # a strided input is made contiguous, not a new graph
-    torch.testing.assert_close(run({"ids": x})[0], model(x)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run({"ids": x})[0], model(x)[0], rtol=1e-5, atol=1e-4)
     assert counters["stats"]["unique_graphs"] - before == 1
 
 
