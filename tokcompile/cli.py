@@ -201,11 +201,13 @@ def save_model_main(argv: list[str] | None = None) -> int:
     """python -m tokcompile save-model tiny-random:llava DIR"""
     p = argparse.ArgumentParser(
         prog="python -m tokcompile save-model",
-        description="Write a built-in model (tiny-random:<family>[@size]) as an ordinary Hugging Face checkpoint "
+        description="Write a built-in model (tiny-random:<family>[@size] or tiny-trained:<name>) as an ordinary "
+                    "Hugging Face checkpoint "
                     "directory (config.json, model.safetensors, tokenizer and processor files).")
-    p.add_argument("model", help="tiny-random:llava, tiny-random:qwen2_vl@medium, ...")
+    p.add_argument("model", help="tiny-random:llava, tiny-random:qwen2_vl@medium, tiny-trained:shapes, ...")
     p.add_argument("out", help="the directory to write (it must not exist, or be empty)")
-    p.add_argument("--seed", type=int, default=0, help="the random weights' seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="the random weights' seed (default 0; not used by "
+                                                       "tiny-trained models)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     try:
@@ -216,7 +218,8 @@ def save_model_main(argv: list[str] | None = None) -> int:
         from tokcompile.models.loading import model_type_of
 
         if not tiny.is_tiny(args.model):
-            raise RecipeError("model", f"'{args.model}' is not a built-in model; use tiny-random:<family>[@size]")
+            raise RecipeError("model", f"'{args.model}' is not a built-in model; use tiny-random:<family>[@size] "
+                                       "or tiny-trained:<name>")
         model_type_of(args.model)  # an unknown built-in name: one line listing the known ones
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -187,8 +187,9 @@ class BaseConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """`model:` the checkpoint, `tiny-random:<family>` or a directory (existence is checked later)."""
-    path: str = _req(_str, "tiny-random:<family> or a model directory")
+    """`model:` the checkpoint, `tiny-random:<family>`, `tiny-trained:<name>` or a directory (existence is checked
+    later)."""
+    path: str = _req(_str, "tiny-random:<family>, tiny-trained:<name> or a model directory")
     type: str | None = _opt(None, _nullable(_str))
     torch_dtype: str = _opt("auto", _choice(TORCH_DTYPES))
     trust_remote_code: bool = _opt(False, _bool)

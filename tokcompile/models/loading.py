@@ -14,6 +14,7 @@ from typing import Any
 from tokcompile.errors import RecipeError
 from tokcompile.models import tiny
 from tokcompile.models.registry import ADAPTERS
+from tokcompile.models.tiny import trained
 
 TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
@@ -46,7 +47,8 @@ def model_type_of(path: str) -> str:
             raise RecipeError(
                 "model.path", f"unknown built-in model '{path}'; use one of: "
                 + ", ".join(tiny.TINY_PREFIX + f for f in tiny.FAMILIES)
-                + f" (optionally with a size: @{', @'.join(sizes)})"
+                + f" (optionally with a size: @{', @'.join(sizes)}), or "
+                + ", ".join(trained.TRAINED_PREFIX + n for n in trained.TRAINED)
             )
         return family
     p = _dir(path)
@@ -120,7 +122,7 @@ def load_model(path: str, config: Any, seed: int, trust_remote_code: bool) -> An
 
     family = model_type_of(path)
     if tiny.is_tiny(path):
-        return tiny.build_model(family, seed=seed, size=tiny.tiny_size(path))
+        return tiny.build_from_path(path, seed=seed)
     p = check_weights_present(path)
     import transformers
 

@@ -1,4 +1,5 @@
-"""Built-in random-weight models for demos, tests and benchmarks: `model.path: tiny-random:<family>[@size]`.
+"""Built-in models for demos, tests and benchmarks: `model.path: tiny-random:<family>[@size]` (random weights)
+and `tiny-trained:<name>` (weights shipped with the package, `tiny.trained`).
 
 Every family's config, tokenizer and image processor are built in code (nothing is downloaded), one module
 per family in this package: `build_config(family, size)`, `build_processor(family, size)` and
@@ -13,6 +14,8 @@ import importlib
 import importlib.util
 from types import ModuleType
 from typing import Any
+
+from tokcompile.models.tiny import trained
 
 TINY_PREFIX = "tiny-random:"
 
@@ -41,16 +44,22 @@ def _module(family: str) -> ModuleType:
 
 
 def is_tiny(path: str) -> bool:
-    return path.startswith(TINY_PREFIX)
+    """A built-in model: random (`tiny-random:`) or trained (`tiny-trained:`)."""
+    return path.startswith(TINY_PREFIX) or trained.is_trained(path)
 
 
 def tiny_family(path: str) -> str:
-    """"tiny-random:llava" -> "llava"; a size suffix ("tiny-random:llava@medium") is dropped."""
+    """"tiny-random:llava" -> "llava"; a size suffix ("tiny-random:llava@medium") is dropped;
+    "tiny-trained:shapes" -> "llava" (its architecture's family)."""
+    if trained.is_trained(path):
+        return trained.family_and_size(path)[0]
     return path[len(TINY_PREFIX) :].split("@", 1)[0]
 
 
 def tiny_size(path: str) -> str:
     """"tiny-random:llava@medium" -> "medium" (benchmark size); default "tiny"."""
+    if trained.is_trained(path):
+        return trained.family_and_size(path)[1]
     rest = path[len(TINY_PREFIX) :]
     return rest.split("@", 1)[1] if "@" in rest else "tiny"
 
@@ -80,5 +89,9 @@ def build_model(family: str, seed: int = 0, size: str = "tiny") -> Any:
 
 
 def build_from_path(path: str, seed: int = 0) -> Any:
-    """The built-in model `path` names (`tiny-random:<family>[@size]`), with random weights from `seed`."""
-    return build_model(tiny_family(path), seed=seed, size=tiny_size(path))
+    """The built-in model `path` names: `tiny-random:<family>[@size]` with random weights from `seed`, or
+    `tiny-trained:<name>` with its shipped weights (checked against their SHA-256)."""
+    model = build_model(tiny_family(path), seed=seed, size=tiny_size(path))
+    if trained.is_trained(path):
+        model.load_state_dict(trained.load_state_dict(trained.trained_name(path)), strict=True)
+    return model

@@ -27,8 +27,9 @@ SIZES: dict[str, tuple[int, ...]] = {
     # LLaVA-1.5-7B's exact geometry (Vicuna-7B decoder, CLIP ViT-L/14 at 336 px, 576 image tokens), random weights:
     # for the GPU check (benchmarks/gpu.py); the byte-level vocabulary stays small
     "llava7b": (4096, 32, 32, 32, 11008, 1024, 24, 16, 4096, 336, 14),
-    # the architecture of `tiny-trained:shapes` (models/trained.py): 64 px shapes scenes, 256 image tokens
-    "shapes": (128, 4, 4, 2, 256, 64, 4, 4, 128, 64, 4),
+    # the architecture of `tiny-trained:shapes` (tools/train_shapes.py): 64 px shapes scenes, 256 image tokens;
+    # six vision layers, as the projector reads the fifth's output (vision_feature_layer -2)
+    "shapes": (128, 4, 4, 2, 256, 64, 6, 4, 128, 64, 4),
 }
 
 
