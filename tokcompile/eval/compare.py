@@ -120,14 +120,16 @@ def plot_accuracy(rows: list[dict[str, Any]], key: str, label: str, path: Path) 
     points = [r for r in rows if r.get(key) is not None and dataset in r["accuracy"]]
     if not points:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for method in sorted({r["method"] for r in points}):
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>ph*"  # distinct (colour, marker) for 20 series
+    for i, method in enumerate(sorted({r["method"] for r in points})):
         series = sorted((r[key], r["accuracy"][dataset]) for r in points if r["method"] == method)
-        ax.plot([x for x, _ in series], [y for _, y in series], marker="o", label=method)
+        ax.plot([x for x, _ in series], [y for _, y in series], marker=markers[i % len(markers)],
+                color=colours[i % len(colours)], label=method)
     ax.set_xlabel(label)
     ax.set_ylabel(f"{dataset} accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
