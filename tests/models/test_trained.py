@@ -17,7 +17,7 @@ from tokcompile.models.tiny import trained
 
 @pytest.fixture
 def fake_entry(tmp_path, monkeypatch):
-    """A trained entry whose weights are a seeded random tiny LLaVA, written beside a copy of this module."""
+    """A trained entry `tiny-trained:fake` whose weights are a seeded random tiny LLaVA in a temporary file."""
     from safetensors.torch import save_file
 
     model = tiny.build_model("llava", seed=7)
@@ -50,6 +50,19 @@ def test_a_changed_weights_file_is_refused_by_its_hash(fake_entry):
     with pytest.raises(RecipeError) as e:
         tiny.build_from_path("tiny-trained:fake")
     assert e.value.key == "model.path" and "cannot be read" in str(e.value)
+
+
+def test_save_model_writes_the_trained_model_as_a_checkpoint_directory(tmp_path):
+    from tokcompile.cli import save_model_main
+
+    out = tmp_path / "shapes_hf"
+    assert save_model_main(["tiny-trained:shapes", str(out)]) == 0
+    saved = load_model(str(out), load_config(str(out), False), 0, False)
+    shipped = tiny.build_from_path("tiny-trained:shapes")
+    for (name, a), (_, b) in zip(saved.state_dict().items(), shipped.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert load_processor(str(out), False).tokenizer("Is there a red circle?")["input_ids"] == \
+        tiny.build_processor("llava", "shapes").tokenizer("Is there a red circle?")["input_ids"]
 
 
 def test_an_unknown_trained_name_lists_the_built_in_ones():
