@@ -12,7 +12,7 @@ The shipped weights (`tokcompile/models/tiny/shapes.safetensors`) came from thes
 
     python tools/train_shapes.py --out runs/stage1.safetensors --steps 0        # about 17 min
     python tools/train_shapes.py --out runs/shapes.safetensors --vision-steps 0 \
-        --init-vision runs/stage1.vision.safetensors                              # about 30 min
+        --init-vision runs/stage1.vision.safetensors                              # about 24 min
 
 Reproducible: the initial weights, the data order (fresh training samples, batch after batch) and the optimizer
 are fixed by `--seed`; the float sums also depend on `--threads` (2 by default). At the end it prints the
@@ -20,6 +20,7 @@ accuracy per question type on 2000 validation and 2000 test questions, and write
 plus a JSON file beside them with the training settings and the figures. It does not reach the 95% target
 (README, Accuracy).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -192,19 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=400)
     args = ap.parse_args(argv)
 
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = tiny.build_model("llava", seed=args.seed, size="shapes").train()
     processor = tiny.build_processor("llava", "shapes")
     if args.init is not None:
-        from safetensors.torch import load_file
-
         model.load_state_dict(load_file(str(args.init)), strict=True)
     if args.init_vision is not None:
-        from safetensors.torch import load_file
-
         prefix = "model.vision_tower."
         tower = {k[len(prefix):]: v for k, v in load_file(str(args.init_vision)).items() if k.startswith(prefix)}
         model.model.vision_tower.load_state_dict(tower, strict=True)
