@@ -246,13 +246,17 @@ class VLMAdapter:
         return processor(**{geom.media + "s": media}, text=prompts, return_tensors="pt", padding=True)
 
     def sample_inputs(self, batch: Inputs, b: int, geom: Geometry) -> Inputs:
-        """Sample `b` of a processor batch, unpadded, as a batch of one (for per-sample HF references)."""
+        """Sample `b` of a processor batch, unpadded, as a batch of one (for per-sample HF references): prompt
+        axes keep the sample's real tokens, a ("batch", m) axis its m rows (b·m .. (b+1)·m), any other its row."""
         keep = batch["attention_mask"][b].bool()
         out: Inputs = {}
-        for name in self.input_names_for(geom):
+        for name, axes in self.input_axes(geom).items():
             t = batch[name]
-            if "prompt_len" in self.input_axes(geom).get(name, {}).values():
+            rows = axes.get(0)
+            if "prompt_len" in axes.values():
                 out[name] = t[b][keep][None]
+            elif isinstance(rows, tuple):
+                out[name] = t[b * rows[1] : (b + 1) * rows[1]]
             else:
                 out[name] = t[b : b + 1]
         out.update({n: batch[n][b : b + 1] for n in QUESTION_INPUTS if n in batch})  # (1, S, L)

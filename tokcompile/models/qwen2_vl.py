@@ -31,7 +31,6 @@ from tokcompile.errors import RecipeError
 from tokcompile.models.base import Inputs, VLMAdapter
 from tokcompile.models.geometry import Geometry
 from tokcompile.models.registry import ADAPTERS
-from tokcompile.question import QUESTION_INPUTS
 from tokcompile.reduce.context import VisionContext
 from tokcompile.reduce.schedule import Site
 from tokcompile.reduce.state import ImageTokens
@@ -442,21 +441,6 @@ class Qwen2VLAdapter(VLMAdapter):
                     f"{row}, not {want}: its pixel range ({lo}..{hi}, min_pixels..max_pixels) excludes this size; "
                     "choose an image size inside it",
                 )
-        return out
-
-    def sample_inputs(self, batch: Inputs, b: int, geom: Geometry) -> Inputs:
-        keep = batch["attention_mask"][b].bool()
-        out: Inputs = {}
-        for name, axes in self.input_axes(geom).items():
-            t = batch[name]
-            kind = axes.get(0)
-            if 1 in axes and axes[1] == "prompt_len":
-                out[name] = t[b][keep][None]
-            elif isinstance(kind, tuple):  # rows b·m .. (b+1)·m belong to sample b
-                out[name] = t[b * kind[1] : (b + 1) * kind[1]]
-            else:
-                out[name] = t[b : b + 1]
-        out.update({n: batch[n][b : b + 1] for n in QUESTION_INPUTS if n in batch})  # (1, S, L)
         return out
 
     def hf_position_ids(self, model: nn.Module, sample: Inputs) -> Tensor:
