@@ -4,21 +4,24 @@ layers, 256 image tokens, Llama decoder) on the `shapes` task (`tokcompile/data/
 Two stages, as LLaVA starts from a pre-trained CLIP: (1) the vision tower alone learns, on the patch features
 the projector reads, each patch's colour and shape (or background), its object's side, how many objects of
 that shape the image holds, and whether an object's centre lies in it, through linear heads that are then
-dropped; (2) the projector and the decoder learn to answer, with the loss on the answer's tokens, while the
-tower stays as stage 1 left it (`--tune-vision` trains it too). `--init` starts from saved weights,
-`--init-vision` the tower alone (stage 1's, with `--vision-steps 0`).
+dropped; (2) the projector and the decoder learn to answer, with the loss on the answers' tokens, while the
+tower stays as stage 1 left it (`--tune-vision` trains it too). Stage 2 asks each image `--turns` questions as
+one multi-turn chat (four by default): the image's tokens dominate the cost of a step, so the further questions
+add supervision almost for free, and they broke the plateau where single questions left count and presence
+near their priors. `--init` starts from saved weights, `--init-vision` the tower alone (stage 1's, with
+`--vision-steps 0`).
 
 The shipped weights (`tokcompile/models/tiny/shapes.safetensors`) came from these two commands, on 2 cores:
 
     python tools/train_shapes.py --out runs/stage1.safetensors --steps 0        # about 17 min
-    python tools/train_shapes.py --out runs/shapes.safetensors --vision-steps 0 \
-        --init-vision runs/stage1.vision.safetensors                              # about 24 min
+    python tools/train_shapes.py --out runs/shapes.safetensors --vision-steps 0 --turns 4 \
+        --init-vision runs/stage1.vision.safetensors                              # about 40 min
 
 Reproducible: the initial weights, the data order (fresh training samples, batch after batch) and the optimizer
 are fixed by `--seed`; the float sums also depend on `--threads` (2 by default). At the end it prints the
-accuracy per question type on 2000 validation and 2000 test questions, and writes the weights as safetensors
-plus a JSON file beside them with the training settings and the figures. It does not reach the 95% target
-(README, Accuracy).
+accuracy per question type on 2000 validation and 2000 test questions (single questions, as evaluated), and
+writes the weights as safetensors plus a JSON file beside them with the training settings and the figures.
+The shipped run reached 0.945 on the test split, just short of the 95% target (README, Accuracy).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokcompile.data import shapes  # noqa: E402
-from tokcompile.eval.batches import answer_batch, teacher_forced_correct  # noqa: E402
+from tokcompile.eval.batches import answer_batch, answer_ids, teacher_forced_correct  # noqa: E402
 from tokcompile.models import tiny  # noqa: E402
 
 
@@ -154,6 +157,37 @@ def training_items(step: int, batch: int, caption_fraction: float) -> list:
     return [caption_item(s) for s in items[:n_captions]] + items[n_captions:]
 
 
+def conversation_batch(processor, step: int, batch: int, turns: int) -> dict[str, torch.Tensor]:
+    """Batch `step`'s scenes, each as one multi-turn chat of up to `turns` questions about its image (LLaVA's
+    "USER: <image>\nQ ASSISTANT: A</s>USER: Q ASSISTANT: A</s>..."), the loss on every answer. The image's 256
+    tokens dominate a sequence's cost, so each further question adds supervision almost for free. The first
+    turn is exactly the single-question prompt the model is evaluated on."""
+    first = answer_batch(processor, shapes.samples("train", batch, step * batch))
+    tok = processor.tokenizer
+    rows, labels = [], []
+    for b in range(batch):
+        real = first["attention_mask"][b].bool()
+        row, lab = first["input_ids"][b][real].tolist(), first["labels"][b][real].tolist()
+        for question, answer in shapes.conversation("train", step * batch + b, turns)[1:]:
+            prompt = tok(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            reply = answer_ids(tok, answer)
+            row += prompt + reply
+            lab += [-100] * len(prompt) + reply
+        rows.append(row)
+        labels.append(lab)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((batch, width), tok.pad_token_id, dtype=torch.long)  # [B, T], left-padded
+    label_ids = torch.full((batch, width), -100, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((batch, width), dtype=torch.long)  # [B, T]
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        label_ids[i, width - len(r):] = torch.tensor(lab)
+        mask[i, width - len(r):] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": label_ids,
+            "pixel_values": first["pixel_values"]}
+
+
 def evaluate(model, processor, split: str, n: int, batch: int) -> dict[str, float]:
     """Exact-match accuracy per question type, teacher-forced (equal to greedy decoding's exact match)."""
     right: dict[str, list[bool]] = {q: [] for q in shapes.QUESTION_TYPES}
@@ -181,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-vision", action="store_true",
                     help="also train the vision tower in stage 2 (by default it stays as stage 1 left it)")
     ap.add_argument("--caption-fraction", type=float, default=0.0,
-                    help="share of each answer-stage batch trained to list the scene's shapes left to right")
+                    help="with --turns 1: share of each batch trained to list the scene's shapes left to right")
+    ap.add_argument("--turns", type=int, default=4,
+                    help="questions per image in stage 2, as one multi-turn chat (1: single questions)")
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (safetensors)")
     ap.add_argument("--init-vision", type=Path, default=None,
                     help="start the vision tower from these weights (e.g. stage 1's; the rest stays as seeded)")
@@ -227,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        batch = answer_batch(processor, training_items(step, args.batch, args.caption_fraction))
+        if args.turns > 1:
+            batch = conversation_batch(processor, step, args.batch, args.turns)
+        else:
+            batch = answer_batch(processor, training_items(step, args.batch, args.caption_fraction))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        pixel_values=batch["pixel_values"], position_ids=batch["position_ids"]).logits
         # logits [B, T, V]: position t predicts token t + 1
@@ -255,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(args.out))
     info = {"vision_steps": args.vision_steps, "vision_batch": args.vision_batch, "vision_lr": args.vision_lr,
             "vision_patch_accuracy": patch_acc, "tune_vision": args.tune_vision,
-            "caption_fraction": args.caption_fraction,
+            "caption_fraction": args.caption_fraction, "turns": args.turns,
             "init": str(args.init) if args.init else None,
             "init_vision": str(args.init_vision) if args.init_vision else None, "steps": args.steps,
             "batch": args.batch, "lr": args.lr,

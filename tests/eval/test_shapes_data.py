@@ -31,22 +31,41 @@ def test_question_types_are_balanced_and_answers_are_known():
     assert {s.answer for s in data if s.qtype == "side"} == {"left", "right"}
 
 
+def expected_answer(items, question: str) -> str:
+    """The answer to one of the task's questions, worked out from the scene's items."""
+    words = question.rstrip("?").split()
+    if question.startswith("What color"):
+        (color,) = [it.color for it in items if it.shape == words[-1]]
+        return color
+    if question.startswith("How many"):
+        shape = words[2][:-1]  # "How many circles are there"
+        return str(sum(it.shape == shape for it in items))
+    if question.endswith("left or right?"):
+        (it,) = [it for it in items if it.shape == words[2]]
+        return "left" if it.cx < shapes.IMAGE_SIZE / 2 else "right"
+    color, shape = words[-2], words[-1]
+    return "yes" if any(it.color == color and it.shape == shape for it in items) else "no"
+
+
 @pytest.mark.parametrize("index", range(40))
 def test_answers_follow_from_the_scene(index):
     s = shapes.sample("train", index)
-    words = s.question.rstrip("?").split()
-    if s.qtype == "color":
-        shape = words[-1]
-        assert [it.color for it in s.items if it.shape == shape] == [s.answer]
-    elif s.qtype == "count":
-        shape = words[2][:-1]  # "How many circles are there"
-        assert sum(it.shape == shape for it in s.items) == int(s.answer)
-    elif s.qtype == "side":
-        (it,) = [it for it in s.items if it.shape == words[2]]
-        assert (it.cx < shapes.IMAGE_SIZE / 2) == (s.answer == "left")
-    else:
-        color, shape = words[-2], words[-1]
-        assert any(it.color == color and it.shape == shape for it in s.items) == (s.answer == "yes")
+    assert s.answer == expected_answer(s.items, s.question)
+
+
+@pytest.mark.parametrize("index", range(20))
+def test_a_conversation_asks_the_sample_first_then_other_types_with_true_answers(index):
+    s = shapes.sample("train", index)
+    pairs = shapes.conversation("train", index, 4)
+    assert pairs[0] == (s.question, s.answer) and 1 <= len(pairs) <= 4
+    assert pairs == shapes.conversation("train", index, 4)  # deterministic
+    for question, answer in pairs:
+        assert answer == expected_answer(s.items, question)
+    # the turns after the first follow the question types in order, skipping those the scene cannot ask
+    starts = {"color": "What color", "count": "How many", "presence": "Is there ", "side": "Is the "}
+    asked = [next(t for t, prefix in starts.items() if q.startswith(prefix)) for q, _ in pairs[1:]]
+    cycle = [shapes.QUESTION_TYPES[(index + k) % 4] for k in range(1, 4)]
+    assert asked == [t for t in cycle if t in asked]
 
 
 def test_rendered_pixels_carry_the_colours():

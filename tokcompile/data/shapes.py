@@ -96,7 +96,8 @@ def _plural(shape: str) -> str:
     return shape + "s"
 
 
-def _question(rng: np.random.Generator, items: list[Item], qtype: str) -> tuple[str, str] | None:
+def question_about(rng: np.random.Generator, items: list[Item] | tuple[Item, ...],
+                   qtype: str) -> tuple[str, str] | None:
     """(question, answer) of `qtype` about the scene, or None where the scene cannot ask it."""
     counts = {s: sum(it.shape == s for it in items) for s in SHAPES}
     once = [s for s in SHAPES if counts[s] == 1]
@@ -133,7 +134,7 @@ def sample(split: str, index: int) -> Sample:
     qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
     while True:
         items = _scene(rng)
-        qa = _question(rng, items, qtype)
+        qa = question_about(rng, items, qtype)
         if qa is not None:
             shade = int(rng.integers(25, 60))
             return Sample(f"{split}-{index}", render(items, (shade, shade, shade)), qa[0], qa[1], qtype,
@@ -142,6 +143,20 @@ def sample(split: str, index: int) -> Sample:
 
 def samples(split: str, n: int, start: int = 0) -> list[Sample]:
     return [sample(split, i) for i in range(start, start + n)]
+
+
+def conversation(split: str, index: int, turns: int) -> list[tuple[str, str]]:
+    """Up to `turns` (question, answer) pairs about sample `index`'s scene: its own question first, then one of
+    each following question type in turn (`QUESTION_TYPES[(index + k) % 4]`), skipping a type the scene cannot
+    ask. Deterministic, like `sample`; the extra questions draw from their own seeds."""
+    first = sample(split, index)
+    pairs = [(first.question, first.answer)]
+    for k in range(1, turns):
+        rng = np.random.default_rng((SPLITS[split], index, k))
+        qa = question_about(rng, first.items, QUESTION_TYPES[(index + k) % len(QUESTION_TYPES)])
+        if qa is not None:
+            pairs.append(qa)
+    return pairs
 
 
 def answers() -> list[str]:
