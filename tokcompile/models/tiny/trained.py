@@ -20,7 +20,7 @@ TRAINED_PREFIX = "tiny-trained:"
 # name -> (family, size, weights file beside this module, its SHA-256)
 TRAINED: dict[str, tuple[str, str, str, str]] = {
     "shapes": ("llava", "shapes", "shapes.safetensors",
-               "1f0ea08690cb26b870b6b6d50271240bfc2b90b7d8259a936eab8ea05a9e8bf6"),
+               "1728f716789f5095ffad5dc22c019740cc42adbfdd26fc8825dd97c73dd2d7b7"),
 }
 
 
