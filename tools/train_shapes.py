@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokcompile.data import shapes  # noqa: E402
-from tokcompile.eval.batches import answer_batch, answer_ids, teacher_forced_correct  # noqa: E402
+from tokcompile.eval.batches import answer_batch, answer_ids, left_padded, teacher_forced_correct  # noqa: E402
 from tokcompile.models import tiny  # noqa: E402
 
 
@@ -159,7 +159,7 @@ def training_items(step: int, batch: int, caption_fraction: float) -> list:
 
 def conversation_batch(processor, step: int, batch: int, turns: int) -> dict[str, torch.Tensor]:
     """Batch `step`'s scenes, each as one multi-turn chat of up to `turns` questions about its image (LLaVA's
-    "USER: <image>\nQ ASSISTANT: A</s>USER: Q ASSISTANT: A</s>..."), the loss on every answer. The image's 256
+    "USER: <image>\\nQ ASSISTANT: A</s>USER: Q ASSISTANT: A</s>..."), the loss on every answer. The image's 256
     tokens dominate a sequence's cost, so each further question adds supervision almost for free. The first
     turn is exactly the single-question prompt the model is evaluated on."""
     first = answer_batch(processor, shapes.samples("train", batch, step * batch))
@@ -175,17 +175,7 @@ def conversation_batch(processor, step: int, batch: int, turns: int) -> dict[str
             lab += [-100] * len(prompt) + reply
         rows.append(row)
         labels.append(lab)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((batch, width), tok.pad_token_id, dtype=torch.long)  # [B, T], left-padded
-    label_ids = torch.full((batch, width), -100, dtype=torch.long)  # [B, T]
-    mask = torch.zeros((batch, width), dtype=torch.long)  # [B, T]
-    for i, (r, lab) in enumerate(zip(rows, labels)):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        label_ids[i, width - len(r):] = torch.tensor(lab)
-        mask[i, width - len(r):] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": label_ids,
-            "pixel_values": first["pixel_values"]}
+    return {**left_padded(rows, labels, tok.pad_token_id), "pixel_values": first["pixel_values"]}
 
 
 def evaluate(model, processor, split: str, n: int, batch: int) -> dict[str, float]:

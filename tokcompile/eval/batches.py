@@ -34,8 +34,14 @@ def answer_batch(processor: Any, items: list[Any]) -> dict[str, Tensor]:
         answer = answer_ids(tok, it.answer)
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
+    return {**left_padded(rows, labels, tok.pad_token_id), "pixel_values": enc["pixel_values"]}
+
+
+def left_padded(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+    """Token rows and their labels (same lengths) -> input_ids, attention_mask, position_ids, labels [B, T],
+    left-padded as generation pads, positions counting real tokens only (0 at the first one)."""
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)  # [B, T]
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
     label_ids = torch.full((len(rows), width), -100, dtype=torch.long)  # [B, T]
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
     for i, (r, lab) in enumerate(zip(rows, labels)):
@@ -43,9 +49,7 @@ def answer_batch(processor: Any, items: list[Any]) -> dict[str, Tensor]:
         label_ids[i, width - len(r):] = torch.tensor(lab)
         mask[i, width - len(r):] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": label_ids,
-            "pixel_values": enc["pixel_values"]}
-
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": label_ids}
 
 def teacher_forced_correct(model: Any, batch: dict[str, Tensor]) -> Tensor:
     """[B] bool: every answer token (EOS included) is the model's argmax given the tokens before it, which is
