@@ -118,12 +118,17 @@ def test_report_gathers_exports_into_tables_and_plots(export, results, tmp_path)
     real = rows[json.loads((export / "manifest.json").read_text())["name"]]
     assert real["method"] == "fastv" and real["position"] == "exported" and real["image_tokens"] == "64 to 32"
     assert real["accuracy"]["shapes"] == results["positions"]["exported"]["accuracy"]
+    assert real["per_type"] == results["positions"]["exported"]["per_type"]
+    assert real["agreement"] == results["positions"]["exported"]["agreement_with_pretrain"]
+    assert real["setting"] == "pruning_loc=2, rate=0.5"  # recipes/tiny/eval.yml's FastV
     assert real["ttft_ms"] > 0 and rows["relabelled"]["flops_ratio"] == 0.5
     assert sorted(report["plots"]) == ["accuracy_vs_flops.png", "accuracy_vs_ttft.png"]
     for png in report["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    assert "| relabelled | othermethod |" in md and "0.500" in md
+    other_row = next(line for line in md.splitlines() if line.startswith("| othermethod | "))
+    assert other_row.endswith(" | relabelled |") and " | 0.500 | " in other_row
+    assert "| agreement with pretrain | color | count | presence | side |" in md
     assert "<table" in (out / "report.html").read_text()
     missing = subprocess.run([sys.executable, "-m", "tokcompile", "report", str(tmp_path), "--out", str(out)],
                              capture_output=True, text=True, cwd=ROOT, timeout=60)

@@ -37,6 +37,23 @@ def _method(manifest: dict) -> str:
     return "+".join(dict.fromkeys(s["method"] for s in steps)) or "none"
 
 
+def _setting(sparse: Any) -> str:
+    """The recipe's reduction parameters as `key=value` lists, one per method named in its `sparse` section
+    (nested `special`/`vision` blocks included), e.g. "pruning_loc=2, rate=0.5"; "" without one."""
+    found: list[str] = []
+
+    def walk(block: Any) -> None:
+        if not isinstance(block, dict):
+            return
+        if block.get("method") not in (None, "TokenReduction"):
+            found.append(", ".join(f"{k}={v}" for k, v in block.items() if k != "method"))
+        for value in block.values():
+            walk(value)
+
+    walk(sparse)
+    return "; ".join(found)
+
+
 def _ttft_ms(export_dir: Path, questions: list[Any], runs: int) -> float | None:
     """Median seconds from (image, question) to the first answer token, batch 1, onnxruntime; None without an
     ONNX export."""
@@ -58,8 +75,9 @@ def _ttft_ms(export_dir: Path, questions: list[Any], runs: int) -> float | None:
 
 
 def collect(export_dirs: list[Path], measure: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """One row per export: name, method, image tokens reaching the decoder, FLOPs ratio, accuracy per dataset,
-    and the measured time to first token."""
+    """One row per export: name, method and its setting, image tokens reaching the decoder, FLOPs ratio, accuracy
+    per dataset, the first dataset's agreement with pretrain and accuracy per question type, and the measured time
+    to first token."""
     from tokcompile.eval.datasets import QA
 
     rows = []
@@ -72,12 +90,15 @@ def collect(export_dirs: list[Path], measure: int, log: Callable[[str], None]) -
             position = next(p for p in ACCURACY_POSITIONS if p in data["positions"])
             accuracy[name] = data["positions"][position]["accuracy"]
         first = next(iter(evaluation["datasets"].values()))
+        scored = first["positions"][next(p for p in ACCURACY_POSITIONS if p in first["positions"])]
         plan = manifest.get("plan", {})
         per_layer = plan.get("image_tokens_per_layer") or [plan.get("image_tokens_to_decoder")]
         tokens = f"{per_layer[0]}" if per_layer[0] == per_layer[-1] else f"{per_layer[0]} to {per_layer[-1]}"
         row = {"export": manifest.get("name", d.name), "dir": str(d), "method": _method(manifest),
-               "image_tokens": tokens, "flops_ratio": flops["total_exact"]["ratio"],
-               "accuracy": accuracy, "position": position,
+               "setting": _setting((manifest.get("recipe") or {}).get("sparse")), "image_tokens": tokens,
+               "flops_ratio": flops["total_exact"]["ratio"],
+               "accuracy": accuracy, "position": position, "per_type": scored.get("per_type", {}),
+               "agreement": scored.get("agreement_with_pretrain"),
                "pretrain": {n: v["positions"]["pretrain"]["accuracy"] for n, v in evaluation["datasets"].items()
                             if "pretrain" in v["positions"]}}
         if measure:
@@ -94,15 +115,20 @@ def collect(export_dirs: list[Path], measure: int, log: Callable[[str], None]) -
 
 
 def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """One row per export, by method and then falling FLOPs; agreement and the per-type columns are those of the
+    first dataset in each export's eval.json, at the position its accuracy comes from."""
     datasets = sorted({n for r in rows for n in r["accuracy"]})
-    head = ["export", "method", "image tokens (decoder layers)", "FLOPs ratio", *(f"{n} accuracy" for n in datasets),
-            "time to first token (ms)"]
+    types = sorted({t for r in rows for t in r.get("per_type", {})})
+    head = ["method", "setting", "image tokens (decoder layers)", "FLOPs ratio", *(f"{n} accuracy" for n in datasets),
+            "agreement with pretrain", *types, "time to first token (ms)", "export"]
     body = []
-    for r in sorted(rows, key=lambda r: (r["method"], -r["flops_ratio"])):
-        ttft = r.get("ttft_ms")
-        body.append([r["export"], r["method"], str(r["image_tokens"]), f"{r['flops_ratio']:.3f}",
+    for r in sorted(rows, key=lambda r: (r["method"], -r["flops_ratio"], r["setting"])):
+        ttft, agree, per_type = r.get("ttft_ms"), r.get("agreement"), r.get("per_type", {})
+        body.append([r["method"], r.get("setting") or "-", str(r["image_tokens"]), f"{r['flops_ratio']:.3f}",
                      *(f"{r['accuracy'][n]:.3f}" if n in r["accuracy"] else "-" for n in datasets),
-                     f"{ttft:.1f}" if ttft is not None else "-"])
+                     f"{agree:.3f}" if agree is not None else "-",
+                     *(f"{per_type[t]:.2f}" if t in per_type else "-" for t in types),
+                     f"{ttft:.1f}" if ttft is not None else "-", r["export"]])
     return head, body
 
 
