@@ -11,17 +11,22 @@ add supervision almost for free, and they broke the plateau where single questio
 near their priors. `--init` starts from saved weights, `--init-vision` the tower alone (stage 1's, with
 `--vision-steps 0`).
 
-The shipped weights (`tokcompile/models/tiny/shapes.safetensors`) came from these two commands, on 2 cores:
+The shipped weights (`tokcompile/models/tiny/shapes.safetensors`) came from these three commands, on 2 cores:
 
     python tools/train_shapes.py --out runs/stage1.safetensors --steps 0        # about 17 min
-    python tools/train_shapes.py --out runs/shapes.safetensors --vision-steps 0 --turns 4 \
+    python tools/train_shapes.py --out runs/stage2.safetensors --vision-steps 0 --turns 4 \
         --init-vision runs/stage1.vision.safetensors                              # about 40 min
+    python tools/train_shapes.py --out runs/shapes.safetensors --vision-steps 0 --turns 4 \
+        --init runs/stage2.safetensors --first-batch 3000 --steps 2000 --lr 5e-4 --warmup 50   # about 34 min
+
+The third continues stage 2 on fresh scenes (`--first-batch` skips the batches the second one read) with a new,
+lower cosine schedule: the second ended at 0.945 test accuracy with validation still rising, the third at 0.979.
 
 Reproducible: the initial weights, the data order (fresh training samples, batch after batch) and the optimizer
 are fixed by `--seed`; the float sums also depend on `--threads` (2 by default). At the end it prints the
 accuracy per question type on 2000 validation and 2000 test questions (single questions, as evaluated), and
 writes the weights as safetensors plus a JSON file beside them with the training settings and the figures.
-The shipped run reached 0.945 on the test split, just short of the 95% target (README, Accuracy).
+The shipped run reached 0.979 on the test split (README, Accuracy).
 """
 
 from __future__ import annotations
@@ -209,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", type=int, default=4,
                     help="questions per image in stage 2, as one multi-turn chat (1: single questions)")
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (safetensors)")
+    ap.add_argument("--first-batch", type=int, default=0,
+                    help="stage 2 reads the training stream from this batch on (continuing an --init run: its "
+                         "--steps, so it sees fresh scenes)")
     ap.add_argument("--init-vision", type=Path, default=None,
                     help="start the vision tower from these weights (e.g. stage 1's; the rest stays as seeded)")
     ap.add_argument("--lr", type=float, default=1e-3)  # 2e-3 stalls at the answer priors
@@ -217,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-samples", type=int, default=400)
+    ap.add_argument("--final-samples", type=int, default=2000,
+                    help="validation and test questions scored at the end")
     args = ap.parse_args(argv)
 
     from safetensors.torch import load_file, save_file
@@ -254,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         if args.turns > 1:
-            batch = conversation_batch(processor, step, args.batch, args.turns)
+            batch = conversation_batch(processor, args.first_batch + step, args.batch, args.turns)
         else:
-            batch = answer_batch(processor, training_items(step, args.batch, args.caption_fraction))
+            batch = answer_batch(processor, training_items(args.first_batch + step, args.batch,
+                                                           args.caption_fraction))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        pixel_values=batch["pixel_values"], position_ids=batch["position_ids"]).logits
         # logits [B, T, V]: position t predicts token t + 1
@@ -275,10 +286,11 @@ def main(argv: list[str] | None = None) -> int:
             acc = evaluate(model, processor, "validation", args.eval_samples, 64)
             print("  validation " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
     minutes = (time.time() - t_start) / 60
-    acc = evaluate(model, processor, "validation", 2000, 64)
-    print("validation (2000) " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
-    test_acc = evaluate(model, processor, "test", 2000, 64)
-    print("test (2000)       " + "  ".join(f"{k} {v:.3f}" for k, v in test_acc.items()), flush=True)
+    n = args.final_samples
+    acc = evaluate(model, processor, "validation", n, 64)
+    print(f"validation ({n}) " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
+    test_acc = evaluate(model, processor, "test", n, 64)
+    print(f"test ({n})       " + "  ".join(f"{k} {v:.3f}" for k, v in test_acc.items()), flush=True)
     model.eval()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(args.out))
@@ -286,10 +298,11 @@ def main(argv: list[str] | None = None) -> int:
             "vision_patch_accuracy": patch_acc, "tune_vision": args.tune_vision,
             "caption_fraction": args.caption_fraction, "turns": args.turns,
             "init": str(args.init) if args.init else None,
-            "init_vision": str(args.init_vision) if args.init_vision else None, "steps": args.steps,
+            "init_vision": str(args.init_vision) if args.init_vision else None,
+            "first_batch": args.first_batch, "steps": args.steps,
             "batch": args.batch, "lr": args.lr,
             "warmup": args.warmup, "seed": args.seed, "threads": args.threads, "train_minutes": round(minutes, 1),
-            "validation_accuracy": acc, "test_accuracy": test_acc, "torch": torch.__version__}
+            "final_samples": n, "validation_accuracy": acc, "test_accuracy": test_acc, "torch": torch.__version__}
     args.out.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {minutes:.1f} min")
     return 0
