@@ -20,7 +20,7 @@ TRAINED_PREFIX = "tiny-trained:"
 # name -> (family, size, weights file beside this module, its SHA-256)
 TRAINED: dict[str, tuple[str, str, str, str]] = {
     "shapes": ("llava", "shapes", "shapes.safetensors",
-               "1728f716789f5095ffad5dc22c019740cc42adbfdd26fc8825dd97c73dd2d7b7"),
+               "0a03557a8588e6073a0129709f7480d3ecfc4de579c1765f8474dd39e698b5b7"),
 }
 
 
