@@ -24,8 +24,9 @@ lower cosine schedule: the second ended at 0.945 test accuracy with validation s
 
 Reproducible: the initial weights, the data order (fresh training samples, batch after batch) and the optimizer
 are fixed by `--seed`; the float sums also depend on `--threads` (2 by default). At the end it prints the
-accuracy per question type on 2000 validation and 2000 test questions (single questions, as evaluated), and
-writes the weights as safetensors plus a JSON file beside them with the training settings and the figures.
+accuracy per question type on `--final-samples` (2000) validation and test questions (single questions, as
+evaluated), and writes the weights as safetensors plus a JSON file beside them with the training settings and
+the figures.
 The shipped run reached 0.979 on the test split (README, Accuracy).
 """
 
