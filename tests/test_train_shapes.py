@@ -63,3 +63,11 @@ def test_a_continuation_is_reproducible_and_reads_the_batches_it_is_given(train,
     assert not torch.equal(again[projector], other[projector])  # other scenes, other weights
     tower = [k for k in again if k.startswith("model.vision_tower.")]
     assert tower and all(torch.equal(again[k], start[k]) for k in tower)  # the tower stays frozen in stage 2
+
+
+@pytest.mark.parametrize("args", [("--turns", "0"), ("--first-batch", "-1"), ("--caption-fraction", "0.25")])
+def test_bad_settings_are_refused_before_any_work(train, args, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train("--out", tmp_path / "x.safetensors", *args)
+    assert e.value.code == 2 and args[0] in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -26,8 +26,7 @@ Reproducible: the initial weights, the data order (fresh training samples, batch
 are fixed by `--seed`; the float sums also depend on `--threads` (2 by default). At the end it prints the
 accuracy per question type on `--final-samples` (2000) validation and test questions (single questions, as
 evaluated), and writes the weights as safetensors plus a JSON file beside them with the training settings and
-the figures.
-The shipped run reached 0.979 on the test split (README, Accuracy).
+the figures. The shipped run reached 0.979 on the test split (README, Accuracy).
 """
 
 from __future__ import annotations
@@ -229,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-samples", type=int, default=2000,
                     help="validation and test questions scored at the end")
     args = ap.parse_args(argv)
+    if args.turns < 1:
+        ap.error(f"--turns {args.turns}: ask at least one question per image")
+    if args.first_batch < 0:
+        ap.error(f"--first-batch {args.first_batch}: give a batch index of 0 or more")
+    if args.caption_fraction and args.turns > 1:
+        ap.error(f"--caption-fraction applies to single questions only; add --turns 1 (given --turns {args.turns})")
 
     from safetensors.torch import load_file, save_file
 

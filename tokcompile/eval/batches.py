@@ -51,6 +51,7 @@ def left_padded(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> 
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": label_ids}
 
+
 def teacher_forced_correct(model: Any, batch: dict[str, Tensor]) -> Tensor:
     """[B] bool: every answer token (EOS included) is the model's argmax given the tokens before it, which is
     exactly when greedy decoding writes the answer and stops."""
