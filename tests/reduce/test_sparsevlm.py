@@ -124,6 +124,8 @@ def test_lightcompress_tables_give_the_published_counts():
     ({"pruning_loc": [3]}, "pruning_loc", "ascending decoder layers in 0..2"),
     ({"pruning_loc": [2, 1], "stage_tokens": [9, 9]}, "pruning_loc", "ascending"),
     ({"pruning_loc": [2, 6, 15]}, "pruning_loc", "0..2"),
+    ({"pruning_loc": 0.0001, "stage_tokens": [0.5]}, "pruning_loc", "ascending decoder layers"),  # a float scalar
+    ({"pruning_loc": {"a": 1}, "stage_tokens": [0.5]}, "pruning_loc", "ascending decoder layers"),
     ({"pruning_loc": [1]}, "reduction_ratio", "needs reduction_ratio"),
     ({"pruning_loc": [1], "reduction_ratio": 1.0}, "reduction_ratio", "not a fraction in [0, 1)"),
     ({"pruning_loc": [1], "reduction_ratio": "0.5"}, "reduction_ratio", "not a fraction in [0, 1)"),

@@ -97,7 +97,8 @@ class SparseVLMConfig:
     sites: ClassVar[frozenset[Site]] = frozenset({Site.DECODER_LAYER})
 
     def locs(self, key: str, geom: Geometry) -> tuple[int, ...]:
-        locs = (self.pruning_loc,) if isinstance(self.pruning_loc, int) else tuple(self.pruning_loc or ())
+        loc = self.pruning_loc
+        locs = tuple(loc or ()) if isinstance(loc, (list, tuple)) else (loc,)  # a scalar is one layer
         last = geom.n_layers - 2
         if (not locs or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= last for v in locs)
                 or list(locs) != sorted(set(locs))):
