@@ -35,7 +35,7 @@ def test_manifest_describes_the_export(demo_export):
     assert m["format_version"] == 2
     assert m["recipe"]["sparse"]["special"]["method"] == "FastV"
     assert m["schedule"] == [{"method": "fastv", "site": "decoder_layer", "layer": 2, "n_in": 64, "n_out": 32,
-                              "output": "kept", "positions": "keep", "sizes": False}]
+                              "output": "kept", "positions": "keep", "sizes": False, "scored": 1}]
     assert m["plan"]["image_tokens_per_layer"] == [64, 64, 32, 32]
     assert m["cache_groups"] == [[0, 2], [2, 4]]
     v = m["graphs"]["vision"]
@@ -48,8 +48,9 @@ def test_manifest_describes_the_export(demo_export):
     assert p["inputs"][2]["shape"] == ["batch", 64, 128]
     assert m["layout"]["prefill"]["outputs"] == [o["name"] for o in p["outputs"]]
     out = {o["name"]: o for o in p["outputs"]}
-    assert list(out)[:4] == ["logits", "kept_0", "cache_mask_0", "cache_mask_1"]
+    assert list(out)[:5] == ["logits", "kept_0", "score_0_0", "cache_mask_0", "cache_mask_1"]
     assert out["kept_0"]["shape"] == ["batch", 32]
+    assert out["score_0_0"]["shape"] == ["batch", 64] and out["score_0_0"]["dtype"] == "float32"  # FastV's ranking
     assert out["present_key_1"]["shape"] == ["batch", 2, "cache_len_0", 32]  # layers before K: full length
     assert out["present_key_2"]["shape"] == ["batch", 2, "cache_len_1", 32]  # layers from K: reduced
     d = m["graphs"]["decode"]

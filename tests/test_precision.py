@@ -12,6 +12,7 @@ import torch
 
 from tokcompile import parity
 from tokcompile.errors import ParityError, RecipeError
+from tokcompile.generation import Generated
 from tokcompile.plan import DTYPE_TOLERANCES, format_plan, resolve, resolve_export_dtype
 from tokcompile.recipe import load_recipe_dict
 from tokcompile.reduce.ops import attention_row, topk_sorted
@@ -109,14 +110,14 @@ def test_near_tie_on_constructed_scores() -> None:
 
 def test_greedy_token_near_tie() -> None:
     ref_logits = torch.tensor([[1.00, 0.99, -2.0]])  # eager picks 0, the runner-up 1 is 0.01 below
-    ref = SimpleNamespace(tokens=torch.tensor([[0, 2]]), step_logits=[ref_logits, ref_logits])
-    got = SimpleNamespace(tokens=torch.tensor([[1, 0]]), step_logits=[ref_logits + 0.004, ref_logits])
+    ref = Generated(torch.tensor([[0, 2]]), [2], [ref_logits, ref_logits])
+    got = Generated(torch.tensor([[1, 0]]), [2], [ref_logits + 0.004, ref_logits])
     with pytest.raises(ParityError, match="differ from eager at step 0"):
         parity.check_generation("x", got, ref, 2e-2, 2e-2, "here")
     row = parity.check_generation("x", got, ref, 2e-2, 2e-2, "here", near_ties=True)
     assert row["near_ties"][0]["step"] == 0 and row["near_ties"][0]["token"] == 1
     assert row["near_ties"][0]["logit_gap"] == pytest.approx(0.01)
-    far = SimpleNamespace(tokens=torch.tensor([[2, 0]]), step_logits=[ref_logits, ref_logits])
+    far = Generated(torch.tensor([[2, 0]]), [2], [ref_logits, ref_logits])
     with pytest.raises(ParityError, match="differ from eager at step 0"):  # 3.0 apart: a real difference
         parity.check_generation("x", far, ref, 2e-2, 2e-2, "here", near_ties=True)
 

@@ -61,6 +61,7 @@ class Generated:
     lengths: list[int]  # per sample, tokens up to and including EOS
     step_logits: list[Tensor] = field(default_factory=list)  # (B, V) per step
     kept: dict[str, Tensor] = field(default_factory=dict)  # every step's parity output, by layout name
+    scores: dict[str, Tensor] = field(default_factory=dict)  # every scored step's decision scores (`score_j`)
 
     def sequences(self) -> list[list[int]]:
         return [self.tokens[b, : n].tolist() for b, n in enumerate(self.lengths)]
@@ -108,6 +109,7 @@ def generate(
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     out = run_prompt(vision, prefill, layout, batch)
     kept = {n: torch.as_tensor(out[n]) for n in layout.step_outputs}
+    scores = {n: torch.as_tensor(out[n]) for n in layout.score_outputs}
     logits = out["logits"]
     past = {f"past_{n[len('present_'):]}": out[n] for n in layout.present}
     B = torch.as_tensor(logits).shape[0]
@@ -132,7 +134,7 @@ def generate(
         step = decode({**decode_feed(layout, out, tok, t), **past})
         logits = step["logits"]
         past = {f"past_{n[len('present_'):]}": step[n] for n in layout.present}
-    return Generated(torch.stack(tokens, dim=1), lengths, step_logits, kept)
+    return Generated(torch.stack(tokens, dim=1), lengths, step_logits, kept, scores)
 
 
 @torch.no_grad()

@@ -48,13 +48,14 @@ def build_modules(plan: Plan, model: nn.Module) -> tuple[ReducedVLM, DecodeStep]
     return reduced, DecodeStep(model, plan.adapter, plan.geometry, reduced.layout).eval()
 
 
-def eager_runners(reduced: ReducedVLM, decode: DecodeStep) -> tuple[Any, Any, Any]:
-    """The vision, prefill and decode modules as named-input -> named-output callables (no autograd)."""
+def eager_runners(reduced: ReducedVLM, decode: DecodeStep, forced: dict | None = None) -> tuple[Any, Any, Any]:
+    """The vision, prefill and decode modules as named-input -> named-output callables (no autograd); `forced`
+    (decision scores by `score_j_c` name) replays a graph's scores (`tokcompile.parity.replay_selection`)."""
 
     def runner(module: Any) -> Any:
         def run(feed: dict[str, Tensor]) -> dict[str, Tensor]:
             with torch.no_grad():
-                return module.run(feed)
+                return module.run(feed, forced)
         return run
 
     def run_decode(feed: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -62,6 +63,19 @@ def eager_runners(reduced: ReducedVLM, decode: DecodeStep) -> tuple[Any, Any, An
             return reduced.layout.decode.named(decode(*[feed[n] for n in decode.input_names]))
 
     return runner(reduced.vision), runner(reduced.prefill), run_decode
+
+
+def replay_runners(reduced: ReducedVLM, decode: DecodeStep, layout: Any) -> dict[str, Any]:
+    """Per graph: `(feed, forced) -> outputs` in the graph's output order, eager ranking on the decision scores in
+    `forced` (parity's `replay_selection`); None for the decode graph, which selects nothing."""
+
+    def replay(graph: str, which: int) -> Any:
+        def run(feed: dict[str, Tensor], forced: dict) -> tuple:
+            out = eager_runners(reduced, decode, forced)[which](feed)
+            return tuple(out[n] for n in layout.graph(graph).outputs)
+        return run
+
+    return {VISION: replay(VISION, 0), PREFILL: replay(PREFILL, 1), DECODE: None}
 
 
 def decode_feed(layout: Any, prefill_out: dict[str, Tensor], token: Tensor, step: int) -> dict[str, Tensor]:

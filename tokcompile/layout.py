@@ -29,8 +29,10 @@ from tokcompile.reduce.schedule import Output, Schedule, Site
 
 VISION, PREFILL, DECODE = "vision", "prefill", "decode"
 IMAGE_OUTPUTS = ("image_embeds", "image_source")
+SCORE_PREFIX = "score_"  # a scored step's decision scores (B, n) fp32, compared within the near-tie margin
+STEP_PREFIXES = tuple(f"{o.value}_" for o in Output)  # the steps' selections (kept_j, assign_j, ...)
 # Outputs compared exactly (indices and masks), not within a tolerance.
-EXACT_PREFIXES = (*(f"{o.value}_" for o in Output), "cache_mask_", "image_source")
+EXACT_PREFIXES = (*STEP_PREFIXES, "cache_mask_", "image_source")
 
 
 def _cut(step: Any) -> int:
@@ -100,6 +102,11 @@ class GraphLayout:
         """What the vision graph hands the prefill graph: image_embeds, image_source and any side streams."""
         return IMAGE_OUTPUTS + tuple(n for n in self.vision.outputs if n.startswith("image_side_"))
 
+    @property
+    def score_outputs(self) -> tuple[str, ...]:
+        """Every scored step's decision scores (`score_j_c`), in schedule order, whichever graph reports them."""
+        return tuple(n for n in (*self.vision.outputs, *self.prefill.outputs) if n.startswith(SCORE_PREFIX))
+
     def graph(self, name: str) -> GraphIO:
         return {VISION: self.vision, PREFILL: self.prefill, DECODE: self.decode}[name]
 
@@ -135,6 +142,13 @@ def text_inputs(input_axes: dict[str, dict[int, Any]], names: Sequence[str]) -> 
     return tuple(n for n in names if "prompt_len" in input_axes.get(n, {}).values())
 
 
+def score_names(step_output: str, count: int) -> tuple[str, ...]:
+    """The graph outputs holding a scored step's `count` decision vectors (`Step.scored`): `kept_3` -> `score_3_0`,
+    `score_3_1`, ..."""
+    j = step_output.rsplit("_", 1)[1]
+    return tuple(f"{SCORE_PREFIX}{j}_{c}" for c in range(count))
+
+
 def side_names(n: int) -> tuple[str, ...]:
     """The names of `n` image-aligned side streams (`Geometry.side_streams`) between the vision and prefill graphs."""
     return tuple(f"image_side_{k}" for k in range(n))
@@ -148,8 +162,9 @@ def build_layout(adapter: Any, geometry: Any, schedule: Schedule) -> GraphLayout
     if any(s.question for s in schedule):
         media += QUESTION_INPUTS
     step_outputs = tuple(f"{s.output_name}_{j}" for j, s in enumerate(schedule))
-    vision_steps = tuple(o for o, s in zip(step_outputs, schedule) if s.site.in_vision_graph)
-    decoder_steps = tuple(o for o, s in zip(step_outputs, schedule) if not s.site.in_vision_graph)
+    reported = [(o, *score_names(o, s.scored)) for o, s in zip(step_outputs, schedule)]
+    vision_steps = tuple(n for r, s in zip(reported, schedule) if s.site.in_vision_graph for n in r)
+    decoder_steps = tuple(n for r, s in zip(reported, schedule) if not s.site.in_vision_graph for n in r)
     groups = tuple(cache_groups(geometry.n_layers, schedule))
     sized = [_cut(s) for s in schedule if s.sizes and not s.site.in_vision_graph]
     biased = tuple(g for g, (start, _) in enumerate(groups) if sized and start >= min(sized))

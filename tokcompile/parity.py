@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from tokcompile.errors import ParityError, RecipeError, TokcompileError
-from tokcompile.layout import EXACT_PREFIXES  # indices and masks compare exactly
+from tokcompile.layout import EXACT_PREFIXES, SCORE_PREFIX, STEP_PREFIXES  # indices and masks compare exactly
 
 PROMPTS = (
     "What is shown in this image?",
@@ -204,6 +204,83 @@ def near_tie(scores: Tensor, got: Tensor, ref: Tensor, margin: float) -> dict | 
             "allowed_gap": allowed}
 
 
+# Decision scores (`score_j_c`, fp32) a graph reports for a scored step may differ from eager's by this much,
+# relative to the row's largest score. Two backends compute attention in different orders: in float32 they
+# differ by a few units in the last place, so two scores closer than that may rank either way. Where a graph's
+# selection differs from eager's, eager is replayed with the graph's own scores: the selection must then be equal
+# and every output within tolerance, and the difference is recorded as a near-tie.
+SCORE_MARGINS = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 1e-1}
+
+
+def compare_scores(name: str, out_name: str, got: Tensor, ref: Tensor, margin: float, where: str) -> dict:
+    """A graph's decision scores (B, n) against eager's: every gap within `margin` of the row's largest |score|.
+    Returns the largest gap and what the margin allowed there; raises ParityError beyond it."""
+    g, r = torch.as_tensor(got).float(), torch.as_tensor(ref).float()
+    if g.shape != r.shape:
+        raise ParityError(f"parity failed for {name}: {out_name} has shape {tuple(g.shape)}, eager {tuple(r.shape)} "
+                          f"{where}")
+    gap = (g - r).abs()  # (B, n)
+    allowed = margin * r.abs().amax(-1, keepdim=True)  # (B, 1)
+    if bool((gap > allowed).any()):
+        raise ParityError(f"parity failed for {name}: {out_name}, a step's decision scores, differ from eager's by "
+                          f"{float(gap.max()):.3g} {where}, beyond the near-tie margin ({margin:g} of the row's "
+                          f"largest score)")
+    scale = r.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # (B, 1)
+    return {"max_score_gap": float(gap.max()), "max_relative_gap": float((gap / scale).max())}
+
+
+def differing(names: list[str], got: tuple, ref: tuple) -> dict[str, int]:
+    """Exact outputs (indices) that differ between two runs: name -> positions that differ."""
+    out = {}
+    for n, g, r in zip(names, got, ref):
+        g, r = torch.as_tensor(g), torch.as_tensor(r)
+        if n.startswith(EXACT_PREFIXES) and g.shape == r.shape and not torch.equal(g.long(), r.long()):
+            out[n] = int((g.long() != r.long()).sum())
+    return out
+
+
+def replay_selection(name: str, names: list[str], got: tuple, ref: tuple, replay: Callable | None,
+                     margin: float, where: str, ties: list) -> Any:
+    """None where eager's outputs `ref` are what a graph's `got` compares with. Where a selection differs from
+    eager's and the graph reports its decision scores, eager's result again, ranking on the graph's scores
+    (`replay(forced)`). Every score vector the replay computed (after the graph's earlier decisions) must be
+    within `margin` of the graph's; the difference is recorded in `ties` as a selection near-tie."""
+    scores = {n: torch.as_tensor(g) for n, g in zip(names, got) if n.startswith(SCORE_PREFIX)}
+    differ = differing(names, got, ref)
+    if replay is None or not scores or not differ:
+        return None
+    again = replay(scores)
+    computed = dict(zip(names, again)) if isinstance(again, tuple) else {**again.kept, **again.scores}
+    where_replayed = where + " (eager ranking on the graph's earlier decisions)"
+    rel = [compare_scores(name, n, scores[n], computed[n], margin, where_replayed)["max_relative_gap"] for n in scores]
+    eager = dict(zip(names, ref))
+    # the first decision ranked differently: the vector before the first one eager computed differently
+    order = list(scores)
+    later = [c for c in range(1, len(order)) if not torch.equal(torch.as_tensor(eager[order[c]]).float(),
+                                                               torch.as_tensor(computed[order[c]]).float())]
+    flipped = order[later[0] - 1] if later else order[-1]
+    ties.append({"kind": "selection", "where": where, "differ": differ, "decision": flipped,
+                 **inversions(scores[flipped], torch.as_tensor(eager[flipped])),
+                 "max_relative_score_gap": max(rel), "margin": margin})
+    return again
+
+
+def inversions(got: Tensor, ref: Tensor) -> dict:
+    """Neighbours in eager's ranking of `ref` (B, n) (score descending, index ascending) that the graph's scores
+    `got` rank the other way: how many, and eager's largest score gap between such a pair (absolute, and relative
+    to the row's largest |score|). A near-tie shows as a few inversions with gaps of float rounding."""
+    g, r = got.float(), ref.float()
+    n = r.shape[-1]
+    index = torch.arange(n).expand_as(r)
+    order = torch.stack([torch.tensor(sorted(range(n), key=lambda j, row=row: (-row[j], j))) for row in r.tolist()])
+    rs, gs, os_ = r.gather(-1, order), g.gather(-1, order), index.gather(-1, order)  # (B, n) in eager's order
+    inverted = (gs[:, :-1] < gs[:, 1:]) | ((gs[:, :-1] == gs[:, 1:]) & (os_[:, :-1] > os_[:, 1:]))  # (B, n-1)
+    gaps = (rs[:, :-1] - rs[:, 1:]).masked_fill(~inverted, 0)  # (B, n-1)
+    scale = r.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # (B, 1)
+    return {"inverted_neighbours": int(inverted.sum()), "largest_inverted_gap": float(gaps.max()),
+            "largest_inverted_gap_relative": float((gaps / scale).max())}
+
+
 def logit_near_tie(ref_logits: Tensor, got_token: Tensor, ref_token: Tensor, atol: float, rtol: float) -> dict | None:
     """A greedy token that differs from eager's where eager's logits of the two tokens are within what the
     tolerance allows each side (gap <= 2·(atol + rtol·|top-1 logit|)): a near-tie, not a failure."""
@@ -244,15 +321,22 @@ def _compare_logits(got: Tensor, ref: Tensor, atol: float, rtol: float) -> dict:
 
 def compare_outputs(
     name: str, names: list[str], got: tuple, ref: tuple, atol: float, rtol: float, where: str,
-    ties: list | None = None,
+    ties: list | None = None, score_margin: float = SCORE_MARGINS["float32"],
 ) -> float:
-    """Index outputs must be equal; float outputs within tolerance; logits also agree on top-1.
+    """Index outputs must be equal; decision scores within `score_margin` (`compare_scores`); other float outputs
+    within tolerance; logits also agree on top-1.
     Returns the largest absolute difference on logits. Raises ParityError naming `name` and the output.
     With a `ties` list (half precision), a top-1 that differs at a near-tie (`top1_near_ties`) is appended to it
     instead of failing."""
     worst = 0.0
-    for out_name, g, r in zip(names, got, ref):
+    # the steps' selections first, then what follows from them
+    outputs = sorted(zip(names, got, ref), key=lambda o: (not o[0].startswith(STEP_PREFIXES),
+                                                          not o[0].startswith(EXACT_PREFIXES)))
+    for out_name, g, r in outputs:
         g, r = torch.as_tensor(g), torch.as_tensor(r)
+        if out_name.startswith(SCORE_PREFIX):
+            compare_scores(name, out_name, g, r, score_margin, where)
+            continue
         if tuple(g.shape) != tuple(r.shape):
             raise ParityError(
                 f"parity failed for {name}: {out_name} has shape {tuple(g.shape)}, eager {tuple(r.shape)} {where}"
@@ -283,39 +367,60 @@ def compare_outputs(
 
 def check_artifact(
     name: str, runner: Callable, names: list[str], cases: list[tuple[dict, tuple]], atol: float, rtol: float,
-    near_ties: bool = False,
+    near_ties: bool = False, replay: Callable | None = None, score_margin: float = SCORE_MARGINS["float32"],
 ) -> dict:
     """Compare one graph artifact with eager on every (inputs, eager outputs) case; `near_ties` (half precision)
-    records a top-1 near-tie instead of failing."""
+    records a top-1 near-tie instead of failing. `replay(inputs, forced)` runs eager again with a graph's decision
+    scores (`replay_selection`): a selection that differs from eager's at a near-tie is recorded, not refused."""
     rows = []
     ties: list | None = [] if near_ties else None
+    chosen: list = []
     for i, (inputs, ref) in enumerate(cases):
-        diff = compare_outputs(name, names, runner(inputs), ref, atol, rtol, f"on input {i}", ties)
+        got = tuple(runner(inputs))
+        where = f"on input {i}"
+        again = None if replay is None else (lambda forced, inputs=inputs: replay(inputs, forced))
+        replayed = replay_selection(name, names, got, ref, again, score_margin, where, chosen)
+        ref = ref if replayed is None else replayed
+        diff = compare_outputs(name, names, got, ref, atol, rtol, where, ties, score_margin)
         rows.append({"input": i, "batch": int(next(iter(inputs.values())).shape[0]), "max_abs_logit_diff": diff})
     out = {"passed": True, "max_abs_diff": max(r["max_abs_logit_diff"] for r in rows), "inputs": rows}
-    if ties:
-        out["near_ties"] = ties
+    if ties or chosen:
+        out["near_ties"] = chosen + (ties or [])
     return out
 
 
 def check_generation(name: str, result: Any, ref: Any, atol: float, rtol: float, where: str,
-                     near_ties: bool = False) -> dict:
-    """Token-for-token agreement of a backend's greedy generation with eager's, and step logits in tolerance.
+                     near_ties: bool = False, replay: Callable | None = None,
+                     score_margin: float = SCORE_MARGINS["float32"]) -> dict:
+    """Token-for-token agreement of a backend's greedy generation with eager's, every step's selection equal, and
+    step logits in tolerance.
 
     With `near_ties` (half precision), the first differing step passes when it is a near-tie of eager's logits
     (`logit_near_tie`, every sample that differs there); the steps before it are compared, the rest are not (the
-    two generations continue from different tokens) and the record says so."""
+    two generations continue from different tokens) and the record says so. `replay(forced)` generates with eager
+    again, ranking on the backend's decision scores, where a selection differs (`replay_selection`)."""
+    chosen: list[dict] = []
+    names = [*result.kept, *result.scores]
+    got, before = ({**r.kept, **r.scores} for r in (result, ref))
+    replayed = replay_selection(name, names, tuple(got[n] for n in names), tuple(before[n] for n in names), replay,
+                                score_margin, where, chosen)
+    ref = ref if replayed is None else replayed
+    for n in result.kept:
+        if not torch.equal(torch.as_tensor(result.kept[n]).long(), torch.as_tensor(ref.kept[n]).long()):
+            raise ParityError(f"parity failed for {name}: {n} differs from eager's selection {where}")
+    for n in result.scores:
+        compare_scores(name, n, result.scores[n], ref.scores[n], score_margin, where)
     steps = len(result.step_logits)
-    ties: list[dict] = []
+    ties: list[dict] = list(chosen)
     if not torch.equal(result.tokens, ref.tokens):
         step = int((result.tokens != ref.tokens).any(0).nonzero()[0])
         for b in (result.tokens[:, step] != ref.tokens[:, step]).nonzero().reshape(-1).tolist() if near_ties else []:
             tie = logit_near_tie(ref.step_logits[step][b], result.tokens[b, step], ref.tokens[b, step], atol, rtol)
             if tie is None:
-                ties = []
+                ties = list(chosen)
                 break
             ties.append({"step": step, "row": b, **tie})
-        if not ties:
+        if len(ties) == len(chosen):
             raise ParityError(f"parity failed for {name}: generated tokens differ from eager at step {step} {where}")
         steps = step + 1
     worst = 0.0
@@ -329,6 +434,7 @@ def check_generation(name: str, result: Any, ref: Any, atol: float, rtol: float,
     row = {"tokens": int(result.tokens.shape[1]), "batch": int(result.tokens.shape[0]), "max_abs_logit_diff": worst}
     if ties:
         row["near_ties"] = ties
+    if len(ties) > len(chosen):
         row["note"] = f"tokens equal up to step {steps - 1}, a near-tie there; later steps not compared"
     return row
 

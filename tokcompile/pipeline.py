@@ -108,7 +108,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     from tokcompile.export import EXPORTERS
     from tokcompile.export.base import ExportRequest
     from tokcompile.generation import GenerationConfig, generate, no_cache_logits, run_prompt
-    from tokcompile.graphs import DECODE, PREFILL, VISION, build_modules, eager_runners, graph_specs
+    from tokcompile.graphs import DECODE, PREFILL, VISION, build_modules, eager_runners, graph_specs, replay_runners
     from tokcompile.models.loading import load_model, load_processor
 
     recipe, g = plan.recipe, plan.geometry
@@ -219,6 +219,13 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         PREFILL: [as_case(layout.prefill, inp.batch, out) for inp, out in zip(inputs, eager_prompt_out)],
         DECODE: [as_case(layout.decode, specs[2].example_dict(), eager_decode(specs[2].example_dict()))],
     }
+    margin = parity.SCORE_MARGINS[plan.dtype]
+    replays = replay_runners(reduced, decode, layout)
+
+    def replay_gen(case: dict) -> Callable[[dict], Any]:
+        return lambda forced: generate(*eager_runners(reduced, decode, forced), case, layout=layout, cfg=gcfg,
+                                       keep_logits=True)
+
     artifacts = []
     shared: dict[str, dict] = {}  # per target: what its graphs share while exporting (the ONNX weight file)
     for target in plan.targets:
@@ -233,7 +240,8 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
             report["artifacts"][art.name] = {
                 "files": art.files,
                 **parity.check_artifact(art.name, runners[spec.name], spec.output_names, graph_cases[spec.name],
-                                        atol, rtol, near_ties=plan.dtype != "float32"),
+                                        atol, rtol, near_ties=plan.dtype != "float32", replay=replays[spec.name],
+                                        score_margin=margin),
             }
             artifacts.append(art)
         named = [layout.graph(g).wrap(runners[g]) for g in layout.graphs]
@@ -241,20 +249,23 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         for i, (c, ref) in enumerate(zip(cases, eager_runs)):
             run = generate(*named, c, layout=layout, cfg=gcfg, keep_logits=True)
             gen_rows.append(parity.check_generation(f"{target} generation", run, ref, atol, rtol, f"on case {i}",
-                                                    near_ties=plan.dtype != "float32"))
+                                                    near_ties=plan.dtype != "float32", replay=replay_gen(c),
+                                                    score_margin=margin))
         report["generation"] = report.get("generation", {})
         report["generation"][target] = {"passed": True, "cases": gen_rows}
         ties = sum(len(r.get("near_ties", [])) for r in gen_rows)
+        graph_ties = sum(len(report["artifacts"][a.name].get("near_ties", [])) for a in artifacts[-len(specs):])
         log(f"  {target}: vision, prefill and decode parity passed; greedy generation equals eager token for token "
             f"({GREEDY_TOKENS} tokens, {len(cases)} cases, batch sizes {sorted({r['batch'] for r in gen_rows})})"
-            + (f"; {ties} near-tie(s) recorded in parity.json" if ties else ""))
+            + (f"; near-ties recorded in parity.json: {graph_ties} in the graphs, {ties} in generation"
+               if ties or graph_ties else ""))
         done()
 
     int4 = None
     if int_weights:
         done = stage("int4")
         int4 = _int4_onnx(specs, graph_cases, cases, eager_runs, int_weights, tmp, layout, gcfg, atol, rtol, log,
-                          shared["onnx"]["onnx_weights"])
+                          shared["onnx"]["onnx_weights"], replays, replay_gen)
         report["int4"] = int4["parity"]
         artifacts.extend(int4.pop("artifacts"))  # the runtime's onnxruntime-int4 backend
         done()
@@ -340,7 +351,8 @@ def _quantize(plan: Plan, model: Any, processor: Any, log: Log) -> tuple[Any, di
 
 
 def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, int_weights: dict, tmp: Path,
-               layout: Any, gcfg: Any, atol: float, rtol: float, log: Log, pool: Any) -> dict:
+               layout: Any, gcfg: Any, atol: float, rtol: float, log: Log, pool: Any, replays: dict,
+               replay_gen: Callable) -> dict:
     """Write `<graph>.int4.onnx` next to each fake-quant ONNX graph that holds quantized weights (prefill and
     decode; the vision graph has none and serves as it is) and check it in onnxruntime: with MatMulNBits at
     accuracy level 0 and with optimisations off it must pass parity (and generate the same tokens); at
@@ -389,7 +401,7 @@ def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, in
         for mode in ("exact", "unfused"):
             out["parity"][f"{spec.name}.{mode}"] = parity.check_artifact(
                 f"{spec.name}.int4.onnx ({mode})", sessions[mode][spec.name], spec.output_names,
-                graph_cases[spec.name], atol, rtol)
+                graph_cases[spec.name], atol, rtol, replay=replays[spec.name])
         drift = 0.0
         for feed, ref in graph_cases[spec.name]:
             drift = max(drift, float((sessions["default"][spec.name](feed)[0] - ref[0]).abs().max()))
@@ -398,7 +410,8 @@ def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, in
     for i, (c, ref) in enumerate(zip(cases, eager_runs)):
         named = [layout.graph(spec.name).wrap(sessions["exact"][spec.name]) for spec in specs]
         run = generate(*named, c, layout=layout, cfg=gcfg, keep_logits=True)
-        rows.append(parity.check_generation("int4 onnx generation", run, ref, atol, rtol, f"on case {i}"))
+        rows.append(parity.check_generation("int4 onnx generation", run, ref, atol, rtol, f"on case {i}",
+                                            replay=replay_gen(c)))
     out["parity"]["generation_exact"] = {"passed": True, "cases": rows}
     p = out["graphs"]["prefill"]
     log(f"  int4 ONNX: {p['replaced']} weights as INT4 blocks, prefill {p['bytes'] / 1e6:.1f} MB vs "

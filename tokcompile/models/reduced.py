@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokcompile.layout import GraphLayout, NamedOutputs, build_layout, side_names
+from tokcompile.layout import GraphLayout, NamedOutputs, build_layout, score_names, side_names
 from tokcompile.models.base import VLMAdapter, causal_mask, splice_image_features, with_key_bias
 from tokcompile.models.geometry import Geometry
 from tokcompile.question import QUESTION_INPUTS, QuestionTokens
@@ -27,7 +27,8 @@ from tokcompile.reduce.prune import contiguous_positions
 from tokcompile.reduce.schedule import Schedule, Site, Step
 from tokcompile.reduce.state import ImageTokens, TokenState
 
-Forced = dict[str, Tensor]  # step output name -> a selection to replay (eager no-cache references)
+# step output name -> a selection to replay (eager no-cache references); `score_j_c` -> decision scores to rank on
+Forced = dict[str, Tensor]
 
 
 class KVCache:
@@ -75,6 +76,40 @@ class LayerOps:
         return self.adapter.final_norm(self.model)(hidden)
 
 
+def _decider(name: str, step: Step, outputs: dict[str, Tensor], forced: Forced) -> Any:
+    """`ctx.decide` for a scored step (`Step.scored`), else None: records each score vector the step ranks on
+    under its `score_j_c` name, in call order, and returns the scores to rank on (what `forced` holds under that
+    name, in a replay)."""
+    if not step.scored:
+        return None
+    keys = iter(score_names(name, step.scored))
+
+    def decide(scores: Tensor) -> Tensor:  # (B, n) fp32
+        key = next(keys, None)
+        if key is None:
+            raise ValueError(f"the {step.method} step called ctx.decision more than the {step.scored} times its "
+                             "Step.scored declares")
+        outputs[key] = scores
+        replay = forced.get(key)
+        if replay is None:
+            return scores
+        replay = torch.as_tensor(replay).to(scores.device, torch.float32)
+        if replay.shape != scores.shape:  # Python ints
+            raise ValueError(f"{key}: a replay gave scores {tuple(replay.shape)}, the step has {tuple(scores.shape)}")
+        return replay
+
+    return decide
+
+
+def _decided(name: str, step: Step, outputs: dict[str, Tensor], replayed: Tensor | None) -> None:
+    """A scored step's reducer must have called `ctx.decision` as often as it declared (unless it replayed a
+    selection)."""
+    missing = [k for k in score_names(name, step.scored) if k not in outputs]
+    if missing and replayed is None:
+        raise ValueError(f"the {step.method} step declares {step.scored} decision vectors (Step.scored) but its "
+                         f"reducer called ctx.decision {step.scored - len(missing)} times")
+
+
 def _by_site(schedule: Schedule, reducers: tuple, names: tuple[str, ...], site: Site) -> dict[int, list]:
     out: dict[int, list] = {}
     for name, step, red in zip(names, schedule, reducers):
@@ -104,12 +139,19 @@ class VisionSteps:
     def context(self, ctx: Any, name: str, step: Step) -> Any:
         """The site's context with what this step's reducer brings: the question, its own weights."""
         module = self.modules[name] if name in self.modules else None
-        return replace(ctx, question=self.question if step.question else None, module=module)
+        return replace(ctx, question=self.question if step.question else None, module=module,
+                       decide=_decider(name, step, self.outputs, self.forced))
+
+    def apply(self, name: str, step: Step, red: Any, tokens: ImageTokens, ctx: Any) -> ImageTokens:
+        """One step at its site: its new tokens; its parity output (and decision scores) recorded."""
+        tokens, idx = red.apply(tokens, self.context(ctx, name, step), step, self.forced.get(name))
+        _decided(name, step, self.outputs, self.forced.get(name))
+        self.outputs[name] = idx
+        return tokens
 
     def _run(self, steps: list, tokens: ImageTokens, ctx: Any) -> ImageTokens:
         for name, step, red in steps:
-            tokens, idx = red.apply(tokens, self.context(ctx, name, step), step, self.forced.get(name))
-            self.outputs[name] = idx
+            tokens = self.apply(name, step, red, tokens, ctx)
         return tokens
 
     def has_block(self, layer: int) -> bool:
@@ -154,14 +196,12 @@ class VisionEncoder(nn.Module):
         steps = VisionSteps(self.schedule, self.reducers, self.names, forced, question, self.step_modules)
         media = {n: v for n, v in inputs.items() if n not in QUESTION_INPUTS}
         tokens = self.adapter.encode_image_tokens(self.model, media, self.geometry, steps)  # (B, N, D)
-        out = dict(steps.outputs)
         for i, (name, step, red) in enumerate(self.projector_steps):
             tower = tokens.tower if step is self.schedule[0] else None  # only the first step sees the tower
             features = tokens.features if i == 0 else None  # and the projector's input
-            ctx = steps.context(ImageContext(step.layer, self.geometry.frames, *(tower or (None, None)),
-                                             features=features), name, step)
-            tokens, idx = red.apply(tokens, ctx, step, (forced or {}).get(name))
-            out[name] = idx
+            ctx = ImageContext(step.layer, self.geometry.frames, *(tower or (None, None)), features=features)
+            tokens = steps.apply(name, step, red, tokens, ctx)
+        out = steps.outputs
         if len(tokens.side) != self.geometry.side_streams:
             raise ValueError(f"the adapter gave {len(tokens.side)} side streams, the geometry says "
                              f"{self.geometry.side_streams}")
@@ -205,7 +245,8 @@ class Prefill(nn.Module):
         names = layout.step_outputs
         self.before = _by_site(schedule, reducers, names, Site.DECODER_LAYER)
         self.mid = _by_site(schedule, reducers, names, Site.DECODER_MID)
-        self.step_names = tuple(n for n, s in zip(names, schedule) if not s.site.in_vision_graph)
+        self.step_names = tuple(x for n, s in zip(names, schedule) if not s.site.in_vision_graph
+                                for x in (n, *score_names(n, s.scored)))
         self.group_starts = {s for s, _ in layout.groups}
 
     @property
@@ -252,10 +293,12 @@ class Prefill(nn.Module):
                      embedded: TokenState | None = None) -> TokenState:
         """Run the DECODER_LAYER steps at `layer`. `prev` is (the tokens that entered layer-1, its keys);
         `embedded` the sequence that entered layer 0."""
+        forced = forced or {}
         for name, step, red in self.before.get(layer, ()):
             ctx = DecoderContext(layer, self.ops, state, prev[0] if prev else None, prev[1] if prev else None,
-                                 embedded=embedded)
-            state, idx = red.apply(state, ctx, step, (forced or {}).get(name))
+                                 embedded=embedded, decide=_decider(name, step, outputs, forced))
+            state, idx = red.apply(state, ctx, step, forced.get(name))
+            _decided(name, step, outputs, forced.get(name))
             outputs[name] = idx
         return state
 
@@ -274,10 +317,13 @@ class Prefill(nn.Module):
             return _add_side_stream(out, layer)
         h = a.run_decoder_attention(mod, state.hidden, mask, rope, cache)  # (B, T, D) after the residual
         entering, state = state, replace(state, hidden=h)
+        forced = forced or {}
         for name, step, red in self.mid[layer]:
             ctx = DecoderContext(layer, self.ops, state, prev[0] if prev else None, prev[1] if prev else None,
-                                 keys_here=cache.keys[layer], state_in=entering, embedded=embedded)
-            state, idx = red.apply(state, ctx, step, (forced or {}).get(name))
+                                 keys_here=cache.keys[layer], state_in=entering, embedded=embedded,
+                                 decide=_decider(name, step, outputs, forced))
+            state, idx = red.apply(state, ctx, step, forced.get(name))
+            _decided(name, step, outputs, forced.get(name))
             outputs[name] = idx
         return _add_side_stream(replace(state, hidden=a.run_decoder_mlp(mod, state.hidden)), layer)
 
@@ -368,7 +414,10 @@ class ReducedVLM(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        extra = [n for n in self.layout.prefill.outputs if n != "logits" and n not in self.layout.step_outputs]
+        """Logits, every step's parity output, then (`with_cache`) the cache outputs; decision scores (`score_j`)
+        are in `run()`'s dict only."""
+        reported = (*self.layout.step_outputs, *self.layout.score_outputs)
+        extra = [n for n in self.layout.prefill.outputs if n != "logits" and n not in reported]
         return ["logits", *self.layout.step_outputs, *(extra if self.prefill.with_cache else [])]
 
     def forward(self, *inputs: Tensor, forced: Forced | None = None) -> NamedOutputs:

@@ -8,6 +8,7 @@ through `LayerOps`, which the family adapter implements: reducers never see the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,8 +38,22 @@ class LayerOps(Protocol):
         ...
 
 
+class Decides:
+    """What every context offers a scored step (`Step.scored`): `decision(scores)` hands the driver one score
+    vector the step ranks on, which the graph reports (`score_j_c`, in call order), and returns the scores to rank
+    on. Graphs rank on their own; an eager replay of a graph's result hands back the graph's, so that a selection
+    that differs from eager's only where scores nearly tie is checked downstream instead of refused."""
+
+    decide: Callable[[Tensor], Tensor] | None
+
+    def decision(self, scores: Tensor) -> Tensor:
+        """(B, n) scores the step ranks on -> the scores to rank on, fp32 (the same, outside replays)."""
+        scores = scores.float()
+        return scores if self.decide is None else self.decide(scores)
+
+
 @dataclass(frozen=True)
-class VisionContext:
+class VisionContext(Decides):
     """A vision block's attention, recorded as it ran (VISION_BLOCK: this block; VISION_OUT: the selected
     layer's block).
 
@@ -54,6 +69,7 @@ class VisionContext:
             None: every key.
         question: the question's tokens (`tokcompile.question`), for a step whose `Step.question` is set; else None.
         module: the weights the step's reducer owns (`Reducer.load_module`), e.g. CLIP's text tower; else None.
+        decide: set by the driver for a scored step (see `Decides`); reducers call `decision`, never this.
     """
 
     layer: int
@@ -64,6 +80,7 @@ class VisionContext:
     key_mask: Tensor | None = None
     question: QuestionTokens | None = None
     module: nn.Module | None = None
+    decide: Callable[[Tensor], Tensor] | None = None
 
     def mean_keys(self) -> Tensor:
         """Keys averaged over heads: (B, t, dv)."""
@@ -83,7 +100,7 @@ class VisionContext:
 
 
 @dataclass(frozen=True)
-class ImageContext:
+class ImageContext(Decides):
     """Projector-output site: the projected features are the state itself.
 
     Args:
@@ -98,7 +115,7 @@ class ImageContext:
         features: at the first projector-output step, (B, N, Dv) the features the projector received, token for
             token with the state (LLaVA-1.5: the selected vision layer's patches, CLS dropped), on families whose
             adapter gives them (`VLMAdapter.features_at_projector`); None otherwise.
-        question, module: as in `VisionContext`.
+        question, module, decide: as in `VisionContext`.
     """
 
     layer: int = 0
@@ -108,6 +125,7 @@ class ImageContext:
     features: Tensor | None = None
     question: QuestionTokens | None = None
     module: nn.Module | None = None
+    decide: Callable[[Tensor], Tensor] | None = None
 
     def _per_image_token(self, n: int) -> tuple[Tensor, Tensor]:
         """(S, N) one-hot of every tower token's image token and (N,) how many tower tokens each one has."""
@@ -127,7 +145,7 @@ class ImageContext:
 
 
 @dataclass(frozen=True)
-class DecoderContext:
+class DecoderContext(Decides):
     """Before decoder layer `layer` runs (DECODER_LAYER), or between its attention and MLP (DECODER_MID).
 
     Args:
@@ -142,6 +160,7 @@ class DecoderContext:
         embedded: the sequence entering decoder layer 0 (the input embeddings, after any reduction before the
             decoder), for methods that choose text tokens from them (SparseVLM's raters). Text tokens are never
             reduced, so text token j after the image is text token j after the image in every later state.
+        decide: as in `VisionContext`.
     """
 
     layer: int
@@ -152,6 +171,7 @@ class DecoderContext:
     keys_here: Tensor | None = None
     state_in: TokenState | None = None
     embedded: TokenState | None = None
+    decide: Callable[[Tensor], Tensor] | None = None
 
     def _last_row(self, layer: int, st: TokenState, keys: Tensor) -> Tensor:
         h_last = gather_tokens(st.hidden, st.last[:, None])  # (B, 1, D)

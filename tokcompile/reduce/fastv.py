@@ -71,14 +71,14 @@ class FastVConfig:
                 f"{key}.rate",
                 f"rate {self.rate} keeps 0 of {n} image tokens; lower it below {1 - 0.5 / n:.4f}",
             )
-        return (Step("fastv", Site.DECODER_LAYER, self.pruning_loc, n, k),)
+        return (Step("fastv", Site.DECODER_LAYER, self.pruning_loc, n, k, scored=1),)
 
     def apply(
         self, state: TokenState, ctx: DecoderContext, step: Step, forced: Tensor | None = None
     ) -> tuple[TokenState, Tensor]:
         if forced is None:
             attn = ctx.last_token_attention("previous")  # (B, T) over the tokens that entered layer K-1
-            scores = attn.gather(1, ctx.image_span(step.n_in))  # (B, N)
+            scores = ctx.decision(attn.gather(1, ctx.image_span(step.n_in)))  # (B, N), reported for parity
             kept = topk_sorted(scores, step.n_out)  # (B, k), ascending
         else:
             kept = forced  # eager references replay a selection made earlier

@@ -77,6 +77,10 @@ class Step:
     # Vision-graph steps: the step reads the question (`ctx.question`); the vision graph then takes
     # `question_ids` and `question_mask` (tokcompile.question), which the reducer's `question(key)` describes
     question: bool = False
+    # How many score vectors the reducer ranks on, each handed to `ctx.decision` (B, n) fp32 in a fixed order;
+    # the graph running the step reports them (`score_j_c`) beside its output, so that parity can tell a
+    # selection that differs at a near-tie from an error
+    scored: int = 0
 
     @property
     def output_name(self) -> str:
@@ -95,6 +99,7 @@ class Step:
             "sizes": self.sizes,
             **({"detail": list(self.detail)} if self.detail else {}),
             **({"question": True} if self.question else {}),
+            **({"scored": self.scored} if self.scored else {}),
         }
 
 

@@ -16,10 +16,10 @@ Static-export deviations from LightCompress (`token_reduction/vispruner.py`, LLa
 - Scores and similarities are fp32 (LightCompress casts the attention to the model dtype first).
 - Budgets whose pairing LightCompress cannot run (an odd number of candidates, or a round dropping more than
   half of them, where its indexing fails) are refused at `--plan` with the nearest budgets that work.
-- The pairing follows the full attention order of the candidates, so the selection depends on every near-tie
-  among their [CLS] scores: where adjacent scores differ by less than the float difference between two
-  backends (2.3e-10 on the medium random LLaVA), an export can keep a different set than eager, and parity
-  then fails. Ranking on rounded scores would hide that, not fix it; it is reported instead.
+- The pairing follows the full attention order of the candidates and each round's similarity order, so the
+  selection depends on every near-tie among them: two backends can keep different sets. Every score vector
+  ranked goes through `ctx.decision` (the attention, then each round's similarities: `Step.scored`), so
+  parity can replay a graph's ranking in eager and record such a near-tie instead of failing.
 - As with FasterVLM, the [CLS] row is recomputed from the selected block's queries and keys, CLS is kept as
   tower token 0 for LLaVA's feature selection to drop, and every sample of a batch picks its own tokens.
 
@@ -32,6 +32,7 @@ LightCompress does), and the kept tokens keep their original order and M-RoPE id
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -95,9 +96,10 @@ def order_desc(scores: Tensor) -> Tensor:
 
 
 def vispruner_select(scores: Tensor, features: Tensor, important: int, diverse: int,
-                     rounds: tuple[int, ...]) -> Tensor:
-    """Important then diverse patches: (B, P) [CLS] scores and (B, P, C) features -> (B, T) kept, ascending."""
-    order = order_desc(scores)  # (B, P) patches by attention
+                     rounds: tuple[int, ...], decide: Callable[[Tensor], Tensor] = lambda s: s) -> Tensor:
+    """Important then diverse patches: (B, P) [CLS] scores and (B, P, C) features -> (B, T) kept, ascending.
+    `decide` (`ctx.decision`) sees every score vector ranked: the attention, then each round's similarities."""
+    order = order_desc(decide(scores))  # (B, P) patches by attention
     keep_important = order[:, :important]  # (B, T_imp)
     if diverse == 0:
         return keep_important.sort(dim=-1).values
@@ -107,7 +109,7 @@ def vispruner_select(scores: Tensor, features: Tensor, important: int, diverse: 
     for r in rounds:  # static trip count
         cand = gather_tokens(xn, residual)  # (B, R, C)
         a, b = cand[:, ::2], cand[:, 1::2]  # (B, R/2, C) each
-        similarity = (a @ b.transpose(1, 2)).amax(dim=-1)  # (B, R/2): closest partner in the other half
+        similarity = decide((a @ b.transpose(1, 2)).amax(dim=-1))  # (B, R/2): closest partner in the other half
         distinct = order_desc(similarity)[:, r:]  # (B, R/2 - r) the r most similar of `a` dropped
         residual = torch.cat([residual[:, ::2].gather(1, distinct), residual[:, 1::2]], dim=1)  # (B, R - r)
     kept = torch.cat([keep_important, residual], dim=1)  # (B, T_imp + T_div)
@@ -168,8 +170,8 @@ class VisPrunerConfig:
                                                    "earlier step has already changed on this family; remove one "
                                                    "of the two")
             n = entering.image_tokens
-            kept, _, _ = self._counts(n, key, even_candidates=True)
-            return (Step("vispruner", Site.PROJECTOR_OUT, 0, n, kept, Output.KEPT),)
+            kept, rounds = self._counts(n, key, even_candidates=True)[::2]
+            return (Step("vispruner", Site.PROJECTOR_OUT, 0, n, kept, Output.KEPT, scored=1 + len(rounds)),)
         if entering.after == (Site.VISION_BLOCK, geom.vision_layers - 1):
             raise RecipeError(
                 f"{key}.method",
@@ -177,8 +179,8 @@ class VisPrunerConfig:
                 "reduction inside that same block has already changed; stop the earlier reduction one block sooner",
             )
         t = entering.vision_tokens
-        kept, _, _ = self._counts(t - PROTECTED, key)
-        return (Step("vispruner", Site.VISION_OUT, 0, t, kept + PROTECTED, Output.KEPT),)
+        kept, _, rounds = self._counts(t - PROTECTED, key)
+        return (Step("vispruner", Site.VISION_OUT, 0, t, kept + PROTECTED, Output.KEPT, scored=1 + len(rounds)),)
 
     def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
         """The [CLS] row against every key (2·t·Dv) and each round's half-against-half similarities
@@ -205,7 +207,7 @@ class VisPrunerConfig:
             if kept is None:
                 kept_n, important, rounds = self._counts(step.n_in, "sparse", even_candidates=True)
                 kept = vispruner_select(ctx.received_attention(step.n_in), state.hidden, important,
-                                        kept_n - important, rounds)  # (B, T) ascending
+                                        kept_n - important, rounds, ctx.decision)  # (B, T) ascending
             return keep_tokens(state, kept), kept
         t = state.hidden.shape[1]
         p = state.n_protected
@@ -214,7 +216,7 @@ class VisPrunerConfig:
         if forced is None:
             kept_n, important, rounds = self._counts(t - p, "sparse")
             patches = vispruner_select(cls_scores(ctx, p), state.hidden[:, p:], important, kept_n - important,
-                                       rounds) + p  # (B, T)
+                                       rounds, ctx.decision) + p  # (B, T)
             kept = protected_first(patches, p)  # (B, T + p) tower tokens, CLS first, ascending
         else:
             kept = forced  # eager references replay a selection made earlier
