@@ -90,7 +90,7 @@ class FasterVLMConfig:
             raise RecipeError(
                 f"{key}.rate", f"rate {r} keeps 0 of {patches} image patches; lower it below {1 - 0.5 / patches:.4f}"
             )
-        return (Step("fastervlm", Site.VISION_OUT, 0, t, k + PROTECTED, Output.KEPT),)
+        return (Step("fastervlm", Site.VISION_OUT, 0, t, k + PROTECTED, Output.KEPT, scored=1),)
 
     def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
         """One [CLS] query row against every key of the selected block, all heads: 2·t·Dv."""
@@ -104,7 +104,8 @@ class FasterVLMConfig:
         if ctx.keys.shape[2] != t:  # Python ints: the block's keys must be the tokens scored here
             raise ValueError(f"FasterVLM scores {t} tokens with a block that attended over {ctx.keys.shape[2]}")
         if forced is None:
-            top = topk_sorted(cls_scores(ctx, p), step.n_out - p) + p  # (B, k) patches, ascending
+            scores = ctx.decision(cls_scores(ctx, p))  # (B, P) [CLS] attention, reported for parity
+            top = topk_sorted(scores, step.n_out - p) + p  # (B, k) patches, ascending
             kept = protected_first(top, p)  # (B, k + p) tower tokens, CLS first, ascending
         else:
             kept = forced  # eager references replay a selection made earlier

@@ -105,7 +105,7 @@ class PyramidDropConfig:
             if k < 1:
                 raise RecipeError(f"{key}.image_token_ratio_list", f"ratio {r} keeps 0 of {n} image tokens; use at "
                                                                    f"least {1 / n:.4g}")
-            steps.append(Step("pyramiddrop", Site.DECODER_LAYER, layer, n_in, k, positions=positions))
+            steps.append(Step("pyramiddrop", Site.DECODER_LAYER, layer, n_in, k, positions=positions, scored=1))
             n_in = k
         return tuple(steps)
 
@@ -120,7 +120,7 @@ class PyramidDropConfig:
     ) -> tuple[TokenState, Tensor]:
         if forced is None:
             attn = ctx.last_token_attention("current")  # (B, T) layer l's last-token row over the tokens entering it
-            scores = attn.gather(1, ctx.image_span(step.n_in))  # (B, N_s) the current image tokens
+            scores = ctx.decision(attn.gather(1, ctx.image_span(step.n_in)))  # (B, N_s) the current image tokens
             kept = topk_sorted(scores, step.n_out)  # (B, k_s), ascending, relative to the entering image span
         else:
             kept = forced  # eager references replay a selection made earlier
