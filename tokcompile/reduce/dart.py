@@ -23,6 +23,7 @@ Static-export deviations from LightCompress:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -50,7 +51,7 @@ def counts(n: int, reduction_ratio: float, pivot_image: int, pivot_text: int) ->
 
 
 def dart_select(key_l1: Tensor, normed: Tensor, image_start: Tensor, valid: Tensor, n: int, pivot_image: int,
-                pivot_text: int, per_pivot: int) -> Tensor:
+                pivot_text: int, per_pivot: int, decide: Callable[[Tensor], Tensor] = lambda s: s) -> Tensor:
     """Pivots, then the least similar image tokens per pivot.
 
     Args:
@@ -58,12 +59,14 @@ def dart_select(key_l1: Tensor, normed: Tensor, image_start: Tensor, valid: Tens
         normed: (B, T, D) the final norm of the hidden states entering layer K.
         image_start: (B,) first image token; n: image tokens.
         valid: (B, T) real tokens.
+        decide: `ctx.decision`, handed every score vector ranked: the key norms, then each pivot's similarities.
 
     Returns:
         (B, k) kept image tokens, relative to the span, ascending.
     """
     B, T = key_l1.shape
     dev = key_l1.device
+    key_l1 = decide(key_l1)  # (B, T) both kinds of pivot rank on it
     span = image_start[:, None] + torch.arange(n, device=dev)[None]  # (B, n)
     image_pivots = topk_sorted(key_l1.gather(1, span), pivot_image)  # (B, p_img) relative, ascending
     after = (torch.arange(T, device=dev)[None] >= (image_start + n)[:, None]) & valid  # (B, T) text after image
@@ -74,7 +77,7 @@ def dart_select(key_l1: Tensor, normed: Tensor, image_start: Tensor, valid: Tens
     chosen = (image_pivots[..., None] == idx).any(1)  # (B, n) image pivots are kept
     candidate = ~chosen  # (B, n)
     for j in range(pivot_image + pivot_text):  # ascending sequence order: image pivots precede text pivots
-        sim = F.cosine_similarity(pivots_h[:, j : j + 1], image_h, dim=-1)  # (B, n)
+        sim = decide(F.cosine_similarity(pivots_h[:, j : j + 1], image_h, dim=-1))  # (B, n)
         score = (-sim).masked_fill(~candidate, float("-inf"))  # least similar first
         pick = rank_desc(score) < per_pivot  # (B, n)
         chosen = chosen | pick
@@ -124,7 +127,7 @@ class DARTConfig:
         if n - pi < (pi + pt) * per_pivot:
             raise RecipeError(f"{key}.reduction_ratio", f"{r} asks for {(pi + pt) * per_pivot} selections from "
                                                         f"{n - pi} image tokens; raise it")
-        return (Step("dart", Site.DECODER_LAYER, self.pruning_loc, n, k),)
+        return (Step("dart", Site.DECODER_LAYER, self.pruning_loc, n, k, scored=1 + pi + pt),)
 
     def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
         """One cosine row per pivot over the image tokens (2·N·D each) and the final norm of the sequence."""
@@ -143,7 +146,8 @@ class DARTConfig:
             key_l1 = keys.permute(0, 2, 1, 3).flatten(2).abs().sum(-1)  # (B, T)
             per_pivot, _ = counts(step.n_in, self.reduction_ratio, self.pivot_image_token, self.pivot_text_token)
             kept = dart_select(key_l1, ctx.ops.final_norm(state.hidden), state.image_start, state.valid, step.n_in,
-                               self.pivot_image_token, self.pivot_text_token, per_pivot)  # (B, k) ascending
+                               self.pivot_image_token, self.pivot_text_token, per_pivot,
+                               ctx.decision)  # (B, k) ascending
         else:
             kept = forced  # eager references replay a selection made earlier
         return keep_image_tokens(state, kept, step), kept
