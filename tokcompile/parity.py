@@ -214,7 +214,7 @@ SCORE_MARGINS = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 1e-1}
 
 def compare_scores(name: str, out_name: str, got: Tensor, ref: Tensor, margin: float, where: str) -> dict:
     """A graph's decision scores (B, n) against eager's: every gap within `margin` of the row's largest |score|.
-    Returns the largest gap and what the margin allowed there; raises ParityError beyond it."""
+    Returns the largest gap, absolute and relative to its row's largest |score|; raises ParityError beyond it."""
     g, r = torch.as_tensor(got).float(), torch.as_tensor(ref).float()
     if g.shape != r.shape:
         raise ParityError(f"parity failed for {name}: {out_name} has shape {tuple(g.shape)}, eager {tuple(r.shape)} "
