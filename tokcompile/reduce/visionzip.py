@@ -94,13 +94,13 @@ class VisionZipConfig:
                 raise RecipeError(f"{key}.dominant", "prune_only with dominant 0 keeps no image token; use >= 1")
             if self.contextual < 0:
                 raise RecipeError(f"{key}.contextual", f"{self.contextual} is negative")
-            return (Step("visionzip", Site.VISION_OUT, 0, t, 1 + self.dominant, Output.KEPT),)
+            return (Step("visionzip", Site.VISION_OUT, 0, t, 1 + self.dominant, Output.KEPT, scored=1),)
         D = self.n_dominant()
         if not 1 <= self.contextual <= P - D:
             what = "the patches entering" if self.merge_only else f"the {P} patches minus dominant {D}"
             raise RecipeError(f"{key}.contextual", f"{self.contextual} is outside 1..{P - D} ({what}); "
                                                    "dominant + contextual must fit the patches")
-        return (Step("visionzip", Site.VISION_OUT, 0, t, 1 + D + self.contextual, Output.ASSIGN),)
+        return (Step("visionzip", Site.VISION_OUT, 0, t, 1 + D + self.contextual, Output.ASSIGN, scored=2),)
 
     def _plan_tower(self, geom: Geometry, key: str, entering: Entering) -> Schedule:
         """The Qwen families: at the projector output, scored by the tower's last block."""
@@ -124,7 +124,7 @@ class VisionZipConfig:
         if D + C > n:
             raise RecipeError(f"{key}.contextual", f"{D} dominant and {C} contextual tokens exceed the {n} image "
                                                    "tokens; lower one of them")
-        return (Step("visionzip", Site.PROJECTOR_OUT, 0, n, D + C, Output.ASSIGN),)
+        return (Step("visionzip", Site.PROJECTOR_OUT, 0, n, D + C, Output.ASSIGN, scored=2),)
 
     def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
         """The CLS row against every key (2·t·Dv) and, when merging, every token's head-mean key against the
@@ -154,7 +154,7 @@ class VisionZipConfig:
 
         if forced is None:
             cls_row = ctx.attention(torch.zeros(1, dtype=torch.long, device=dev)).sum(1)[:, 0]  # (B, t) head sum
-            dom = rank_desc(cls_row[:, 1:]) < D - 1  # (B, t-1) the top patches
+            dom = rank_desc(ctx.decision(cls_row[:, 1:])) < D - 1  # (B, t-1) the top patches
             is_dom = torch.cat([torch.ones_like(dom[:, :1]), dom], dim=1)  # (B, t) CLS always kept
         elif self.prune_only:  # eager references replay an earlier selection: kept (B, 1+D)
             is_dom = (idx[:, :, None] == forced[:, None, :]).any(-1)  # (B, t)
@@ -179,7 +179,7 @@ class VisionZipConfig:
             m = ctx.mean_keys().float()  # (B, t, dv) keys averaged over heads
             m = m / m.norm(dim=-1, keepdim=True)  # (B, t, dv)
             sim = m @ gather_tokens(m, tgt).transpose(1, 2)  # (B, t, C) every token against the targets
-            best = first_argmax(sim)  # (B, t)
+            best = first_argmax(ctx.decision(sim.flatten(1)).reshape(B, t, C))  # (B, t), reported for parity
         else:
             best = (forced - D).clamp(min=0)  # (B, t)
         joins = ~is_dom & ~is_tgt  # (B, t) tokens merged into a target
