@@ -61,7 +61,7 @@ class Generated:
     lengths: list[int]  # per sample, tokens up to and including EOS
     step_logits: list[Tensor] = field(default_factory=list)  # (B, V) per step
     kept: dict[str, Tensor] = field(default_factory=dict)  # every step's parity output, by layout name
-    scores: dict[str, Tensor] = field(default_factory=dict)  # every scored step's decision scores (`score_j`)
+    scores: dict[str, Tensor] = field(default_factory=dict)  # every scored step's decision scores (`score_j_c`)
 
     def sequences(self) -> list[list[int]]:
         return [self.tokens[b, : n].tolist() for b, n in enumerate(self.lengths)]

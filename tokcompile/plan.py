@@ -337,11 +337,12 @@ def _check_dtype(recipe: Recipe, dtype: str, targets: tuple[str, ...], key: str,
                                f"eager for bfloat16, or set {src}: float32 for onnx")
     unscored = sorted({s.method for s in schedule if not s.scored})
     if dtype == "float16" and ("onnx" in targets or "tensorrt" in targets) and unscored:
-        raise RecipeError(key, f"onnx cannot be validated in float16 ({src}: float16) with {', '.join(unscored)}: "
-                               "onnxruntime's CPU float16 kernels round differently from PyTorch's, so kept tokens "
-                               "can differ from eager's at near-ties, and parity checks those only for methods that "
-                               "report their decision scores, which this one does not yet; use aoti or eager for "
-                               f"float16, or set {src}: float32 for onnx")
+        names = ", ".join(unscored)
+        raise RecipeError(key, f"onnx cannot be validated in float16 ({src}: float16) with {names}: onnxruntime's "
+                               "CPU float16 kernels round differently from PyTorch's, so kept tokens can differ from "
+                               "eager's at near-ties, and parity can check those only for methods that report their "
+                               f"decision scores ({names} {'does' if len(unscored) == 1 else 'do'} not yet); use "
+                               f"aoti or eager for float16, or set {src}: float32 for onnx")
 
 
 def check_remote_code(recipe: Recipe, confirmed: bool) -> None:
