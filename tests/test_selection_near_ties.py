@@ -22,6 +22,7 @@ from tokcompile.models import ReducedVLM
 from tokcompile.parity import check_artifact, check_generation, inversions
 from tokcompile.pipeline import plan_recipe
 from tokcompile.reduce.ops import rank_desc
+from tokcompile.reduce.vispruner import budget
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,8 @@ def test_vispruner_near_tie_is_replayed_and_recorded(vispruner, batch):
     plan, reduced, decode = vispruner
     names = list(reduced.layout.vision.outputs)
     feed, eager = _vision_case(plan, reduced, batch)
-    important = plan.reducers[0]._counts(plan.schedule[0].n_in - 1, "k")[1]
+    cfg = plan.reducers[0]
+    _, important = budget(plan.schedule[0].n_in - 1, cfg.prune_ratio, cfg.important_ratio)  # CLS is not a patch
     # the last important patch and the first candidate trade places: another important set
     forced, move = nudged(eager["score_0_0"], important - 1)
 
