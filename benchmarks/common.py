@@ -92,17 +92,19 @@ def check_outputs(label: str, got: dict[str, Any], want: dict[str, Any]) -> floa
     within LOGITS_ATOL; returns the max |Δlogit|."""
     import torch
 
+    from tokcompile.errors import ParityError
+    from tokcompile.layout import SCORE_PREFIX
+    from tokcompile.parity import SCORE_MARGINS, compare_scores
+
     diff = 0.0
     for name, ref in want.items():
         if name not in got:
             raise AssertionError(f"{label}: output {name} is missing")
         g, r = torch.as_tensor(got[name]), torch.as_tensor(ref)
-        if name.startswith("score_"):
-            from tokcompile.parity import SCORE_MARGINS, compare_scores
-
+        if name.startswith(SCORE_PREFIX):
             try:
                 compare_scores(label, name, g, r, SCORE_MARGINS["float32"], "")
-            except Exception as e:  # ParityError: reported like every other disagreement
+            except ParityError as e:  # reported like every other disagreement
                 raise AssertionError(str(e)) from e
         elif name.startswith(EXACT_PREFIXES):
             if g.shape != r.shape or not torch.equal(g.long(), r.long()):
