@@ -75,7 +75,10 @@ def test_plan_refusals() -> None:
                                           r"float16\) with tome: .*report their decision scores"):
         resolve(_recipe(export={"targets": ["onnx"], "dtype": "float16"}, sparse=tome))
     fastv = {"method": "TokenReduction", "special": {"method": "FastV", "pruning_loc": 2, "rate": 0.5}}
-    for sparse in ({}, fastv):  # nothing to select, or every step reports its decision scores: checked
+    random = {"method": "TokenReduction", "special": {"method": "RandomPrune", "pruning_loc": 2, "prune_ratio": 0.5}}
+    vtw = {"method": "TokenReduction", "special": {"method": "VTW", "pruning_loc": 2}}
+    # Nothing to select, every step reports its decision scores, or the selection is a constant: checked.
+    for sparse in ({}, fastv, random, vtw):
         assert resolve(_recipe(export={"targets": ["onnx"], "dtype": "float16"}, **sparse and {"sparse": sparse}))
     with pytest.raises(RecipeError, match=r"^--targets: onnx cannot be validated in bfloat16 \(model.torch_dtype"):
         resolve(load_recipe_dict({"model": {**MODEL, "torch_dtype": "bfloat16"}}, "t"), targets=("onnx",))

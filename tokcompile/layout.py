@@ -162,7 +162,7 @@ def build_layout(adapter: Any, geometry: Any, schedule: Schedule) -> GraphLayout
     if any(s.question for s in schedule):
         media += QUESTION_INPUTS
     step_outputs = tuple(f"{s.output_name}_{j}" for j, s in enumerate(schedule))
-    reported = [(o, *score_names(o, s.scored)) for o, s in zip(step_outputs, schedule)]
+    reported = [(o, *score_names(o, s.scored or 0)) for o, s in zip(step_outputs, schedule)]
     vision_steps = tuple(n for r, s in zip(reported, schedule) if s.site.in_vision_graph for n in r)
     decoder_steps = tuple(n for r, s in zip(reported, schedule) if not s.site.in_vision_graph for n in r)
     groups = tuple(cache_groups(geometry.n_layers, schedule))

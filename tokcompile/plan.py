@@ -335,7 +335,7 @@ def _check_dtype(recipe: Recipe, dtype: str, targets: tuple[str, ...], key: str,
         raise RecipeError(key, f"onnx cannot be validated in bfloat16 ({src}: bfloat16): onnxruntime's CPU provider "
                                "has no bfloat16 TopK and few bfloat16 kernels, so parity cannot run; use aoti or "
                                f"eager for bfloat16, or set {src}: float32 for onnx")
-    unscored = sorted({s.method for s in schedule if not s.scored})
+    unscored = sorted({s.method for s in schedule if s.scored is None})  # 0: a constant selection
     if dtype == "float16" and ("onnx" in targets or "tensorrt" in targets) and unscored:
         names = ", ".join(unscored)
         raise RecipeError(key, f"onnx cannot be validated in float16 ({src}: float16) with {names}: onnxruntime's "

@@ -108,6 +108,28 @@ def test_selection_matches_the_reference_on_random_batches_and_ties():
     assert divprune_select(dup[None], 2).tolist() == [[0, 3]] == [reference_select(dup, 2).tolist()]
 
 
+def test_every_pick_ranks_on_the_scores_decide_returns():
+    """`ctx.decision` sees each of the k picks' distances, unmasked, and the picks follow what it returns: a
+    replay handing back other scores moves the pick, while the distances computed stay eager's own."""
+    x = torch.randn(2, 12, 8, generator=torch.Generator().manual_seed(1))
+    seen = []
+    assert divprune_select(x, 4, lambda s: seen.append(s) or s).tolist() == divprune_select(x, 4).tolist()
+    assert len(seen) == 4 and all(s.shape == (2, 12) and bool(s.isfinite().all()) for s in seen)
+    base = divprune_select(x, 4)
+    other = next(j for j in range(12) if j not in base[0].tolist())  # a token eager does not keep
+
+    def favour_other(s):  # the first pick's scores with `other` made the largest, the later ones unchanged
+        if favour_other.calls == 0:
+            s = s.clone()
+            s[0, other] = s[0].max() + 1
+        favour_other.calls += 1
+        return s
+
+    favour_other.calls = 0
+    got = divprune_select(x, 4, favour_other)
+    assert other in got[0].tolist() and got[1].tolist() == base[1].tolist()
+
+
 # --- every family ----------------------------------------------------------------------------------------------------
 
 
@@ -150,6 +172,7 @@ def test_plan_counts(geometry):
     (step,) = DivPruneConfig().plan(geometry, KEY, Entering.start(geometry))
     assert (step.method, step.site, step.layer, step.n_in, step.n_out, step.output) == (
         "divprune", Site.PROJECTOR_OUT, 0, 64, 4, Output.KEPT)
+    assert step.scored == 4  # one score vector per greedy pick
     assert [keep_count(576, r) for r in (0.9444, 0.8889, 0.7778)] == [32, 64, 128]
     assert keep_count(24, 0.9444) == 1 and keep_count(25, 0.5) == 12 and keep_count(64, 0.0) == 64
     cfg = config_from_params(DivPruneConfig, {"reduction_ratio": 0.5}, KEY)  # LightCompress's name

@@ -104,7 +104,7 @@ def _decider(name: str, step: Step, outputs: dict[str, Tensor], forced: Forced) 
 def _decided(name: str, step: Step, outputs: dict[str, Tensor], replayed: Tensor | None) -> None:
     """A scored step's reducer must have called `ctx.decision` as often as it declared (unless it replayed a
     selection)."""
-    missing = [k for k in score_names(name, step.scored) if k not in outputs]
+    missing = [k for k in score_names(name, step.scored or 0) if k not in outputs]
     if missing and replayed is None:
         raise ValueError(f"the {step.method} step declares {step.scored} decision vectors (Step.scored) but its "
                          f"reducer called ctx.decision {step.scored - len(missing)} times")
@@ -246,7 +246,7 @@ class Prefill(nn.Module):
         self.before = _by_site(schedule, reducers, names, Site.DECODER_LAYER)
         self.mid = _by_site(schedule, reducers, names, Site.DECODER_MID)
         self.step_names = tuple(x for n, s in zip(names, schedule) if not s.site.in_vision_graph
-                                for x in (n, *score_names(n, s.scored)))
+                                for x in (n, *score_names(n, s.scored or 0)))
         self.group_starts = {s for s, _ in layout.groups}
 
     @property

@@ -22,7 +22,9 @@ The official code only masks pruned tokens as keys, so it saves no compute; here
 stays. One difference remains and is measured in the tests and the README: the official PageRank walks the
 rows of masked tokens too (they are still queries there), and their mass enters at its first step; removed
 tokens have no rows here. Further deviations:
-- Scores are fp32; ties rank by (importance, index ascending) (`torch.sort` leaves them open).
+- Scores are fp32; ties rank by (importance, index ascending) (`torch.sort` leaves them open). Stage 2's
+  importance goes through `ctx.decision` (`Step.scored`), so a near-tie in a graph is checked by replaying it;
+  stage 1's bipartite matches are not reported.
 - Padding is neither a row nor a key of the walk, and every sample of a batch keeps its own tokens.
 - Stage 1 merges a single image's grid (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL) or each frame of a LLaVA-OneVision
   video at the projector output. Images whose span holds several tiles and row-end tokens (LLaVA-NeXT,
@@ -141,7 +143,8 @@ class AIMConfig:
                                self.prune_start_layer, self.prune_end_layer)
             k = min(n, int(n0 * rho))
             if k < n:
-                steps.append(Step("aim", Site.DECODER_LAYER, layer + 1, n, k))
+                # The PageRank importance is ranked (one decision), unless every image token leaves (none).
+                steps.append(Step("aim", Site.DECODER_LAYER, layer + 1, n, k, scored=1 if k else 0))
                 n = k
         if len(steps) == iterations:
             raise RecipeError(f"{key}.prune_scheduler", f"{self.prune_scheduler} prunes no image token in this "
@@ -171,5 +174,6 @@ class AIMConfig:
             prev = ctx.prev_state  # the tokens that entered layer l = step.layer - 1, as its attention saw them
             importance = pagerank_importance(ctx.attention_logits("previous"), prev.valid, self.tau_imp,
                                              self.iters)  # (B, T)
-            kept = topk_sorted(importance.gather(1, ctx.image_span(step.n_in)), step.n_out)  # (B, k), ascending
+            scores = ctx.decision(importance.gather(1, ctx.image_span(step.n_in)))  # (B, N) fp32
+            kept = topk_sorted(scores, step.n_out)  # (B, k), ascending
         return keep_image_tokens(state, kept, step), kept

@@ -17,10 +17,14 @@ Static-export deviations from the paper and LightCompress (`token_reduction/divp
 - Ties go to the lowest index, written out (max, then the smallest index reaching it) so every backend agrees.
 - Distances are computed in fp32 whatever the model dtype, and every sample of a batch picks its own tokens
   (LightCompress prunes batch element 0's span at a hard-coded offset for the whole batch).
+- Every pick's scores go through `ctx.decision` (the nearest-neighbour distances, then each later pick's
+  distances to the kept set: `Step.scored` = k), so a graph whose pick differs from eager's at a near-tie is
+  checked by replaying its scores.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -52,19 +56,22 @@ def cosine_distance(features: Tensor) -> Tensor:
     return 1.0 - xn @ xn.transpose(1, 2)  # (B, N, N)
 
 
-def divprune_select(features: Tensor, k: int) -> Tensor:
-    """Greedy max-min diversity, per sample: (B, N, D) features -> (B, k) int64 kept indices, ascending."""
+def divprune_select(features: Tensor, k: int, decide: Callable[[Tensor], Tensor] = lambda s: s) -> Tensor:
+    """Greedy max-min diversity, per sample: (B, N, D) features -> (B, k) int64 kept indices, ascending.
+
+    `decide` (`ctx.decision`) sees the (B, N) distances each of the k picks ranks on, before the kept tokens
+    are masked out (their distance to the kept set is ~0, never the largest)."""
     dist = cosine_distance(features)  # (B, N, N): dist[b, i, j], row i a kept token, column j a candidate
     B, N = dist.shape[:2]
     eye = torch.eye(N, dtype=torch.bool, device=dist.device)[None]  # (1, N, N)
     # Pick 0: every column's nearest-neighbour distance, the token itself excluded.
     nn_dist = dist.masked_fill(eye, float("inf")).amin(dim=1)  # (B, N)
     idx = torch.arange(N, device=dist.device)[None, :]  # (1, N)
-    pick = first_argmax(nn_dist)  # (B,)
+    pick = first_argmax(decide(nn_dist))  # (B,)
     picked = idx == pick[:, None]  # (B, N) one-hot of the first pick
     min_dist = dist.gather(1, pick[:, None, None].expand(B, 1, N))[:, 0]  # (B, N): row of the pick
     for _ in range(k - 1):  # static trip count
-        scores = min_dist.masked_fill(picked, float("-inf"))  # (B, N): kept tokens never again
+        scores = decide(min_dist).masked_fill(picked, float("-inf"))  # (B, N): kept tokens never again
         pick = first_argmax(scores)  # (B,)
         picked = picked | (idx == pick[:, None])  # (B, N)
         row = dist.gather(1, pick[:, None, None].expand(B, 1, N))[:, 0]  # (B, N)
@@ -101,7 +108,7 @@ class DivPruneConfig:
                 f"{key}.reduction_ratio",
                 f"reduction_ratio {r} keeps 0 of {n} image tokens; lower it below {1 - 0.5 / n:.4f}",
             )
-        return (Step("divprune", Site.PROJECTOR_OUT, 0, n, k, Output.KEPT),)
+        return (Step("divprune", Site.PROJECTOR_OUT, 0, n, k, Output.KEPT, scored=k),)
 
     def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
         """The cosine-similarity matrix of the N projected features (2·N²·D); the greedy loop's k·N min/max
@@ -112,7 +119,7 @@ class DivPruneConfig:
         self, state: ImageTokens, ctx: ImageContext, step: Step, forced: Tensor | None = None
     ) -> tuple[ImageTokens, Tensor]:
         if forced is None:
-            kept = divprune_select(state.hidden, step.n_out)  # (B, k), ascending
+            kept = divprune_select(state.hidden, step.n_out, ctx.decision)  # (B, k), ascending
         else:
             kept = forced  # eager references replay a selection made earlier
         return keep_tokens(state, kept), kept

@@ -107,7 +107,7 @@ class RandomPruneConfig:
                 f"prune_ratio {self.prune_ratio} keeps 0 of {n} image tokens; lower it below {1 - 0.5 / n:.4f} "
                 "(or use method VTW to withdraw every image token)",
             )
-        return (Step("randomprune", Site.DECODER_LAYER, self.pruning_loc, n, k),)
+        return (Step("randomprune", Site.DECODER_LAYER, self.pruning_loc, n, k, scored=0),)  # a constant set
 
     def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
         """Nothing is scored: the kept set is a constant."""

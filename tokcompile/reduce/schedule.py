@@ -79,8 +79,9 @@ class Step:
     question: bool = False
     # How many score vectors the reducer ranks on, each handed to `ctx.decision` (B, n) fp32 in a fixed order;
     # the graph running the step reports them (`score_j_c`) beside its output, so that parity can tell a
-    # selection that differs at a near-tie from an error
-    scored: int = 0
+    # selection that differs at a near-tie from an error. 0: the step decides nothing from the data (a constant
+    # selection); None: it ranks on the data without reporting its scores, so its selection must equal eager's
+    scored: int | None = None
 
     @property
     def output_name(self) -> str:
@@ -99,7 +100,7 @@ class Step:
             "sizes": self.sizes,
             **({"detail": list(self.detail)} if self.detail else {}),
             **({"question": True} if self.question else {}),
-            **({"scored": self.scored} if self.scored else {}),
+            **({"scored": self.scored} if self.scored is not None else {}),
         }
 
 

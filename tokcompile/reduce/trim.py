@@ -19,6 +19,8 @@ Static-export form (official code: FreedomIntelligence/TRIM, `multimodal_encoder
 - Scores: the code's sign by default, softmax(−σ) (its most relevant patch has the lowest raw dot product);
   `sign: paper` uses softmax(+σ), the paper's prose. Ties break by (score descending, index ascending), not
   `torch.topk`'s unspecified order. The quartiles are per sample (the code pools a batch; it runs batch 1).
+  The scores go through `ctx.decision` (`Step.scored`), ranking and IQR count alike, so a graph whose
+  selection differs from eager's at a near-tie (or at the IQR bound) is checked by replaying its scores.
 - The question is the prompt with its image placeholder replaced by a space, truncated by CLIP's tokenizer.
 - CLIP's vision head and text tower are the `text_encoder` checkpoint's, run in float32 as the code runs them.
 """
@@ -133,7 +135,7 @@ class TRIMConfig:
             if n > patches - 1:
                 raise RecipeError(f"{key}.keep_ratio", f"keeps {n} of {patches} patches, which with the aggregated "
                                                        "token is no reduction; lower it")
-        return (Step("trim", Site.VISION_OUT, 0, t, PROTECTED + n + 1, Output.ASSIGN, question=True),)
+        return (Step("trim", Site.VISION_OUT, 0, t, PROTECTED + n + 1, Output.ASSIGN, question=True, scored=1),)
 
     def question(self, key: str) -> QuestionSpec:
         return question_spec(self.text_encoder, f"{key}.text_encoder", segments=1, truncate=True)
@@ -181,7 +183,10 @@ class TRIMConfig:
         t = state.hidden.shape[1]
         if t != step.n_in or state.n_protected != PROTECTED:
             raise ValueError(f"TRIM takes {step.n_in} tower tokens with CLS first, got {t}")
-        assign = self.assignment(self.scores(state, ctx), step) if forced is None else forced  # (B, t)
+        if forced is None:
+            assign = self.assignment(ctx.decision(self.scores(state, ctx)), step)  # (B, t)
+        else:
+            assign = forced  # eager references replay a selection made earlier
         return build(state, assign, step.n_out), assign
 
 

@@ -131,7 +131,7 @@ class VTWConfig:
         if self.eta is not None and (not is_number(self.eta) or not self.eta > 0):
             raise RecipeError(f"{key}.eta", f"got {self.eta!r}; use a KL threshold above 0 (official: 0.003)")
         K = self.withdrawal_layer(geom.n_layers, key)
-        return (Step("vtw", Site.DECODER_LAYER, K, entering.image_tokens, 0),)
+        return (Step("vtw", Site.DECODER_LAYER, K, entering.image_tokens, 0, scored=0),)  # nothing is ranked
 
     def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
         """VTW withdraws every image token without scoring any."""
