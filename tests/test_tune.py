@@ -3,16 +3,22 @@ finalist compiled through the sweep engine, and the winning recipe."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_batch
 from tokcompile.errors import RecipeError
-from tokcompile.tune import load_tune, rungs
+from tokcompile.generation import Generated
+from tokcompile.graphs import build_modules
+from tokcompile.pipeline import plan_recipe
+from tokcompile.tune import answer_drift, load_tune, rungs, unreduced_answers
+from tokcompile.vtw_search import kl_withdrawn_to_full
 
 
 def _tune(tmp_path, **data) -> str:
@@ -41,6 +47,9 @@ def test_rungs_halve_down_to_the_finalists():
     ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "search": {"eta": 1}}, "search"),
     ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "seach": {}}, "seach"),
     ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "search": {"sample": 4}}, "search"),
+    ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "search": {"answer_tokens": 0}}, "search"),
+    ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "search": {"answer_tokens": True}},
+     "search"),
 ])
 def test_errors_name_the_key(tmp_path, data, key):
     with pytest.raises(RecipeError) as e:
@@ -124,3 +133,27 @@ def test_finalists_above_the_ttft_budget_cannot_win(tmp_path):
         _within_ttft(spec, finalists, lambda m: None, missing)
     assert e.value.key == "budget.backend" and "add its target to targets" in str(e.value)
 
+
+
+def test_the_proxy_follows_the_unreduced_answer(tiny_model, processor):
+    """The proxy compares the reduced model with the unreduced one at every position of the unreduced greedy
+    answer, teacher-forced through the reduced model's own cache: the unreduced model against itself drifts by
+    nothing (the positions line up), the first position is the whole reduced model's first-token KL, and the
+    later positions count."""
+    plan = plan_recipe(ROOT / "recipes/tiny/fastv.yml")
+    full = dataclasses.replace(plan, schedule=(), reducers=())
+    batches = [make_batch(processor, [q], seed=i) for i, q in enumerate(["What is shown here?", "Describe it."])]
+    answers = unreduced_answers(full, tiny_model, batches, 4)
+    assert [tuple(a.tokens.shape) for a in answers] == [(1, 4), (1, 4)]
+    assert all(len(a.step_logits) == 4 for a in answers)
+    kl, top1 = answer_drift(full, tiny_model, batches, answers)
+    assert kl < 1e-6 and top1 == 1.0
+    firsts = [Generated(a.tokens[:, :1], [1], a.step_logits[:1]) for a in answers]
+    kl_first, _ = answer_drift(plan, tiny_model, batches, firsts)
+    reduced, full_model = build_modules(plan, tiny_model)[0], build_modules(full, tiny_model)[0]
+    with torch.no_grad():
+        direct = torch.cat([kl_withdrawn_to_full(reduced.run(dict(b))["logits"], full_model.run(dict(b))["logits"])
+                            for b in batches]).double().mean()
+    assert kl_first == pytest.approx(float(direct), rel=1e-4) and kl_first > 1e-6
+    kl_all, top1_all = answer_drift(plan, tiny_model, batches, answers)
+    assert kl_all != pytest.approx(kl_first, rel=1e-3) and 0.0 <= top1_all <= 1.0

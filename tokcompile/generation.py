@@ -149,6 +149,34 @@ def no_cache_logits(reduced: Any, batch: dict[str, Tensor], result: Generated) -
     return out
 
 
+def teacher_forced_logits(
+    vision: Graph,
+    prefill: Graph,
+    decode: Graph,
+    batch: dict[str, Tensor],
+    *,
+    layout: GraphLayout,
+    continuation: Tensor,
+) -> Tensor:
+    """The next-token logits along given answer tokens: prefill the prompt, then feed the continuation to decode
+    one token at a time, as if generation had chosen it.
+
+    Args:
+        continuation: (B, n) the answer tokens after each prompt (pad short rows with any token; the positions
+            after a row's end are computed but mean nothing).
+    Returns:
+        (B, n, V) fp32: position t predicts continuation[:, t] from the prompt and the tokens before it.
+    """
+    out = run_prompt(vision, prefill, layout, batch)
+    past = {f"past_{n[len('present_'):]}": out[n] for n in layout.present}
+    step_logits = [torch.as_tensor(out["logits"]).float()]  # each (B, V): predicts continuation[:, t]
+    for t in range(continuation.shape[1] - 1):
+        step = decode({**decode_feed(layout, out, continuation[:, t], t), **past})
+        step_logits.append(torch.as_tensor(step["logits"]).float())
+        past = {f"past_{n[len('present_'):]}": step[n] for n in layout.present}
+    return torch.stack(step_logits, dim=1)  # (B, n, V)
+
+
 def continuation_logprobs(
     vision: Graph,
     prefill: Graph,
@@ -158,8 +186,7 @@ def continuation_logprobs(
     layout: GraphLayout,
     continuation: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Teacher-forced scoring of given answer tokens: prefill the prompt, then feed the continuation to decode one
-    token at a time, as if generation had chosen it.
+    """Teacher-forced scoring of given answer tokens (`teacher_forced_logits`).
 
     Args:
         continuation: (B, n) the answer tokens to score after each prompt (pad short rows with any token; the
@@ -168,14 +195,7 @@ def continuation_logprobs(
         logprobs: (B, n) fp32 log-probability of each continuation token given the prompt and the tokens before it.
         greedy: (B, n) whether each token is the argmax there (what greedy decoding would have written).
     """
-    out = run_prompt(vision, prefill, layout, batch)
-    past = {f"past_{n[len('present_'):]}": out[n] for n in layout.present}
-    step_logits = [torch.as_tensor(out["logits"]).float()]  # each (B, V): predicts continuation[:, t]
-    for t in range(continuation.shape[1] - 1):
-        step = decode({**decode_feed(layout, out, continuation[:, t], t), **past})
-        step_logits.append(torch.as_tensor(step["logits"]).float())
-        past = {f"past_{n[len('present_'):]}": step[n] for n in layout.present}
-    logits = torch.stack(step_logits, dim=1)  # (B, n, V)
+    logits = teacher_forced_logits(vision, prefill, decode, batch, layout=layout, continuation=continuation)
     target = continuation.long()[..., None]  # (B, n, 1)
     logprobs = logits.log_softmax(-1).gather(-1, target)[..., 0]  # (B, n)
     greedy = logits.argmax(-1) == continuation  # (B, n)

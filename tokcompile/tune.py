@@ -16,11 +16,13 @@ budget, or both.
 
 1. **Budget.** Every candidate is planned (no weights): its exact FLOPs ratio decides whether it is in budget;
    a candidate whose parameters do not plan is listed with its error.
-2. **Proxy, by successive halving** (Jamieson and Talwalkar, AISTATS 2016): the candidates in budget are scored
-   on the first `samples / eta^R` calibration prompts by the mean KL divergence of the reduced model's next-token
-   distribution from the unreduced model's (eager, unquantized: quantization is the same for every candidate),
-   then the best 1/eta go on with eta times more prompts, until `finalists` remain; ties go to the higher top-1
-   agreement.
+2. **Proxy, by successive halving** (Jamieson and Talwalkar, AISTATS 2016): the unreduced model (eager,
+   unquantized: quantization is the same for every candidate) answers every calibration prompt greedily with
+   `search.answer_tokens` tokens (default 8). The candidates in budget are scored on the first `samples / eta^R`
+   prompts by the mean KL divergence of the reduced model's next-token distribution from the unreduced one's
+   at every position of that answer (teacher-forced: the reduced model decodes the unreduced answer through its
+   own cache), then the best 1/eta go on with eta times more prompts, until `finalists` remain; ties go to the
+   higher top-1 agreement over the same positions. `answer_tokens: 1` scores the first token only.
 3. **Finalists** compile through the sweep engine (`sweep.py`: Ray tasks, or `--serial`) with the base recipe's
    quantization, export and `eval` section. With an `eval` section the winner is the most accurate finalist
    (its first dataset, `exported` else `transformed`); without, the one of least KL.
@@ -47,6 +49,7 @@ from typing import Any
 import torch
 
 from tokcompile.errors import RecipeError, TokcompileError, one_line
+from tokcompile.generation import Generated, GenerationConfig, generate, teacher_forced_logits
 from tokcompile.question import QuestionTokenizer
 from tokcompile.sweep import Point, Sweep, execute, point_id
 from tokcompile.vtw_search import kl_withdrawn_to_full
@@ -91,12 +94,14 @@ def load_tune(path: str | Path) -> dict[str, Any]:
             raise RecipeError("budget.backend", f"{backend!r}: the runtime backend the time to first token is "
                                                 f"measured on, with ttft_ms; one of {', '.join(BACKENDS)}")
     given = data.get("search") or {}
-    if not isinstance(given, dict) or any(k not in ("samples", "eta", "finalists", "ttft_repeats") for k in given):
-        raise RecipeError("search", "takes samples, eta, finalists and ttft_repeats")
-    search = {"samples": 16, "eta": 2, "finalists": 1, "ttft_repeats": 5, **given}
-    if any(not isinstance(search[k], int) or search[k] < 1 for k in ("samples", "eta", "finalists", "ttft_repeats")) \
+    counts = ("samples", "eta", "finalists", "ttft_repeats", "answer_tokens")
+    if not isinstance(given, dict) or any(k not in counts for k in given):
+        raise RecipeError("search", f"takes {', '.join(counts[:-1])} and {counts[-1]}")
+    search = {"samples": 16, "eta": 2, "finalists": 1, "ttft_repeats": 5, "answer_tokens": 8, **given}
+    if any(isinstance(search[k], bool) or not isinstance(search[k], int) or search[k] < 1 for k in counts) \
             or search["eta"] < 2:
-        raise RecipeError("search", "samples, finalists and ttft_repeats are integers >= 1, eta an integer >= 2")
+        raise RecipeError("search", "samples, finalists, ttft_repeats and answer_tokens are integers >= 1, eta an "
+                                    "integer >= 2")
     candidates = []
     for i, cand in enumerate(data.get("candidates") or []):
         if not isinstance(cand, dict) or not isinstance(cand.get("method"), str):
@@ -141,7 +146,6 @@ def rungs(n: int, samples: int, eta: int, finalists: int) -> list[int]:
 
 def tune(path: str | Path, *, serial: bool = False, address: str | None = None,
          log: Callable[[str], None] = print) -> dict[str, Any]:
-    from tokcompile.graphs import build_modules
     from tokcompile.models.loading import load_model, load_processor
     from tokcompile.quant.calib import calibration_batches
     from tokcompile.recipe import CalibConfig
@@ -178,17 +182,14 @@ def tune(path: str | Path, *, serial: bool = False, address: str | None = None,
                                         "give them one text_encoder and text_segments")
     question = QuestionTokenizer.load(specs.pop()) if specs else None
     batches = calibration_batches(calib, processor, first.adapter, first.geometry, recipe.base.seed, 1, question)
-    full_model, _ = build_modules(dataclasses.replace(first, schedule=(), reducers=()), model)
-    with torch.no_grad():
-        full = [full_model.run(dict(b))["logits"] for b in batches]  # (1, V) each
+    answers = unreduced_answers(dataclasses.replace(first, schedule=(), reducers=()), model, batches,
+                                search["answer_tokens"])
+    log(f"  the unreduced model answered {len(batches)} calibration prompt(s) with {search['answer_tokens']} "
+        "token(s) each")
     counts = rungs(len(alive), len(batches), search["eta"], search["finalists"])
     for k, n in enumerate(counts):
         for r in alive:
-            reduced, _ = build_modules(r["plan"], model)
-            with torch.no_grad():
-                logits = [reduced.run(dict(b))["logits"] for b in batches[:n]]
-            kl = float(torch.cat([kl_withdrawn_to_full(x, f) for x, f in zip(logits, full)]).double().mean())
-            top1 = float(sum(int(x.argmax(-1) == f.argmax(-1)) for x, f in zip(logits, full)) / n)
+            kl, top1 = answer_drift(r["plan"], model, batches[:n], answers[:n])
             r["rungs"].append({"prompts": n, "kl": kl, "top1_agreement": top1})
         alive.sort(key=lambda r: (r["rungs"][-1]["kl"], -r["rungs"][-1]["top1_agreement"]))
         keep = search["finalists"] if k == len(counts) - 1 else max(search["finalists"],
@@ -209,6 +210,33 @@ def tune(path: str | Path, *, serial: bool = False, address: str | None = None,
     accuracy = [k for k in ok[0]["final"] if k.startswith("accuracy:")]
     best = max(ok, key=lambda r: r["final"][accuracy[0]]) if accuracy else ok[0]
     return _write(spec, rows, best, accuracy[0] if accuracy else None)
+
+
+def unreduced_answers(plan: Any, model: Any, batches: list[dict], n_tokens: int) -> list[Generated]:
+    """The unreduced model's greedy answer to each prompt (`n_tokens` tokens, no early stop), with the logits of
+    every step: the distributions the candidates are compared with."""
+    from tokcompile.graphs import build_modules, eager_runners
+
+    reduced, decode = build_modules(plan, model)
+    runners = eager_runners(reduced, decode)
+    cfg = GenerationConfig(max_new_tokens=n_tokens)
+    return [generate(*runners, dict(b), layout=reduced.layout, cfg=cfg, keep_logits=True) for b in batches]
+
+
+def answer_drift(plan: Any, model: Any, batches: list[dict], answers: list[Generated]) -> tuple[float, float]:
+    """A candidate's drift along the unreduced answers: (mean KL(P_reduced || P_unreduced) over every answer
+    position of every prompt, the fraction of those positions whose top-1 token agrees)."""
+    from tokcompile.graphs import build_modules, eager_runners
+
+    reduced, decode = build_modules(plan, model)
+    runners = eager_runners(reduced, decode)
+    kl, agree = [], []
+    for b, answer in zip(batches, answers):
+        got = teacher_forced_logits(*runners, dict(b), layout=reduced.layout, continuation=answer.tokens)  # (1, n, V)
+        want = torch.stack(answer.step_logits, dim=1)  # (1, n, V)
+        kl.append(kl_withdrawn_to_full(got.flatten(0, 1), want.flatten(0, 1)))  # (n,)
+        agree.append((got.argmax(-1) == want.argmax(-1)).flatten())  # (n,)
+    return float(torch.cat(kl).double().mean()), float(torch.cat(agree).double().mean())
 
 
 def _within_ttft(spec: dict[str, Any], finalists: list[dict], log: Callable[[str], None],
@@ -248,6 +276,8 @@ def _write(spec: dict[str, Any], rows: list[dict], best: dict, by: str | None) -
     within = " and ".join(f"{k} <= {v:g}" for k, v in spec["budget"].items() if k != "backend")
     lines = [f"# Tune ({within}; chosen by {by or 'the KL proxy'})", "",
              f"Best: `{json.dumps(best['params'])}`, recipe `best.yml`.", "",
+             f"KL and top-1 agreement over the unreduced model's {spec['search']['answer_tokens']}-token greedy "
+             "answer to each prompt (teacher-forced).", "",
              "| candidate | FLOPs ratio | in budget | KL per rung (prompts) | top-1 agreement (last rung) | final | "
              "TTFT ms |", "|---|---|---|---|---|---|---|"]
     for r in rows:
