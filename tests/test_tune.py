@@ -157,3 +157,18 @@ def test_the_proxy_follows_the_unreduced_answer(tiny_model, processor):
     assert kl_first == pytest.approx(float(direct), rel=1e-4) and kl_first > 1e-6
     kl_all, top1_all = answer_drift(plan, tiny_model, batches, answers)
     assert kl_all != pytest.approx(kl_first, rel=1e-3) and 0.0 <= top1_all <= 1.0
+
+
+def test_proxy_accuracy_benchmark_runs_and_ranks():
+    """`benchmarks/proxy_accuracy.py` on two points of the shapes sweep (a smoke run: its figures are in the
+    README), and its rank correlation on lists with a known answer."""
+    from benchmarks.proxy_accuracy import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)  # ties share their rank
+    res = subprocess.run([sys.executable, "benchmarks/proxy_accuracy.py", "--prompts", "2", "--questions", "8",
+                          "--limit", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "Spearman correlation with accuracy over 2 points" in res.stdout
+    assert res.stdout.count('{"method":') == 2

@@ -18,11 +18,12 @@ budget, or both.
    a candidate whose parameters do not plan is listed with its error.
 2. **Proxy, by successive halving** (Jamieson and Talwalkar, AISTATS 2016): the unreduced model (eager,
    unquantized: quantization is the same for every candidate) answers every calibration prompt greedily with
-   `search.answer_tokens` tokens (default 8). The candidates in budget are scored on the first `samples / eta^R`
-   prompts by the mean KL divergence of the reduced model's next-token distribution from the unreduced one's
-   at every position of that answer (teacher-forced: the reduced model decodes the unreduced answer through its
-   own cache), then the best 1/eta go on with eta times more prompts, until `finalists` remain; ties go to the
-   higher top-1 agreement over the same positions. `answer_tokens: 1` scores the first token only.
+   up to `search.answer_tokens` tokens (default 8; an answer ends at its EOS). The candidates in budget are
+   scored on the first `samples / eta^R` prompts by the mean KL divergence of the reduced model's next-token
+   distribution from the unreduced one's at every position of that answer (teacher-forced: the reduced model
+   decodes the unreduced answer through its own cache), then the best 1/eta go on with eta times more prompts,
+   until `finalists` remain; ties go to the higher top-1 agreement over the same positions. `answer_tokens: 1`
+   scores the first token only.
 3. **Finalists** compile through the sweep engine (`sweep.py`: Ray tasks, or `--serial`) with the base recipe's
    quantization, export and `eval` section. With an `eval` section the winner is the most accurate finalist
    (its first dataset, `exported` else `transformed`); without, the one of least KL.
@@ -184,8 +185,9 @@ def tune(path: str | Path, *, serial: bool = False, address: str | None = None,
     batches = calibration_batches(calib, processor, first.adapter, first.geometry, recipe.base.seed, 1, question)
     answers = unreduced_answers(dataclasses.replace(first, schedule=(), reducers=()), model, batches,
                                 search["answer_tokens"])
-    log(f"  the unreduced model answered {len(batches)} calibration prompt(s) with {search['answer_tokens']} "
-        "token(s) each")
+    lengths = [a.tokens.shape[1] for a in answers]
+    log(f"  the unreduced model answered {len(batches)} calibration prompt(s) with {min(lengths)}-{max(lengths)} "
+        f"token(s) each (at most {search['answer_tokens']})")
     counts = rungs(len(alive), len(batches), search["eta"], search["finalists"])
     for k, n in enumerate(counts):
         for r in alive:
@@ -213,13 +215,14 @@ def tune(path: str | Path, *, serial: bool = False, address: str | None = None,
 
 
 def unreduced_answers(plan: Any, model: Any, batches: list[dict], n_tokens: int) -> list[Generated]:
-    """The unreduced model's greedy answer to each prompt (`n_tokens` tokens, no early stop), with the logits of
-    every step: the distributions the candidates are compared with."""
+    """The unreduced model's greedy answer to each prompt (batch 1 each; at most `n_tokens` tokens, up to and
+    including EOS), with the logits of every step: the distributions the candidates are compared with."""
     from tokcompile.graphs import build_modules, eager_runners
+    from tokcompile.manifest import eos_token_id
 
     reduced, decode = build_modules(plan, model)
     runners = eager_runners(reduced, decode)
-    cfg = GenerationConfig(max_new_tokens=n_tokens)
+    cfg = GenerationConfig(max_new_tokens=n_tokens, eos_token_id=eos_token_id(plan))
     return [generate(*runners, dict(b), layout=reduced.layout, cfg=cfg, keep_logits=True) for b in batches]
 
 
@@ -276,8 +279,8 @@ def _write(spec: dict[str, Any], rows: list[dict], best: dict, by: str | None) -
     within = " and ".join(f"{k} <= {v:g}" for k, v in spec["budget"].items() if k != "backend")
     lines = [f"# Tune ({within}; chosen by {by or 'the KL proxy'})", "",
              f"Best: `{json.dumps(best['params'])}`, recipe `best.yml`.", "",
-             f"KL and top-1 agreement over the unreduced model's {spec['search']['answer_tokens']}-token greedy "
-             "answer to each prompt (teacher-forced).", "",
+             "KL and top-1 agreement over the unreduced model's greedy answer to each prompt (teacher-forced; at "
+             f"most {spec['search']['answer_tokens']} tokens, up to its EOS).", "",
              "| candidate | FLOPs ratio | in budget | KL per rung (prompts) | top-1 agreement (last rung) | final | "
              "TTFT ms |", "|---|---|---|---|---|---|---|"]
     for r in rows:
