@@ -76,7 +76,7 @@ def _run_bad(tmp_path: Path, capsys, recipe: Path, *extra: str) -> str:
                     "special": {"actorder": True, "static_groups": False}}},
          ["quant.special.static_groups", "static_groups: true"]),
         ({**GOOD, "quant": {"method": "GPTQ", "weight": {"bit": 4}, "calib": {"name": "pileval"}}},
-         ["quant.calib.name", "synthetic, custom_mm, custom"]),
+         ["quant.calib.name", "synthetic, shapes, custom_mm, custom"]),
         ({**GOOD, "quant": {"method": "GPTQ", "weight": {"bit": 4}, "calib": {"name": "custom_mm"}}},
          ["quant.calib.path", "needs a folder"]),
     ],

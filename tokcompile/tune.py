@@ -11,6 +11,7 @@ budget, or both.
       - {method: FastV, grid: {pruning_loc: [1, 2, 3], rate: [0.5, 0.75]}}
       - {method: ToMe, section: vision, grid: {r: [8, 16]}}
     search: {samples: 16, eta: 2, finalists: 2}
+    calib: {name: custom_mm, path: DIR}    # the proxy's prompts (default: the base's quant.calib, else synthetic)
     targets: [onnx]                        # export.targets of the finalists' compiles
     resources: {num_cpus: 1}               # what each finalist's compile asks Ray for
 
@@ -55,7 +56,7 @@ from tokcompile.question import QuestionTokenizer
 from tokcompile.sweep import Point, Sweep, execute, point_id
 from tokcompile.vtw_search import kl_withdrawn_to_full
 
-KEYS = ("base", "out", "budget", "candidates", "search", "targets", "resources")
+KEYS = ("base", "out", "budget", "candidates", "search", "calib", "targets", "resources")
 
 
 def _read(path: Path, key: str) -> Any:
@@ -103,6 +104,7 @@ def load_tune(path: str | Path) -> dict[str, Any]:
             or search["eta"] < 2:
         raise RecipeError("search", "samples, finalists, ttft_repeats and answer_tokens are integers >= 1, eta an "
                                     "integer >= 2")
+    calib = _calib(data.get("calib"), src)
     candidates = []
     for i, cand in enumerate(data.get("candidates") or []):
         if not isinstance(cand, dict) or not isinstance(cand.get("method"), str):
@@ -127,8 +129,25 @@ def load_tune(path: str | Path) -> dict[str, Any]:
     out = Path(data.get("out") or Path("exported") / "tune" / src.stem)
     limits = {k: float(v) for k, v in limits.items()}
     return {"source": src, "out": out, "budget": {**limits, **({"backend": backend} if backend else {})},
-            "search": search,
+            "search": search, "calib": calib,
             "candidates": candidates, "resources": data.get("resources") or {}}
+
+
+def _calib(given: Any, src: Path) -> dict[str, str] | None:
+    """The tune file's `calib: {name, path}`: where the proxy's prompts come from (None: the base recipe's
+    quant.calib, else synthetic). A relative path is the tune file's."""
+    from tokcompile.quant.calib import SOURCES
+
+    if given is None:
+        return None
+    if not isinstance(given, dict) or any(k not in ("name", "path") for k in given) or given.get("name") not in SOURCES:
+        raise RecipeError("calib", f"give {{name: SOURCE}} with a SOURCE of {', '.join(SOURCES)} (and path: for "
+                                   "custom_mm or custom); search.samples sets how many prompts")
+    if given["name"] in ("custom_mm", "custom"):
+        if not isinstance(given.get("path"), str):
+            raise RecipeError("calib.path", f"calib name {given['name']} needs a path to a folder or JSONL file")
+        return {"name": given["name"], "path": str(src.parent / Path(given["path"]).expanduser())}
+    return {"name": given["name"]}
 
 
 def _plan(recipe: dict[str, Any]):
@@ -173,7 +192,7 @@ def tune(path: str | Path, *, serial: bool = False, address: str | None = None,
     first = alive[0]["plan"]
     recipe = first.recipe
     calib = dataclasses.replace(recipe.quant.calib if recipe.quant is not None else CalibConfig(),
-                                n_samples=search["samples"])
+                                n_samples=search["samples"], **(spec["calib"] or {}))
     processor = load_processor(recipe.model.path, recipe.model.trust_remote_code)
     model = load_model(recipe.model.path, first.config, recipe.base.seed, recipe.model.trust_remote_code)
     # candidates that read the question (TRIM, CDPruner) get it from one tokenizer; the others ignore it
@@ -272,7 +291,8 @@ def _within_ttft(spec: dict[str, Any], finalists: list[dict], log: Callable[[str
 def _write(spec: dict[str, Any], rows: list[dict], best: dict, by: str | None) -> dict[str, Any]:
     out = spec["out"]
     (out / "best.yml").write_text(json.dumps(best["recipe"], indent=1) + "\n")  # JSON is YAML
-    doc = {"budget": spec["budget"], "search": spec["search"], "chosen_by": by or "kl",
+    doc = {"budget": spec["budget"], "search": spec["search"], "calib": spec["calib"] or "the base recipe's",
+           "chosen_by": by or "kl",
            "best": best["params"], "candidates": [
                {k: v for k, v in r.items() if k not in ("plan", "recipe")} for r in rows]}
     (out / "tune.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
@@ -282,13 +302,14 @@ def _write(spec: dict[str, Any], rows: list[dict], best: dict, by: str | None) -
              "KL and top-1 agreement over the unreduced model's greedy answer to each prompt (teacher-forced; at "
              f"most {spec['search']['answer_tokens']} tokens, up to its EOS).", "",
              "| candidate | FLOPs ratio | in budget | KL per rung (prompts) | top-1 agreement (last rung) | final | "
-             "TTFT ms |", "|---|---|---|---|---|---|---|"]
+             f"{by or 'accuracy'} | TTFT ms |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rung = ", ".join(f"{x['kl']:.4g} ({x['prompts']})" for x in r["rungs"]) or r.get("error", "")
         top1 = f"{r['rungs'][-1]['top1_agreement']:.3f}" if r["rungs"] else ""
         final = r.get("final", {}).get("status", "")
+        accuracy = r.get("final", {}).get(by, "") if by else ""
         ttft = r.get("final", {}).get("ttft_ms", "")
         lines.append(f"| `{json.dumps(r['params'])}` | {r['flops_ratio']} | {r['in_budget']} | {rung} | {top1} | "
-                     f"{final} | {ttft} |")
+                     f"{final} | {accuracy} | {ttft} |")
     (out / "tune.md").write_text("\n".join(lines) + "\n")
     return doc

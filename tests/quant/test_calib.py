@@ -1,4 +1,4 @@
-"""Calibration sources: synthetic, a LightCompress-style folder with img_qa.json, and JSONL."""
+"""Calibration sources: synthetic, the shapes task, a LightCompress-style folder with img_qa.json, and JSONL."""
 
 from __future__ import annotations
 
@@ -25,6 +25,19 @@ def test_synthetic_is_seeded_and_batched(processor, adapter, geometry):
     assert [x["input_ids"].shape[0] for x in a] == [2, 2, 1]
     assert all((x["input_ids"] == y["input_ids"]).all() for x, y in zip(a, b))
     assert all(x["pixel_values"].shape[1:] == (3, 32, 32) for x in a)
+
+
+def test_shapes_source_is_the_training_split(processor, adapter, geometry):
+    from tokcompile.data import shapes
+    from tokcompile.parity import format_prompt
+
+    batches = calibration_batches(CalibConfig(name="shapes", n_samples=3), processor, adapter, geometry, seed=0)
+    train = shapes.samples("train", 3)
+    assert len(batches) == 3
+    for batch, sample in zip(batches, train):  # each prompt is the training question, in the chat template
+        want = processor(images=[sample.image], text=[format_prompt(processor, adapter, sample.question)],
+                         return_tensors="pt")["input_ids"]
+        assert batch["input_ids"].tolist() == want.tolist()
 
 
 def test_folder_with_img_qa_json(processor, adapter, geometry, tmp_path):
@@ -64,5 +77,5 @@ def test_bad_calibration_folders(processor, adapter, geometry, tmp_path, setup, 
 
 
 def test_unknown_source(processor, adapter, geometry):
-    with pytest.raises(RecipeError, match="use one of synthetic, custom_mm, custom"):
+    with pytest.raises(RecipeError, match="use one of synthetic, shapes, custom_mm, custom"):
         calibration_batches(CalibConfig(name="pileval", n_samples=1), processor, adapter, geometry, 0)

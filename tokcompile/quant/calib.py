@@ -2,6 +2,8 @@
 
 Sources (`quant.calib.name`):
 - `synthetic`: seeded random images (gradients plus noise) and questions, for offline use and tests.
+- `shapes`: the built-in shapes task's training split (`tokcompile.data.shapes`: the questions the trained
+  model `tiny-trained:shapes` learnt from), generated in code.
 - `custom_mm` / `custom`: `quant.calib.path` is a folder with images and `img_qa.json` (LightCompress's
   layout: a list of {"image": file, "question": text}), or a JSONL file with one {"image": path,
   "prompt" | "question": text} per line. Image paths are relative to the file's folder. A prompt is a bare
@@ -19,7 +21,7 @@ import numpy as np
 from tokcompile.errors import RecipeError
 from tokcompile.qa_files import read_entries
 
-SOURCES = ("synthetic", "custom_mm", "custom")
+SOURCES = ("synthetic", "shapes", "custom_mm", "custom")
 
 SYNTHETIC_QUESTIONS = (
     "What is in this image?",
@@ -69,6 +71,10 @@ def calibration_batches(
         images = adapter.random_media(rng, calib.n_samples, geometry)
         questions = [SYNTHETIC_QUESTIONS[int(i)] for i in rng.integers(0, len(SYNTHETIC_QUESTIONS), calib.n_samples)]
         pairs = list(zip(images, questions))
+    elif name == "shapes":
+        from tokcompile.data import shapes
+
+        pairs = [(s.image, s.question) for s in shapes.samples("train", calib.n_samples)]
     elif name in ("custom_mm", "custom"):
         if not calib.path:
             raise RecipeError("quant.calib.path", f"calib name {calib.name} needs a path to a folder or JSONL file")
