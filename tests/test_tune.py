@@ -174,3 +174,14 @@ def test_proxy_accuracy_benchmark_runs_and_ranks():
     assert res.returncode == 0, res.stderr + res.stdout
     assert "Spearman correlation with accuracy over 2 points" in res.stdout
     assert res.stdout.count('{"method":') == 2
+
+
+def test_a_bad_calib_folder_names_the_tune_key(tmp_path):
+    """The proxy's prompts come from the tune file's calib where it gives one, so its errors name that key."""
+    (tmp_path / "calib").mkdir()
+    res = subprocess.run([sys.executable, "-m", "tokcompile", "tune", _tune(
+        tmp_path, budget={"flops_ratio": 1.0}, candidates=[{"method": "FastV", "grid": {"rate": [0.5]}}],
+        calib={"name": "custom_mm", "path": "calib"}), "--serial"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert res.returncode == 2, res.stderr + res.stdout
+    assert res.stderr.startswith("error: calib.path: ") and "Traceback" not in res.stderr, res.stderr

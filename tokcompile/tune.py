@@ -201,7 +201,12 @@ def tune(path: str | Path, *, serial: bool = False, address: str | None = None,
         raise RecipeError("candidates", "candidates read the question with different text encoders or segments; "
                                         "give them one text_encoder and text_segments")
     question = QuestionTokenizer.load(specs.pop()) if specs else None
-    batches = calibration_batches(calib, processor, first.adapter, first.geometry, recipe.base.seed, 1, question)
+    try:
+        batches = calibration_batches(calib, processor, first.adapter, first.geometry, recipe.base.seed, 1, question)
+    except RecipeError as e:  # the tune file's calib, not the recipe's, where the tune file gave it
+        if spec["calib"] is None or not e.key.startswith("quant.calib"):
+            raise
+        raise RecipeError(e.key.replace("quant.calib", "calib", 1), str(e)[len(e.key) + 2:]) from None
     answers = unreduced_answers(dataclasses.replace(first, schedule=(), reducers=()), model, batches,
                                 search["answer_tokens"])
     lengths = [a.tokens.shape[1] for a in answers]
