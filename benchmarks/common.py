@@ -18,8 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Outputs that must equal eager exactly (indices, masks, positions); logits are compared within LOGITS_ATOL.
-EXACT_PREFIXES = ("kept_", "assign_", "cache_mask_", "image_source", "next_position")
+from tokcompile.layout import EXACT_PREFIXES as GRAPH_EXACT_PREFIXES
+from tokcompile.layout import SCORE_PREFIX
+
+# Outputs that must equal eager exactly (every step's selection, masks, sources, and here positions too);
+# logits are compared within LOGITS_ATOL.
+EXACT_PREFIXES = (*GRAPH_EXACT_PREFIXES, "next_position")
 LOGITS_ATOL = 1e-3
 
 Chain = Callable[[dict[str, Any]], dict[str, Any]]
@@ -93,7 +97,6 @@ def check_outputs(label: str, got: dict[str, Any], want: dict[str, Any]) -> floa
     import torch
 
     from tokcompile.errors import ParityError
-    from tokcompile.layout import SCORE_PREFIX
     from tokcompile.parity import SCORE_MARGINS, compare_scores
 
     diff = 0.0
