@@ -115,6 +115,10 @@ def test_lightcompress_tables_give_the_published_counts():
     # 576 -> 300 kept + (83 recycled -> 9 clusters) -> 200 + (33 -> 4) -> 110 + (29 -> 3)
     assert [(s.n_in, s.n_out, s.detail) for s in steps] == [(576, 309, (300, 83, 9)), (309, 204, (200, 33, 4)),
                                                             (204, 113, (110, 29, 3))]
+    # decision scores per stage: the image scores, then DPC-kNN's density, γ and point-to-centre distances
+    assert [s.scored for s in steps] == [4, 4, 4]
+    plain = SparseVLMConfig(reduction_ratio=0.6667, merge_flag=False).plan(geom, KEY, Entering.start(geom))
+    assert [s.scored for s in plain] == [1, 1, 1] and all(s.output is Output.KEPT for s in plain)
     assert stage_counts(64, (0.3125,), True) == [(64, 20, 14, 2)]
     retained = SparseVLMConfig(retained_tokens=128).plan(geom, KEY, Entering.start(geom))
     assert [s.detail[0] for s in retained] == [303, 110, 36]

@@ -19,6 +19,9 @@ Static-export deviations from LightCompress:
   random.
 - Every sample of a batch has its own raters, scores and clusters (LightCompress indexes sample 0); padding
   never enters a softmax.
+- Each stage's scores go through `ctx.decision`, and with `merge_flag` DPC-kNN's density, γ and point-to-centre
+  distances too (`Step.scored` 1 or 4), so that a graph whose selection or clusters differ from eager's at a
+  near-tie is checked by replaying them.
 - `stage_tokens` (not a LightCompress key) replaces the tables with explicit per-stage counts, or fractions of
   the image tokens entering the stage, for geometries the tables were not made for.
 - `prune_flag: false` (merging the best-scored tokens and keeping the rest) is refused.
@@ -149,7 +152,7 @@ class SparseVLMConfig:
                                                                              self.merge_flag)):
             output = Output.ASSIGN if clusters else Output.KEPT
             steps.append(Step("sparsevlm", Site.DECODER_LAYER, loc + 1, n_in, kept + clusters, output,
-                              detail=(kept, recycled, clusters)))
+                              detail=(kept, recycled, clusters), scored=4 if clusters else 1))
         return tuple(steps)
 
     def scoring_flops(self, step: Step, geom: Geometry, n_tokens: int) -> int:
@@ -169,7 +172,7 @@ class SparseVLMConfig:
         if forced is None:
             if ctx.embedded is None or ctx.prev_keys is None:
                 raise ValueError("SparseVLM needs the input embeddings and the previous layer's attention")
-            score = image_scores(ctx, rater_mask(ctx.embedded), n)  # (B, n) fp32
+            score = ctx.decision(image_scores(ctx, rater_mask(ctx.embedded), n))  # (B, n) fp32
             kept = topk_sorted(score, kept_n)  # (B, k) ascending
             if not clusters:
                 return keep_image_tokens(state, kept, step), kept
@@ -183,7 +186,7 @@ class SparseVLMConfig:
         span = state.image_start[:, None] + idx  # (B, n)
         x = gather_tokens(gather_tokens(state.hidden, span), recycle)  # (B, m, D) the layer's output
         if forced is None:
-            centre, slot = dpc_knn(x, clusters)  # (B, c), (B, m)
+            centre, slot = dpc_knn(x, clusters, ctx.decision)  # (B, c), (B, m)
         else:  # the clusters as recorded; each one's centre is its member of largest γ, as DPC-kNN picked it
             slot = forced.gather(1, recycle) - kept_n  # (B, m)
             gamma = gamma_rank(distances(x), clusters)  # (B, m)
