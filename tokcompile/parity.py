@@ -159,6 +159,18 @@ def process(
     return picked
 
 
+def _check_question_fits(question: Any, questions: list[str], sample: int) -> None:
+    """A built-in parity prompt the step's text encoder cannot hold: one line naming the key that can."""
+    S, L = question.spec.segments, question.spec.length
+    for q in questions:
+        n = len(question.ids(q))
+        if n > S * L:
+            fewer = f", or parity.samples to {sample} so that it is not used" if sample else ""
+            raise RecipeError(f"{question.spec.key.rsplit('.', 1)[0]}.text_segments",
+                              f"the compile's parity prompt {q!r} needs {n} text-encoder tokens, more than the "
+                              f"{S} × {L} it sets; raise it to {-(-n // L)}{fewer}")
+
+
 def make_inputs(
     processor: Any, adapter: Any, geometry: Any, batch_size: int, samples: int, seed: int, max_len: int,
     question: Any = None,
@@ -168,6 +180,8 @@ def make_inputs(
     out = []
     for s in range(samples):
         questions = [PROMPTS[(s * batch_size + b) % len(PROMPTS)] for b in range(batch_size)]
+        if question is not None:
+            _check_question_fits(question, questions, s)
         images = adapter.random_media(rng, batch_size, geometry)
         batch = process(processor, adapter, geometry, images, questions, question=question)
         if batch["input_ids"].shape[1] > max_len:

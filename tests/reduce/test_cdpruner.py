@@ -75,6 +75,13 @@ def test_greedy_map_equals_the_official_loop_on_random_kernels():
         got = greedy_map(kernel, k)
         for b in range(3):  # the official loop runs one image at a time
             assert got[b].tolist() == dpp_map(kernel[b : b + 1], k)[0].tolist()
+    # Decision scores: k finite gain vectors; a picked token holds its initial gain, so every row's largest
+    # entry stays the kernel's largest diagonal (the near-tie margin's scale) while the gains shrink.
+    seen = []
+    assert greedy_map(kernel, k, lambda g: seen.append(g) or g).tolist() == greedy_map(kernel, k).tolist()
+    diag = torch.diagonal(kernel, dim1=1, dim2=2)  # (3, n)
+    assert len(seen) == k and all(bool(g.isfinite().all()) for g in seen)
+    assert all(torch.equal(g.amax(-1), diag.amax(-1)) for g in seen)
 
 
 def test_the_question_decides_the_selection(case):
@@ -155,5 +162,21 @@ def test_tiny_recipe_compiles_to_onnx_with_parity(tmp_path):
     assert "parity passed" in res.stdout
     print(res.stdout[-2000:])
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert [(s["method"], s["site"], s["n_in"], s["n_out"]) for s in manifest["schedule"]] == [
-        ("cdpruner", "projector_out", 64, 16)]
+    assert [(s["method"], s["site"], s["n_in"], s["n_out"], s["scored"]) for s in manifest["schedule"]] == [
+        ("cdpruner", "projector_out", 64, 16, 16)]
+
+
+def test_a_parity_prompt_longer_than_the_text_segments_names_the_key(tmp_path):
+    """The compile's own parity prompts pass through the text encoder too: one too long for text_segments is one
+    line naming that key and the count that holds it (the tiny CLIP tokenizer spends a token per character)."""
+    recipe = yaml.safe_load((ROOT / "recipes/tiny/cdpruner.yml").read_text())
+    recipe["parity"]["samples"] = 3
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = compile_recipe(path, tmp_path / "out", "--targets", "onnx")
+    assert res.returncode == 2, res.stderr + res.stdout
+    assert res.stderr.strip().splitlines() == [
+        "error: sparse.special.text_segments: the compile's parity prompt 'Write a short caption for this photo, "
+        "mentioning the main subject and the background.' needs 87 text-encoder tokens, more than the 1 × 77 it "
+        "sets; raise it to 2, or parity.samples to 2 so that it is not used"]
+    assert not (tmp_path / "out").exists()

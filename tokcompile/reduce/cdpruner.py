@@ -16,7 +16,11 @@ Static-export form of the official code's default setting (Theia-4869/CDPruner, 
   the code's +1e-6. The code's min and max run over the whole batch; here over each sample's tokens (the code
   runs batch 1, where the two agree), so every sample keeps its own tokens.
 - The greedy DPP runs its k iterations unrolled (k is static), in fp32, `argmax` taking the lowest index on
-  ties as `torch.argmax` does. Nothing else is data-dependent.
+  ties as `torch.argmax` does. Nothing else is data-dependent. Each iteration's remaining gains go through
+  `ctx.decision` (`Step.scored` = k), so a graph whose pick differs from eager's at a near-tie is checked by
+  replaying its gains. The gains shrink as tokens are picked while their rounding stays that of the kernel, so
+  the vector holds every picked token's initial gain (never ranked again) and the near-tie margin, taken of
+  the row's largest entry, keeps the kernel's scale.
 - The question is the prompt with its image placeholder replaced by a space (the evaluation script also strips
   its answer-format suffix; a prompt here is what the user gives).
 - LLaVA-NeXT (the code prunes each crop to k) and the other families are refused: their adapters do not hand
@@ -25,6 +29,7 @@ Static-export form of the official code's default setting (Theia-4869/CDPruner, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -66,20 +71,27 @@ def dpp_kernel(projected: Tensor, rel: Tensor) -> Tensor:
     return rel[:, :, None] * similarity * rel[:, None, :]
 
 
-def greedy_map(kernel: Tensor, k: int) -> Tensor:
-    """Greedy MAP inference of the DPP with kernel (B, N, N): k indices per sample, ascending (B, k)."""
+def greedy_map(kernel: Tensor, k: int, decide: Callable[[Tensor], Tensor] = lambda s: s) -> Tensor:
+    """Greedy MAP inference of the DPP with kernel (B, N, N): k indices per sample, ascending (B, k).
+
+    `decide` (`ctx.decision`) sees each iteration's (B, N) remaining gains, the picked tokens holding their
+    initial gain; the picks rank on what it returns, the picked tokens masked out."""
     B, N = kernel.shape[:2]
     rows = torch.arange(B, device=kernel.device)
-    d2 = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # (B, N): every token's remaining gain
+    initial = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # (B, N): every token's gain before any pick
+    d2 = initial  # (B, N): every token's remaining gain
+    taken = torch.zeros(B, N, dtype=torch.bool, device=kernel.device)  # (B, N)
     cis = kernel.new_zeros(0, B, N)  # (i, B, N): the Cholesky rows so far
     picked = []
     for _ in range(k):
-        j = torch.argmax(d2, dim=-1)  # (B,): lowest index on ties
+        gains = decide(torch.where(taken, initial, d2)).masked_fill(taken, float("-inf"))  # (B, N) fp32
+        j = torch.argmax(gains, dim=-1)  # (B,): lowest index on ties
         picked.append(j)
+        taken = taken.scatter(1, j[:, None], True)
         c_j = cis[:, rows, j]  # (i, B)
         e = (kernel[rows, j] - torch.einsum("tb,tbn->bn", c_j, cis)) / torch.sqrt(d2[rows, j])[:, None]  # (B, N)
         cis = torch.cat([cis, e[None]], dim=0)  # (i + 1, B, N)
-        d2 = (d2 - e.square()).scatter(1, j[:, None], float("-inf"))  # (B, N)
+        d2 = d2 - e.square()  # (B, N); a picked token's is ~0 and never read again
     return torch.stack(picked, dim=1).sort(dim=-1).values  # (B, k)
 
 
@@ -117,7 +129,7 @@ class CDPrunerConfig:
         k = self.visual_token_num
         if not 1 <= k < n:
             raise RecipeError(f"{key}.visual_token_num", f"{k} is outside [1, {n - 1}] for {n} image tokens")
-        return (Step("cdpruner", Site.PROJECTOR_OUT, 0, n, k, Output.KEPT, question=True),)
+        return (Step("cdpruner", Site.PROJECTOR_OUT, 0, n, k, Output.KEPT, question=True, scored=k),)
 
     def question(self, key: str) -> QuestionSpec:
         return question_spec(self.text_encoder, f"{key}.text_encoder", segments=self.text_segments, truncate=False)
@@ -140,7 +152,7 @@ class CDPrunerConfig:
             if ctx.features is None:
                 raise ValueError("CDPruner needs the projector's input features (ImageContext.features)")
             rel = relevance(ctx.module, ctx.features, ctx)  # (B, N)
-            kept = greedy_map(dpp_kernel(state.hidden, rel), step.n_out)  # (B, k)
+            kept = greedy_map(dpp_kernel(state.hidden, rel), step.n_out, ctx.decision)  # (B, k)
         else:
             kept = forced
         return keep_tokens(state, kept), kept
