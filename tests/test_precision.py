@@ -72,7 +72,7 @@ def test_plan_refusals() -> None:
     assert "use aoti or eager" in msg and "\n" not in msg
     tome = {"method": "TokenReduction", "special": {"method": "ToMe", "r": 8}}
     with pytest.raises(RecipeError, match=r"^export.targets: onnx cannot be validated in float16 \(export.dtype: "
-                                          r"float16\) with tome: .*report their decision scores"):
+                                          r"float16\) with ToMe: .*report their decision scores"):
         resolve(_recipe(export={"targets": ["onnx"], "dtype": "float16"}, sparse=tome))
     fastv = {"method": "TokenReduction", "special": {"method": "FastV", "pruning_loc": 2, "rate": 0.5}}
     random = {"method": "TokenReduction", "special": {"method": "RandomPrune", "pruning_loc": 2, "prune_ratio": 0.5}}

@@ -323,7 +323,14 @@ def parity_tolerance(recipe: Recipe, dtype: str) -> tuple[float, float]:
             recipe.parity.rtol if _written(recipe, "parity", "rtol") else rtol)
 
 
-def _check_dtype(recipe: Recipe, dtype: str, targets: tuple[str, ...], key: str, schedule: Schedule) -> None:
+def _step_name(step: Any, reducer: Any) -> str:
+    """A step as the recipe names its method: `ToMe`, or `AIM's aim_merge step` where a method has several."""
+    method = type(reducer).method
+    return method if method.lower().replace("-", "") == step.method else f"{method}'s {step.method} step"
+
+
+def _check_dtype(recipe: Recipe, dtype: str, targets: tuple[str, ...], key: str, schedule: Schedule,
+                 reducers: tuple) -> None:
     """Refuse what cannot be validated in half precision on this machine, before any weights load."""
     if dtype == "float32":
         return
@@ -335,7 +342,7 @@ def _check_dtype(recipe: Recipe, dtype: str, targets: tuple[str, ...], key: str,
         raise RecipeError(key, f"onnx cannot be validated in bfloat16 ({src}: bfloat16): onnxruntime's CPU provider "
                                "has no bfloat16 TopK and few bfloat16 kernels, so parity cannot run; use aoti or "
                                f"eager for bfloat16, or set {src}: float32 for onnx")
-    unscored = sorted({s.method for s in schedule if s.scored is None})  # 0: a constant selection
+    unscored = sorted({_step_name(s, r) for s, r in zip(schedule, reducers) if s.scored is None})  # 0: constant
     if dtype == "float16" and ("onnx" in targets or "tensorrt" in targets) and unscored:
         names = ", ".join(unscored)
         raise RecipeError(key, f"onnx cannot be validated in float16 ({src}: float16) with {names}: onnxruntime's "
@@ -415,7 +422,7 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
         )
     _check_weight_format(recipe, chosen)
     dtype = resolve_export_dtype(recipe, config)
-    _check_dtype(recipe, dtype, chosen, "--targets" if targets is not None else "export.targets", schedule)
+    _check_dtype(recipe, dtype, chosen, "--targets" if targets is not None else "export.targets", schedule, reducers)
     atol, rtol = parity_tolerance(recipe, dtype)
     chosen = _check_tensorrt(recipe, chosen, "--targets" if targets is not None else "export.targets")
     if recipe.eval is not None:
