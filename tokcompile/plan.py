@@ -493,8 +493,10 @@ def format_plan(plan: Plan) -> str:
             how = {Output.KEPT: "->", Output.ASSIGN: "merged to"}.get(s.output, "clustered into at most")
             pos = " (positions renumbered)" if s.positions is Positions.RENUMBER else ""
             slots = "; unused slots masked" if s.output is Output.CLUSTER else ""
+            scores = (f"; reports {s.scored} decision score vector{'s' if s.scored > 1 else ''}" if s.scored
+                      else "; selects nothing from the data" if s.scored == 0 else "")
             lines.append(f"reduction   {s.method} at {s.site.value} {s.layer}: {s.n_in} {how} {s.n_out} {what}"
-                         f"{pos}{slots}")
+                         f"{pos}{slots}{scores}")
     else:
         lines.append("reduction   none")
     per_layer = plan.image_tokens_per_layer()

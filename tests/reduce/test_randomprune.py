@@ -136,7 +136,7 @@ def _recipe(special: dict) -> dict:
 def test_plan_cli(tmp_path):
     res = compile_recipe(ROOT / "recipes/tiny/randomprune.yml", tmp_path / "out", "--plan")
     assert res.returncode == 0, res.stderr + res.stdout
-    assert "randomprune at decoder_layer 2: 64 -> 32 image tokens" in res.stdout
+    assert "randomprune at decoder_layer 2: 64 -> 32 image tokens; selects nothing from the data" in res.stdout
     assert "L0:64 L1:64 L2:32 L3:32" in res.stdout
     bad = tmp_path / "bad.yml"
     bad.write_text(yaml.safe_dump(_recipe({"pruning_loc": 2, "prune_ratio": 0.5, "metric": "holitom_merge"})))

@@ -189,7 +189,8 @@ def _plan(recipe) -> subprocess.CompletedProcess:
 def test_cli_plan():
     res = _plan(ROOT / "recipes/tiny/visionzip.yml")
     assert res.returncode == 0, res.stderr
-    assert "visionzip at vision_out 0: 65 merged to 17 vision-tower tokens" in res.stdout
+    assert ("visionzip at vision_out 0: 65 merged to 17 vision-tower tokens; reports 2 decision score vectors"
+            in res.stdout)
     assert "16 of 64 image tokens reach the decoder" in res.stdout
     assert "L0:16 L1:16 L2:16 L3:16" in res.stdout
 
