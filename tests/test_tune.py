@@ -50,6 +50,8 @@ def test_rungs_halve_down_to_the_finalists():
     ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "search": {"answer_tokens": 0}}, "search"),
     ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "search": {"answer_tokens": True}},
      "search"),
+    ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "search": {"answer_tokens": 10**9}},
+     "search.answer_tokens"),
     ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "calib": {"name": "pileval"}}, "calib"),
     ({"budget": {"flops_ratio": 0.5}, "candidates": [{"method": "FastV"}], "calib": {"name": "custom"}}, "calib.path"),
 ])

@@ -57,6 +57,7 @@ from tokcompile.sweep import Point, Sweep, execute, point_id
 from tokcompile.vtw_search import kl_withdrawn_to_full
 
 KEYS = ("base", "out", "budget", "candidates", "search", "calib", "targets", "resources")
+MAX_ANSWER_TOKENS = 256  # the unreduced answer the proxy follows ends at EOS or here
 
 
 def _read(path: Path, key: str) -> Any:
@@ -104,6 +105,9 @@ def load_tune(path: str | Path) -> dict[str, Any]:
             or search["eta"] < 2:
         raise RecipeError("search", "samples, finalists, ttft_repeats and answer_tokens are integers >= 1, eta an "
                                     "integer >= 2")
+    if search["answer_tokens"] > MAX_ANSWER_TOKENS:
+        raise RecipeError("search.answer_tokens", f"{search['answer_tokens']} is more than {MAX_ANSWER_TOKENS}; the "
+                                                  "proxy compares short answers (default 8)")
     calib = _calib(data.get("calib"), src)
     candidates = []
     for i, cand in enumerate(data.get("candidates") or []):
