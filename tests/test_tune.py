@@ -138,7 +138,6 @@ def test_finalists_above_the_ttft_budget_cannot_win(tmp_path):
     assert e.value.key == "budget.backend" and "add its target to targets" in str(e.value)
 
 
-
 def test_the_proxy_follows_the_unreduced_answer(tiny_model, processor):
     """The proxy compares the reduced model with the unreduced one at every position of the unreduced greedy
     answer, teacher-forced through the reduced model's own cache: the unreduced model against itself drifts by
