@@ -19,7 +19,7 @@ from tokcompile.generation import GenerationConfig, generate, run_prompt
 from tokcompile.graphs import build_modules, eager_runners, replay_runners
 from tokcompile.layout import score_names
 from tokcompile.models import ReducedVLM
-from tokcompile.parity import check_artifact, check_generation, inversions
+from tokcompile.parity import _flipped_decision, check_artifact, check_generation, discordance
 from tokcompile.pipeline import plan_recipe
 from tokcompile.reduce.ops import rank_desc
 from tokcompile.reduce.vispruner import budget
@@ -100,7 +100,7 @@ def test_vispruner_near_tie_is_replayed_and_recorded(vispruner, batch):
     report = check_artifact("vision (nudged)", graph, names, case, 1e-5, 1e-5, replay=replay, score_margin=2 * move)
     tie = report["near_ties"][0]
     assert tie["kind"] == "selection" and tie["decision"] == "score_0_0" and "kept_0" in tie["differ"]
-    assert tie["inverted_neighbours"] == 1 and tie["max_relative_score_gap"] <= 2 * move
+    assert tie["discordant_neighbours"] == 1 and tie["max_relative_score_gap"] <= 2 * move
     print(f"nudge {move:.2e} of the row max; recorded: {tie}")
 
     with pytest.raises(ParityError, match="kept_0 indices differ"):  # without a replay: a plain failure
@@ -156,11 +156,34 @@ def test_fastv_near_tie_in_generation(fastv, batch):
         check_generation("generation (nudged)", graph, eager, 1e-5, 1e-5, "on case 0")
 
 
-def test_inversions_count_neighbours_ranked_the_other_way():
+def test_discordance_counts_neighbours_compared_the_other_way():
     ref = torch.tensor([[0.5, 0.4, 0.3, 0.2]])
-    assert inversions(ref.clone(), ref)["inverted_neighbours"] == 0
-    swapped = inversions(torch.tensor([[0.5, 0.3, 0.4, 0.2]]), ref)
-    assert swapped["inverted_neighbours"] == 1 and swapped["largest_inverted_gap"] == pytest.approx(0.1)
-    assert swapped["largest_inverted_gap_relative"] == pytest.approx(0.2)
-    tied = inversions(torch.tensor([[0.5, 0.4, 0.4, 0.2]]), torch.tensor([[0.5, 0.4, 0.4, 0.2]]))
-    assert tied["inverted_neighbours"] == 0  # equal scores rank by index on both sides
+    assert discordance(ref.clone(), ref)["discordant_neighbours"] == 0
+    swapped = discordance(torch.tensor([[0.5, 0.3, 0.4, 0.2]]), ref)
+    assert swapped["discordant_neighbours"] == 1 and swapped["largest_discordant_gap"] == pytest.approx(0.1)
+    assert swapped["largest_discordant_gap_relative"] == pytest.approx(0.2)
+    tied = torch.tensor([[0.5, 0.4, 0.4, 0.2]])
+    assert discordance(tied.clone(), tied)["discordant_neighbours"] == 0  # equal on both sides
+    # eager's exact tie broken by the graph (a strict comparison flips): one neighbour pair, eager's gap 0
+    split = discordance(torch.tensor([[0.5, 0.4, 0.4000001, 0.2]]), tied)
+    assert split["discordant_neighbours"] == 1 and split["largest_discordant_gap"] == 0.0
+    merged = discordance(torch.tensor([[0.5, 0.3, 0.3, 0.2]]), ref)  # eager's strict order made a tie
+    assert merged["discordant_neighbours"] == 1 and merged["largest_discordant_gap"] == pytest.approx(0.1)
+    far = discordance(torch.tensor([[0.2, 0.4, 0.3, 0.5]]), ref)  # a swap of distant entries shows in neighbours
+    assert far["discordant_neighbours"] >= 1
+
+
+def test_the_recorded_decision_is_in_the_step_that_differs():
+    """Two steps, each with two score vectors. Step 1's second vector ordered a pair the other way; step 0's
+    vectors differ only by rounding that keeps every order. The record names score_1_1, though the replay of
+    step 0 already computes its later vectors from the graph's numbers."""
+    eager = {"score_0_0": torch.tensor([[0.9, 0.5, 0.1]]), "score_0_1": torch.tensor([[0.3, 0.2, 0.1]]),
+             "score_1_0": torch.tensor([[0.8, 0.6, 0.4]]), "score_1_1": torch.tensor([[0.7, 0.69, 0.1]])}
+    graph = {"score_0_0": eager["score_0_0"] + 1e-7, "score_0_1": eager["score_0_1"] - 1e-7,
+             "score_1_0": eager["score_1_0"], "score_1_1": torch.tensor([[0.69, 0.7, 0.1]])}
+    computed = {k: v + 1e-8 for k, v in graph.items()}
+    assert _flipped_decision(list(graph), {"kept_1": 2}, graph, eager, computed) == "score_1_1"
+    # nothing ordered differently anywhere: the older rule (before the first vector the replay changed)
+    same = {k: v.clone() for k, v in eager.items()}
+    assert _flipped_decision(list(graph), {"kept_1": 2}, same, eager, {**eager, "score_1_0": eager["score_1_0"] * 2}) \
+        == "score_0_1"

@@ -268,31 +268,42 @@ def replay_selection(name: str, names: list[str], got: tuple, ref: tuple, replay
     where_replayed = where + " (eager ranking on the graph's earlier decisions)"
     rel = [compare_scores(name, n, scores[n], computed[n], margin, where_replayed)["max_relative_gap"] for n in scores]
     eager = dict(zip(names, ref))
-    # the first decision ranked differently: the vector before the first one eager computed differently
-    order = list(scores)
-    later = [c for c in range(1, len(order)) if not torch.equal(torch.as_tensor(eager[order[c]]).float(),
-                                                               torch.as_tensor(computed[order[c]]).float())]
-    flipped = order[later[0] - 1] if later else order[-1]
+    flipped = _flipped_decision(list(scores), differ, scores, eager, computed)
     ties.append({"kind": "selection", "where": where, "differ": differ, "decision": flipped,
-                 **inversions(scores[flipped], torch.as_tensor(eager[flipped])),
+                 **discordance(scores[flipped], torch.as_tensor(eager[flipped])),
                  "max_relative_score_gap": max(rel), "margin": margin})
     return again
 
 
-def inversions(got: Tensor, ref: Tensor) -> dict:
+def _flipped_decision(order: list[str], differ: dict[str, int], scores: dict, eager: dict, computed: dict) -> str:
+    """The decision a near-tie record names: the first score vector (those of the steps whose selection differs
+    first, each step's in call order) that the graph orders differently from eager (`discordance`); a flip
+    there or after it changed the selection. Where none does, the vector before the first one the replay computed
+    differently from eager."""
+    steps = {n.rsplit("_", 1)[1] for n in differ if n.startswith(STEP_PREFIXES)}
+    first = [n for n in order if n[len(SCORE_PREFIX):].split("_")[0] in steps]
+    for n in first + [n for n in order if n not in first]:
+        if discordance(scores[n], torch.as_tensor(eager[n]))["discordant_neighbours"]:
+            return n
+    later = [c for c in range(1, len(order)) if not torch.equal(torch.as_tensor(eager[order[c]]).float(),
+                                                               torch.as_tensor(computed[order[c]]).float())]
+    return order[later[0] - 1] if later else order[-1]
+
+
+def discordance(got: Tensor, ref: Tensor) -> dict:
     """Neighbours in eager's ranking of `ref` (B, n) (score descending, index ascending) that the graph's scores
-    `got` rank the other way: how many, and eager's largest score gap between such a pair (absolute, and relative
-    to the row's largest |score|). A near-tie shows as a few inversions with gaps of float rounding."""
+    `got` compare the other way (one above the other where eager's are equal, equal or reversed where eager's
+    differ): how many, and eager's largest score gap between such a pair (absolute, and relative to the row's
+    largest |score|). No pair of any distance is compared differently unless some neighbours are. A near-tie
+    shows as a few such neighbours with gaps of float rounding, or 0 where eager's scores tie exactly."""
     g, r = got.float(), ref.float()
-    n = r.shape[-1]
-    index = torch.arange(n).expand_as(r)
-    order = torch.stack([torch.tensor(sorted(range(n), key=lambda j, row=row: (-row[j], j))) for row in r.tolist()])
-    rs, gs, os_ = r.gather(-1, order), g.gather(-1, order), index.gather(-1, order)  # (B, n) in eager's order
-    inverted = (gs[:, :-1] < gs[:, 1:]) | ((gs[:, :-1] == gs[:, 1:]) & (os_[:, :-1] > os_[:, 1:]))  # (B, n-1)
-    gaps = (rs[:, :-1] - rs[:, 1:]).masked_fill(~inverted, 0)  # (B, n-1)
+    order = torch.sort(-r, dim=-1, stable=True).indices  # (B, n): eager's ranking, ties by index
+    rs, gs = r.gather(-1, order), g.gather(-1, order)  # (B, n) in eager's order
+    flipped = torch.sign(rs[:, :-1] - rs[:, 1:]) != torch.sign(gs[:, :-1] - gs[:, 1:])  # (B, n-1)
+    gaps = (rs[:, :-1] - rs[:, 1:]).masked_fill(~flipped, 0)  # (B, n-1)
     scale = r.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # (B, 1)
-    return {"inverted_neighbours": int(inverted.sum()), "largest_inverted_gap": float(gaps.max()),
-            "largest_inverted_gap_relative": float((gaps / scale).max())}
+    return {"discordant_neighbours": int(flipped.sum()), "largest_discordant_gap": float(gaps.max()),
+            "largest_discordant_gap_relative": float((gaps / scale).max())}
 
 
 def logit_near_tie(ref_logits: Tensor, got_token: Tensor, ref_token: Tensor, atol: float, rtol: float) -> dict | None:
