@@ -173,17 +173,30 @@ def test_discordance_counts_neighbours_compared_the_other_way():
     assert far["discordant_neighbours"] >= 1
 
 
-def test_the_recorded_decision_is_in_the_step_that_differs():
-    """Two steps, each with two score vectors. Step 1's second vector ordered a pair the other way; step 0's
-    vectors differ only by rounding that keeps every order. The record names score_1_1, though the replay of
-    step 0 already computes its later vectors from the graph's numbers."""
-    eager = {"score_0_0": torch.tensor([[0.9, 0.5, 0.1]]), "score_0_1": torch.tensor([[0.3, 0.2, 0.1]]),
-             "score_1_0": torch.tensor([[0.8, 0.6, 0.4]]), "score_1_1": torch.tensor([[0.7, 0.69, 0.1]])}
-    graph = {"score_0_0": eager["score_0_0"] + 1e-7, "score_0_1": eager["score_0_1"] - 1e-7,
-             "score_1_0": eager["score_1_0"], "score_1_1": torch.tensor([[0.69, 0.7, 0.1]])}
-    computed = {k: v + 1e-8 for k, v in graph.items()}
-    assert _flipped_decision(list(graph), {"kept_1": 2}, graph, eager, computed) == "score_1_1"
-    # nothing ordered differently anywhere: the older rule (before the first vector the replay changed)
-    same = {k: v.clone() for k, v in eager.items()}
-    assert _flipped_decision(list(graph), {"kept_1": 2}, same, eager, {**eager, "score_1_0": eager["score_1_0"] * 2}) \
-        == "score_0_1"
+def test_the_recorded_decision_is_the_one_whose_flip_changed_the_selection():
+    """Two steps, two score vectors each; only the graph's score_1_0 makes eager select as the graph did. The
+    record names it: the shortest prefix of the graph's vectors that reproduces the graph's selection ends
+    there, though score_0_0 is ordered differently too (rounding no decision depended on) and the replay
+    computes step 1's later vectors from the graph's numbers."""
+    order = ["score_0_0", "score_0_1", "score_1_0", "score_1_1"]
+    eager = {"score_0_0": torch.tensor([[0.9, 0.5, 0.50001]]), "score_0_1": torch.tensor([[0.3, 0.2, 0.1]]),
+             "score_1_0": torch.tensor([[0.8, 0.6, 0.59999]]), "score_1_1": torch.tensor([[0.7, 0.2, 0.1]])}
+    graph_scores = {**eager, "score_0_0": torch.tensor([[0.9, 0.50001, 0.5]]),
+                    "score_1_0": torch.tensor([[0.8, 0.59999, 0.6]])}
+    graph = {"kept_0": torch.tensor([[0, 1]]), "kept_1": torch.tensor([[0, 2]]), **graph_scores}
+    runs = []
+
+    def rerun(forced):  # eager keeps the graph's step-1 set only when ranking on the graph's score_1_0
+        runs.append(sorted(forced))
+        return {"kept_0": graph["kept_0"], "kept_1": graph["kept_1"] if "score_1_0" in forced else
+                torch.tensor([[0, 1]]), **eager}
+
+    computed = rerun(graph_scores)
+    runs.clear()
+    named = _flipped_decision(order, {"kept_1": 2}, graph_scores, eager, computed, graph, rerun)
+    assert named == "score_1_0" and len(runs) == 2  # log2(4) prefixes tried
+    assert discordance(graph_scores["score_0_0"], eager["score_0_0"])["discordant_neighbours"] == 1
+    # the replay of every vector does not select as the graph did (parity fails later): the first vector
+    # ordered differently, in the step that differs
+    wrong = {**computed, "kept_1": torch.tensor([[1, 2]])}
+    assert _flipped_decision(order, {"kept_1": 2}, graph_scores, eager, wrong, graph, rerun) == "score_1_0"

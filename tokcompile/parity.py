@@ -264,30 +264,52 @@ def replay_selection(name: str, names: list[str], got: tuple, ref: tuple, replay
     if replay is None or not scores or not differ:
         return None
     again = replay(scores)
-    computed = dict(zip(names, again)) if isinstance(again, tuple) else {**again.kept, **again.scores}
+    computed = _outputs(names, again)
     where_replayed = where + " (eager ranking on the graph's earlier decisions)"
     rel = [compare_scores(name, n, scores[n], computed[n], margin, where_replayed)["max_relative_gap"] for n in scores]
     eager = dict(zip(names, ref))
-    flipped = _flipped_decision(list(scores), differ, scores, eager, computed)
+    flipped = _flipped_decision(list(scores), differ, scores, eager, computed, dict(zip(names, got)),
+                                lambda forced: _outputs(names, replay(forced)))
     ties.append({"kind": "selection", "where": where, "differ": differ, "decision": flipped,
                  **discordance(scores[flipped], torch.as_tensor(eager[flipped])),
                  "max_relative_score_gap": max(rel), "margin": margin})
     return again
 
 
-def _flipped_decision(order: list[str], differ: dict[str, int], scores: dict, eager: dict, computed: dict) -> str:
-    """The decision a near-tie record names: the first score vector (those of the steps whose selection differs
-    first, each step's in call order) that the graph orders differently from eager (`discordance`); a flip
-    there or after it changed the selection. Where none does, the vector before the first one the replay computed
-    differently from eager."""
+def _outputs(names: list[str], result: Any) -> dict:
+    """A replay's outputs by name: a graph's tuple, or a generation's selections and scores."""
+    return dict(zip(names, result)) if isinstance(result, tuple) else {**result.kept, **result.scores}
+
+
+def _selects_as(out: dict, graph: dict) -> bool:
+    """Every step's selection in `out` equals the graph's."""
+    return all(torch.equal(torch.as_tensor(out[n]).long(), torch.as_tensor(g).long())
+               for n, g in graph.items() if n.startswith(STEP_PREFIXES) and n in out)
+
+
+def _flipped_decision(order: list[str], differ: dict[str, int], scores: dict, eager: dict, computed: dict,
+                      graph: dict, rerun: Callable[[dict], dict]) -> str:
+    """The decision a near-tie record names: the last vector of the shortest prefix of the graph's score vectors
+    (in call order) with which eager selects as the graph did, found by a binary search over prefixes (about
+    log2(n) more eager runs; it takes a longer prefix never to undo that). Where even every vector does not
+    (parity then fails), the first vector the graph orders differently (`discordance`), in the steps whose
+    selection differs first."""
+    if len(order) == 1:
+        return order[0]
+    if _selects_as(computed, graph):
+        lo, hi = 1, len(order)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _selects_as(rerun({n: scores[n] for n in order[:mid]}), graph):
+                hi = mid
+            else:
+                lo = mid + 1
+        return order[lo - 1]
     steps = {n.rsplit("_", 1)[1] for n in differ if n.startswith(STEP_PREFIXES)}
     first = [n for n in order if n[len(SCORE_PREFIX):].split("_")[0] in steps]
-    for n in first + [n for n in order if n not in first]:
-        if discordance(scores[n], torch.as_tensor(eager[n]))["discordant_neighbours"]:
-            return n
-    later = [c for c in range(1, len(order)) if not torch.equal(torch.as_tensor(eager[order[c]]).float(),
-                                                               torch.as_tensor(computed[order[c]]).float())]
-    return order[later[0] - 1] if later else order[-1]
+    candidates = first + [n for n in order if n not in first]
+    return next((n for n in candidates if discordance(scores[n], torch.as_tensor(eager[n]))["discordant_neighbours"]),
+                candidates[0])
 
 
 def discordance(got: Tensor, ref: Tensor) -> dict:
