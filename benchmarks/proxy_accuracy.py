@@ -75,8 +75,7 @@ def main() -> int:
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
 
-    import torch
-
+    from tokcompile.errors import TokcompileError
     from tokcompile.eval.datasets import load_dataset
     from tokcompile.generation import Generated
     from tokcompile.models.loading import load_model, load_processor
@@ -84,7 +83,6 @@ def main() -> int:
     from tokcompile.sweep import load_sweep
     from tokcompile.tune import _plan, answer_drift, unreduced_answers
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     sweep = load_sweep(args.sweep)
     points = sweep.points[: args.limit or None]
     first = _plan(points[0].recipe)
@@ -111,7 +109,7 @@ def main() -> int:
     for p in points:
         try:
             plan = _plan(p.recipe)
-        except Exception as e:  # a point this model cannot plan is one line, as in the sweep
+        except TokcompileError as e:  # a point this model cannot plan is one line, as in the sweep
             print(f"{_label(p):58s} skipped: {str(e).splitlines()[0]}")
             continue
         if plan.question is not None:
