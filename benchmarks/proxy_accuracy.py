@@ -52,17 +52,12 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def accuracy(plan, model, processor, questions, reduce: bool, batch_size: int = 16) -> float:
-    """Mean VQA score of the eager model's greedy answers (with the plan's reduction, or none)."""
-    from tokcompile.eval.run import eager_answerer
-    from tokcompile.eval.score import vqa_score
+    """The eager model's accuracy (with the plan's reduction, or none), answered and scored as `eval` does."""
+    from tokcompile.eval.run import answer_all, eager_answerer, summarize
 
-    answer = eager_answerer(plan, model, processor, reduce, max_new_tokens=8)
-    scores = []
-    for start in range(0, len(questions), batch_size):
-        batch = questions[start:start + batch_size]
-        texts, _ = answer(batch)
-        scores += [vqa_score(t, q.answers) for t, q in zip(texts, batch)]
-    return sum(scores) / len(scores)
+    answer = eager_answerer(plan, model, processor, reduce, max_new_tokens=8)  # eval.max_new_tokens' default
+    got = answer_all(answer, questions, batch_size, "eager", lambda line: None)
+    return summarize(questions, {"eager": got})["eager"]["accuracy"]
 
 
 def main() -> int:

@@ -163,12 +163,11 @@ def _check_question_fits(question: Any, questions: list[str], sample: int) -> No
     """A built-in parity prompt the step's text encoder cannot hold: one line naming the key that can."""
     S, L = question.spec.segments, question.spec.length
     for q in questions:
-        n = len(question.ids(q))
-        if n > S * L:
+        if (n := question.overflow(q)) is not None:
             fewer = f", or parity.samples to {sample} so that it is not used" if sample else ""
-            raise RecipeError(f"{question.spec.key.rsplit('.', 1)[0]}.text_segments",
-                              f"the compile's parity prompt {q!r} needs {n} text-encoder tokens, more than the "
-                              f"{S} × {L} it sets; raise it to {-(-n // L)}{fewer}")
+            raise RecipeError(question.segments_key, f"the compile's parity prompt {q!r} needs {n} text-encoder "
+                                                     f"tokens, more than the {S} × {L} it sets; raise it to "
+                                                     f"{-(-n // L)}{fewer}")
 
 
 def make_inputs(

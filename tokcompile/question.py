@@ -82,6 +82,16 @@ class QuestionTokenizer:
             return list(self.tokenizer(question, truncation=True, max_length=self.spec.length)["input_ids"])
         return list(self.tokenizer(question, verbose=False)["input_ids"])
 
+    @property
+    def segments_key(self) -> str:
+        """The recipe key that sets how many windows the question takes."""
+        return f"{self.spec.key.rsplit('.', 1)[0]}.text_segments"
+
+    def overflow(self, text: str) -> int | None:
+        """The tokens `text` needs where they exceed the segments × length the export takes; else None."""
+        n = len(self.ids(text))
+        return n if n > self.spec.segments * self.spec.length else None
+
     def __call__(self, questions: list[str], placeholder: str | None = None,
                  key: str = "--prompt") -> dict[str, Tensor]:
         S, L = self.spec.segments, self.spec.length
@@ -92,8 +102,7 @@ class QuestionTokenizer:
             toks = self.ids(text)
             if len(toks) > S * L:
                 raise RecipeError(key, f"a question needs {len(toks)} text-encoder tokens, more than the {S} × {L} "
-                                       f"this export was compiled for; shorten it or raise "
-                                       f"{self.spec.key.rsplit('.', 1)[0]}.text_segments")
+                                       f"this export was compiled for; shorten it or raise {self.segments_key}")
             ids[b, : len(toks)] = torch.tensor(toks, dtype=torch.long)
             mask[b, : len(toks)] = 1
         return {"question_ids": ids.reshape(-1, S, L), "question_mask": mask.reshape(-1, S, L)}
