@@ -97,7 +97,7 @@ def check_outputs(label: str, got: dict[str, Any], want: dict[str, Any]) -> floa
     import torch
 
     from tokcompile.errors import ParityError
-    from tokcompile.parity import SCORE_MARGINS, compare_scores
+    from tokcompile.near_ties import SCORE_MARGINS, compare_scores
 
     diff = 0.0
     for name, ref in want.items():
@@ -173,11 +173,10 @@ def _near_tie_replay(backend: str, layout: Any, got_vision: dict, got_prefill: d
     """The graphs' decision scores (`score_j_c`) when a selection differs from eager's, to replay eager with (the
     replayed run's scores must then be within the float32 near-tie margin of the graphs', as `check_outputs`
     checks); else {}. Prints the near-tie."""
-    from tokcompile import parity
+    from tokcompile.near_ties import differing
 
-    got, ref = {**got_vision, **got_prefill}, {**seen, **eager}
-    names = [n for n in got if n in ref]
-    differ = parity.differing(names, tuple(got[n] for n in names), tuple(ref[n] for n in names))
+    got = {**got_vision, **got_prefill}
+    differ = differing(got, {**seen, **eager})
     scores = {n: got[n] for n in layout.score_outputs}
     if not differ or not scores:
         return {}

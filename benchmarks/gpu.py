@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from tokcompile.generation import GenerationConfig, generate, run_prompt
     from tokcompile.graphs import build_modules, eager_runners
-    from tokcompile.parity import NEAR_TIE_MARGINS, near_tie
+    from tokcompile.near_ties import NEAR_TIE_MARGINS, near_tie
     from tokcompile.reference import fastv_reference
 
     dtype = getattr(torch, args.dtype)

@@ -13,6 +13,7 @@ import torch
 from tokcompile import parity
 from tokcompile.errors import ParityError, RecipeError
 from tokcompile.generation import Generated
+from tokcompile.near_ties import near_tie
 from tokcompile.plan import DTYPE_TOLERANCES, format_plan, resolve, resolve_export_dtype
 from tokcompile.recipe import load_recipe_dict
 from tokcompile.reduce.ops import attention_row, topk_sorted
@@ -108,12 +109,12 @@ def test_scores_rank_in_fp32_from_half_inputs() -> None:
 def test_near_tie_on_constructed_scores() -> None:
     scores = torch.tensor([0.90, 0.50, 0.300, 0.299, 0.10])  # k = 3: boundary 0.300
     ref = torch.tensor([0, 1, 2])
-    tie = parity.near_tie(scores, torch.tensor([0, 1, 3]), ref, margin=0.02)
+    tie = near_tie(scores, torch.tensor([0, 1, 3]), ref, margin=0.02)
     assert tie is not None and tie["indices"] == [2, 3] and math.isclose(tie["boundary_score"], 0.3, rel_tol=1e-6)
     assert tie["max_gap"] <= tie["allowed_gap"] == pytest.approx(0.006)
-    assert parity.near_tie(scores, torch.tensor([0, 1, 4]), ref, margin=0.02) is None  # 0.10 is far from 0.30
-    assert parity.near_tie(scores, torch.tensor([0, 1, 3]), ref, margin=0.0) is None  # float32: no near-ties
-    assert parity.near_tie(scores, torch.tensor([0, 1, 3]), ref, margin=1e-3) is None  # 0.001 > 0.0003
+    assert near_tie(scores, torch.tensor([0, 1, 4]), ref, margin=0.02) is None  # 0.10 is far from 0.30
+    assert near_tie(scores, torch.tensor([0, 1, 3]), ref, margin=0.0) is None  # float32: no near-ties
+    assert near_tie(scores, torch.tensor([0, 1, 3]), ref, margin=1e-3) is None  # 0.001 > 0.0003
 
 
 def test_greedy_token_near_tie() -> None:

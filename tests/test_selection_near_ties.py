@@ -19,7 +19,8 @@ from tokcompile.generation import GenerationConfig, generate, run_prompt
 from tokcompile.graphs import build_modules, eager_runners, replay_runners
 from tokcompile.layout import score_names
 from tokcompile.models import ReducedVLM
-from tokcompile.parity import _flipped_decision, check_artifact, check_generation, discordance
+from tokcompile.near_ties import discordance, flipped_decision
+from tokcompile.parity import check_artifact, check_generation
 from tokcompile.pipeline import plan_recipe
 from tokcompile.reduce.ops import rank_desc
 from tokcompile.reduce.vispruner import budget
@@ -175,28 +176,17 @@ def test_discordance_counts_neighbours_compared_the_other_way():
 
 def test_the_recorded_decision_is_the_one_whose_flip_changed_the_selection():
     """Two steps, two score vectors each; only the graph's score_1_0 makes eager select as the graph did. The
-    record names it: the shortest prefix of the graph's vectors that reproduces the graph's selection ends
+    record names it: the shortest prefix of the graph's vectors with which eager agrees with the graph ends
     there, though score_0_0 is ordered differently too (rounding no decision depended on) and the replay
     computes step 1's later vectors from the graph's numbers."""
     order = ["score_0_0", "score_0_1", "score_1_0", "score_1_1"]
-    eager = {"score_0_0": torch.tensor([[0.9, 0.5, 0.50001]]), "score_0_1": torch.tensor([[0.3, 0.2, 0.1]]),
-             "score_1_0": torch.tensor([[0.8, 0.6, 0.59999]]), "score_1_1": torch.tensor([[0.7, 0.2, 0.1]])}
-    graph_scores = {**eager, "score_0_0": torch.tensor([[0.9, 0.50001, 0.5]]),
-                    "score_1_0": torch.tensor([[0.8, 0.59999, 0.6]])}
-    graph = {"kept_0": torch.tensor([[0, 1]]), "kept_1": torch.tensor([[0, 2]]), **graph_scores}
     runs = []
 
-    def rerun(forced):  # eager keeps the graph's step-1 set only when ranking on the graph's score_1_0
-        runs.append(sorted(forced))
-        return {"kept_0": graph["kept_0"], "kept_1": graph["kept_1"] if "score_1_0" in forced else
-                torch.tensor([[0, 1]]), **eager}
+    def agrees(prefix):  # eager keeps the graph's step-1 set only when ranking on the graph's score_1_0
+        runs.append(list(prefix))
+        return "score_1_0" in prefix
 
-    computed = rerun(graph_scores)
+    assert flipped_decision(order, agrees) == "score_1_0" and len(runs) == 2  # log2(4) prefixes tried
+    assert flipped_decision(order[:1], agrees) == "score_0_0" and len(runs) == 2  # one vector: no run
     runs.clear()
-    named = _flipped_decision(order, {"kept_1": 2}, graph_scores, eager, computed, graph, rerun)
-    assert named == "score_1_0" and len(runs) == 2  # log2(4) prefixes tried
-    assert discordance(graph_scores["score_0_0"], eager["score_0_0"])["discordant_neighbours"] == 1
-    # the replay of every vector does not select as the graph did (parity fails later): the first vector
-    # ordered differently, in the step that differs
-    wrong = {**computed, "kept_1": torch.tensor([[1, 2]])}
-    assert _flipped_decision(order, {"kept_1": 2}, graph_scores, eager, wrong, graph, rerun) == "score_1_0"
+    assert flipped_decision(order, lambda prefix: runs.append(prefix) or True) == "score_0_0" and len(runs) == 2

@@ -50,7 +50,7 @@ def build_modules(plan: Plan, model: nn.Module) -> tuple[ReducedVLM, DecodeStep]
 
 def eager_runners(reduced: ReducedVLM, decode: DecodeStep, forced: dict | None = None) -> tuple[Any, Any, Any]:
     """The vision, prefill and decode modules as named-input -> named-output callables (no autograd); `forced`
-    (decision scores by `score_j_c` name) replays a graph's scores (`tokcompile.parity.replay_selection`)."""
+    (decision scores by `score_j_c` name) replays a graph's scores (`tokcompile.near_ties.compare_or_replay`)."""
 
     def runner(module: Any) -> Any:
         def run(feed: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -67,7 +67,7 @@ def eager_runners(reduced: ReducedVLM, decode: DecodeStep, forced: dict | None =
 
 def replay_runners(reduced: ReducedVLM, decode: DecodeStep, layout: Any) -> dict[str, Any]:
     """Per graph: `(feed, forced) -> outputs` in the graph's output order, eager ranking on the decision scores in
-    `forced` (parity's `replay_selection`); None for the decode graph, which selects nothing."""
+    `forced` (`tokcompile.near_ties.compare_or_replay`); None for the decode graph, which selects nothing."""
 
     def replay(graph: str, which: int) -> Any:
         def run(feed: dict[str, Tensor], forced: dict) -> tuple:

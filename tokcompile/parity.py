@@ -19,6 +19,14 @@ from torch import Tensor
 
 from tokcompile.errors import ParityError, RecipeError, TokcompileError
 from tokcompile.layout import EXACT_PREFIXES, SCORE_PREFIX, STEP_PREFIXES  # indices and masks compare exactly
+from tokcompile.near_ties import (
+    SCORE_MARGINS,
+    compare_or_replay,
+    compare_scores,
+    logit_near_tie,
+    near_tie,
+    top1_near_ties,
+)
 
 PROMPTS = (
     "What is shown in this image?",
@@ -190,168 +198,6 @@ def make_inputs(
     return out
 
 
-# Near-ties in half precision: a kept-index selection may differ from the other side's only where the fp32 scores
-# at the selection boundary lie within this margin, relative to the k-th best score: |s_i - s_k| <= m·|s_k| for
-# every index the two selections do not share. float32 allows none (its selections must be equal).
-NEAR_TIE_MARGINS = {"float32": 0.0, "float16": 2e-2, "bfloat16": 1e-1}
-
-
-def near_tie(scores: Tensor, got: Tensor, ref: Tensor, margin: float) -> dict | None:
-    """The near-tie record when the selections `got` and `ref` (k indices each) differ only at the boundary of
-    `ref`'s ranking of `scores` (N,): every index in one selection and not the other scores within `margin`
-    (relative) of the k-th best score. None when they differ elsewhere (a failure) or margin is 0."""
-    s = scores.detach().float().reshape(-1)
-    got_set, ref_set = set(got.reshape(-1).tolist()), set(ref.reshape(-1).tolist())
-    k = len(ref_set)
-    if margin <= 0 or k == 0 or k >= s.numel() or len(got_set) != k:
-        return None
-    boundary = float(s.sort(descending=True).values[k - 1])
-    differ = sorted(got_set ^ ref_set)
-    if not all(0 <= i < s.numel() for i in differ):
-        return None
-    gaps = [abs(float(s[i]) - boundary) for i in differ]
-    allowed = margin * abs(boundary)
-    if max(gaps) > allowed:
-        return None
-    return {"indices": differ, "boundary_score": boundary, "max_gap": max(gaps), "margin": margin,
-            "allowed_gap": allowed}
-
-
-# Decision scores (`score_j_c`, fp32) a graph reports for a scored step may differ from eager's by this much,
-# relative to the row's largest score. Two backends compute attention in different orders: in float32 they
-# differ by a few units in the last place, so two scores closer than that may rank either way. Where a graph's
-# selection differs from eager's, eager is replayed with the graph's own scores: the selection must then be equal
-# and every output within tolerance, and the difference is recorded as a near-tie.
-SCORE_MARGINS = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 1e-1}
-
-
-def compare_scores(name: str, out_name: str, got: Tensor, ref: Tensor, margin: float, where: str) -> dict:
-    """A graph's decision scores (B, n) against eager's: every gap within `margin` of the row's largest |score|.
-    Returns the largest gap, absolute and relative to its row's largest |score|; raises ParityError beyond it."""
-    g, r = torch.as_tensor(got).float(), torch.as_tensor(ref).float()
-    if g.shape != r.shape:
-        raise ParityError(f"parity failed for {name}: {out_name} has shape {tuple(g.shape)}, eager {tuple(r.shape)} "
-                          f"{where}")
-    gap = (g - r).abs()  # (B, n)
-    allowed = margin * r.abs().amax(-1, keepdim=True)  # (B, 1)
-    if bool((gap > allowed).any()):
-        raise ParityError(f"parity failed for {name}: {out_name}, a step's decision scores, differ from eager's by "
-                          f"{float(gap.max()):.3g} {where}, beyond the near-tie margin ({margin:g} of the row's "
-                          f"largest score)")
-    scale = r.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # (B, 1)
-    return {"max_score_gap": float(gap.max()), "max_relative_gap": float((gap / scale).max())}
-
-
-def differing(names: list[str], got: tuple, ref: tuple) -> dict[str, int]:
-    """Exact outputs (indices) that differ between two runs: name -> positions that differ."""
-    out = {}
-    for n, g, r in zip(names, got, ref):
-        g, r = torch.as_tensor(g), torch.as_tensor(r)
-        if n.startswith(EXACT_PREFIXES) and g.shape == r.shape and not torch.equal(g.long(), r.long()):
-            out[n] = int((g.long() != r.long()).sum())
-    return out
-
-
-def replay_selection(name: str, names: list[str], got: tuple, ref: tuple, replay: Callable | None,
-                     margin: float, where: str, ties: list) -> Any:
-    """None where eager's outputs `ref` are what a graph's `got` compares with. Where a selection differs from
-    eager's and the graph reports its decision scores, eager's result again, ranking on the graph's scores
-    (`replay(forced)`). Every score vector the replay computed (after the graph's earlier decisions) must be
-    within `margin` of the graph's; the difference is recorded in `ties` as a selection near-tie."""
-    scores = {n: torch.as_tensor(g) for n, g in zip(names, got) if n.startswith(SCORE_PREFIX)}
-    differ = differing(names, got, ref)
-    if replay is None or not scores or not differ:
-        return None
-    again = replay(scores)
-    computed = _outputs(names, again)
-    where_replayed = where + " (eager ranking on the graph's earlier decisions)"
-    rel = [compare_scores(name, n, scores[n], computed[n], margin, where_replayed)["max_relative_gap"] for n in scores]
-    eager = dict(zip(names, ref))
-    flipped = _flipped_decision(list(scores), differ, scores, eager, computed, dict(zip(names, got)),
-                                lambda forced: _outputs(names, replay(forced)))
-    ties.append({"kind": "selection", "where": where, "differ": differ, "decision": flipped,
-                 **discordance(scores[flipped], torch.as_tensor(eager[flipped])),
-                 "max_relative_score_gap": max(rel), "margin": margin})
-    return again
-
-
-def _outputs(names: list[str], result: Any) -> dict:
-    """A replay's outputs by name: a graph's tuple, or a generation's selections and scores."""
-    return dict(zip(names, result)) if isinstance(result, tuple) else {**result.kept, **result.scores}
-
-
-def _selects_as(out: dict, graph: dict) -> bool:
-    """Every step's selection in `out` equals the graph's."""
-    return all(torch.equal(torch.as_tensor(out[n]).long(), torch.as_tensor(g).long())
-               for n, g in graph.items() if n.startswith(STEP_PREFIXES) and n in out)
-
-
-def _flipped_decision(order: list[str], differ: dict[str, int], scores: dict, eager: dict, computed: dict,
-                      graph: dict, rerun: Callable[[dict], dict]) -> str:
-    """The decision a near-tie record names: the last vector of the shortest prefix of the graph's score vectors
-    (in call order) with which eager selects as the graph did, found by a binary search over prefixes (about
-    log2(n) more eager runs; it takes a longer prefix never to undo that). Where even every vector does not
-    (parity then fails), the first vector the graph orders differently (`discordance`), in the steps whose
-    selection differs first."""
-    if len(order) == 1:
-        return order[0]
-    if _selects_as(computed, graph):
-        lo, hi = 1, len(order)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if _selects_as(rerun({n: scores[n] for n in order[:mid]}), graph):
-                hi = mid
-            else:
-                lo = mid + 1
-        return order[lo - 1]
-    steps = {n.rsplit("_", 1)[1] for n in differ if n.startswith(STEP_PREFIXES)}
-    first = [n for n in order if n[len(SCORE_PREFIX):].split("_")[0] in steps]
-    candidates = first + [n for n in order if n not in first]
-    return next((n for n in candidates if discordance(scores[n], torch.as_tensor(eager[n]))["discordant_neighbours"]),
-                candidates[0])
-
-
-def discordance(got: Tensor, ref: Tensor) -> dict:
-    """Neighbours in eager's ranking of `ref` (B, n) (score descending, index ascending) that the graph's scores
-    `got` compare the other way (one above the other where eager's are equal, equal or reversed where eager's
-    differ): how many, and eager's largest score gap between such a pair (absolute, and relative to the row's
-    largest |score|). No pair of any distance is compared differently unless some neighbours are. A near-tie
-    shows as a few such neighbours with gaps of float rounding, or 0 where eager's scores tie exactly."""
-    g, r = got.float(), ref.float()
-    order = torch.sort(-r, dim=-1, stable=True).indices  # (B, n): eager's ranking, ties by index
-    rs, gs = r.gather(-1, order), g.gather(-1, order)  # (B, n) in eager's order
-    flipped = torch.sign(rs[:, :-1] - rs[:, 1:]) != torch.sign(gs[:, :-1] - gs[:, 1:])  # (B, n-1)
-    gaps = (rs[:, :-1] - rs[:, 1:]).masked_fill(~flipped, 0)  # (B, n-1)
-    scale = r.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # (B, 1)
-    return {"discordant_neighbours": int(flipped.sum()), "largest_discordant_gap": float(gaps.max()),
-            "largest_discordant_gap_relative": float((gaps / scale).max())}
-
-
-def logit_near_tie(ref_logits: Tensor, got_token: Tensor, ref_token: Tensor, atol: float, rtol: float) -> dict | None:
-    """A greedy token that differs from eager's where eager's logits of the two tokens are within what the
-    tolerance allows each side (gap <= 2·(atol + rtol·|top-1 logit|)): a near-tie, not a failure."""
-    r = ref_logits.detach().float().reshape(-1)
-    top, other = float(r[int(ref_token)]), float(r[int(got_token)])
-    allowed = 2 * (atol + rtol * abs(top))
-    gap = top - other
-    if gap > allowed:
-        return None
-    return {"eager_token": int(ref_token), "token": int(got_token), "logit_gap": gap, "allowed_gap": allowed}
-
-
-def top1_near_ties(got: Tensor, ref: Tensor, atol: float, rtol: float) -> list[dict] | None:
-    """Rows (..., V) whose top-1 differs: their `logit_near_tie` records, or None when one of them is not a
-    near-tie."""
-    g, r = got.detach().float().reshape(-1, got.shape[-1]), ref.detach().float().reshape(-1, ref.shape[-1])
-    ties = []
-    for row in (g.argmax(-1) != r.argmax(-1)).nonzero().reshape(-1).tolist():
-        tie = logit_near_tie(r[row], g[row].argmax(), r[row].argmax(), atol, rtol)
-        if tie is None:
-            return None
-        ties.append({"row": row, **tie})
-    return ties
-
-
 def _compare_logits(got: Tensor, ref: Tensor, atol: float, rtol: float) -> dict:
     got, ref = got.float(), ref.float()
     diff = (got - ref).abs()
@@ -416,22 +262,25 @@ def check_artifact(
     near_ties: bool = False, replay: Callable | None = None, score_margin: float = SCORE_MARGINS["float32"],
 ) -> dict:
     """Compare one graph artifact with eager on every (inputs, eager outputs) case; `near_ties` (half precision)
-    records a top-1 near-tie instead of failing. `replay(inputs, forced)` runs eager again with a graph's decision
-    scores (`replay_selection`): a selection that differs from eager's at a near-tie is recorded, not refused."""
-    rows = []
-    ties: list | None = [] if near_ties else None
-    chosen: list = []
+    records a top-1 near-tie instead of failing. `replay(inputs, forced)` runs eager again deciding on a graph's
+    decision scores (`compare_or_replay`): a graph that differs from eager's only by a decision at a near-tie is
+    recorded, not refused."""
+    rows, chosen, ties = [], [], []
     for i, (inputs, ref) in enumerate(cases):
         got = tuple(runner(inputs))
-        where = f"on input {i}"
+
+        def compare(eager: tuple, where: str, got: tuple = got) -> tuple[float, list]:
+            found: list | None = [] if near_ties else None
+            return compare_outputs(name, names, got, eager, atol, rtol, where, found, score_margin), found or []
+
         again = None if replay is None else (lambda forced, inputs=inputs: replay(inputs, forced))
-        replayed = replay_selection(name, names, got, ref, again, score_margin, where, chosen)
-        ref = ref if replayed is None else replayed
-        diff = compare_outputs(name, names, got, ref, atol, rtol, where, ties, score_margin)
+        diff, found = compare_or_replay(compare, ref, lambda out: dict(zip(names, out)), dict(zip(names, got)),
+                                        again, score_margin, f"on input {i}", chosen)
+        ties += found
         rows.append({"input": i, "batch": int(next(iter(inputs.values())).shape[0]), "max_abs_logit_diff": diff})
     out = {"passed": True, "max_abs_diff": max(r["max_abs_logit_diff"] for r in rows), "inputs": rows}
     if ties or chosen:
-        out["near_ties"] = chosen + (ties or [])
+        out["near_ties"] = chosen + ties
     return out
 
 
@@ -444,29 +293,37 @@ def check_generation(name: str, result: Any, ref: Any, atol: float, rtol: float,
     With `near_ties` (half precision), the first differing step passes when it is a near-tie of eager's logits
     (`logit_near_tie`, every sample that differs there); the steps before it are compared, the rest are not (the
     two generations continue from different tokens) and the record says so. `replay(forced)` generates with eager
-    again, ranking on the backend's decision scores, where a selection differs (`replay_selection`)."""
+    again, deciding on the backend's decision scores, where the generations differ (`compare_or_replay`)."""
     chosen: list[dict] = []
-    names = [*result.kept, *result.scores]
-    got, before = ({**r.kept, **r.scores} for r in (result, ref))
-    replayed = replay_selection(name, names, tuple(got[n] for n in names), tuple(before[n] for n in names), replay,
-                                score_margin, where, chosen)
-    ref = ref if replayed is None else replayed
+    row = compare_or_replay(lambda eager, at: _compare_generation(name, result, eager, atol, rtol, at, near_ties,
+                                                                  score_margin),
+                            ref, lambda r: {**r.kept, **r.scores}, {**result.kept, **result.scores}, replay,
+                            score_margin, where, chosen)
+    ties = chosen + row.pop("near_ties", [])
+    if ties:
+        row["near_ties"] = ties
+    return row
+
+
+def _compare_generation(name: str, result: Any, ref: Any, atol: float, rtol: float, where: str, near_ties: bool,
+                        score_margin: float) -> dict:
+    """`check_generation` against one eager generation `ref`; raises ParityError."""
     for n in result.kept:
         if not torch.equal(torch.as_tensor(result.kept[n]).long(), torch.as_tensor(ref.kept[n]).long()):
             raise ParityError(f"parity failed for {name}: {n} differs from eager's selection {where}")
     for n in result.scores:
         compare_scores(name, n, result.scores[n], ref.scores[n], score_margin, where)
     steps = len(result.step_logits)
-    ties: list[dict] = list(chosen)
+    ties: list[dict] = []
     if not torch.equal(result.tokens, ref.tokens):
         step = int((result.tokens != ref.tokens).any(0).nonzero()[0])
         for b in (result.tokens[:, step] != ref.tokens[:, step]).nonzero().reshape(-1).tolist() if near_ties else []:
             tie = logit_near_tie(ref.step_logits[step][b], result.tokens[b, step], ref.tokens[b, step], atol, rtol)
             if tie is None:
-                ties = list(chosen)
+                ties = []
                 break
             ties.append({"step": step, "row": b, **tie})
-        if len(ties) == len(chosen):
+        if not ties:
             raise ParityError(f"parity failed for {name}: generated tokens differ from eager at step {step} {where}")
         steps = step + 1
     worst = 0.0
@@ -480,7 +337,6 @@ def check_generation(name: str, result: Any, ref: Any, atol: float, rtol: float,
     row = {"tokens": int(result.tokens.shape[1]), "batch": int(result.tokens.shape[0]), "max_abs_logit_diff": worst}
     if ties:
         row["near_ties"] = ties
-    if len(ties) > len(chosen):
         row["note"] = f"tokens equal up to step {steps - 1}, a near-tie there; later steps not compared"
     return row
 

@@ -104,7 +104,7 @@ class _Stages:
 def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     import torch
 
-    from tokcompile import parity
+    from tokcompile import near_ties, parity
     from tokcompile.export import EXPORTERS
     from tokcompile.export.base import ExportRequest
     from tokcompile.generation import GenerationConfig, generate, no_cache_logits, run_prompt
@@ -219,7 +219,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         PREFILL: [as_case(layout.prefill, inp.batch, out) for inp, out in zip(inputs, eager_prompt_out)],
         DECODE: [as_case(layout.decode, specs[2].example_dict(), eager_decode(specs[2].example_dict()))],
     }
-    margin = parity.SCORE_MARGINS[plan.dtype]
+    margin = near_ties.SCORE_MARGINS[plan.dtype]
     replays = replay_runners(reduced, decode, layout)
 
     def replay_gen(case: dict) -> Callable[[dict], Any]:
@@ -431,7 +431,7 @@ def _weight_bytes(graph: Path) -> int:
 
 def _independent_reference(plan: Plan, model: Any, eager_out: list, inputs: list, atol: float, rtol: float,
                            log: Log) -> dict:
-    from tokcompile import parity
+    from tokcompile import near_ties, parity
     from tokcompile.reference import fastv_reference
 
     step = plan.schedule[0] if plan.schedule else None
@@ -444,7 +444,7 @@ def _independent_reference(plan: Plan, model: Any, eager_out: list, inputs: list
             pruning_loc=step.layer if step else None, keep=step.n_out if step else None, **kw,
         )
 
-    result = parity.check_reference(ref, eager_out, inputs, atol, rtol, parity.NEAR_TIE_MARGINS[plan.dtype])
+    result = parity.check_reference(ref, eager_out, inputs, atol, rtol, near_ties.NEAR_TIE_MARGINS[plan.dtype])
     ties = f"; {result['near_ties']} near-tie(s) recorded in parity.json" if result.get("near_ties") else ""
     log(f"  independent eager reference agrees (max |Δlogit| {result['max_abs_diff']:.2e}){ties}")
     return result
