@@ -79,11 +79,11 @@ def test_padding_changes_nothing_and_forced_replays(tiny_model, adapter, geometr
     torch.testing.assert_close(replay["logits"], full["logits"], atol=0, rtol=0)
 
 
-def _apply_one(x, metric, r, sizes, prop_attn):
+def _apply_one(x, metric, r, sizes, prop_attn, decide=None):
     """ToMeConfig.apply on a batch built from one (t, C) sequence, its (t, c) metric and sizes."""
     t = x.shape[0]
     state = ImageTokens(x[None], torch.arange(t)[None], None if sizes is None else sizes[None], n_protected=1)
-    ctx = VisionContext(0, metric[None, None], metric[None, None])  # one head: mean_keys() is the metric
+    ctx = VisionContext(0, metric[None, None], metric[None, None], decide=decide)  # one head: the metric
     step = Step("tome", Site.VISION_BLOCK, 0, t, t - min(r, (t - 1) // 2), output=Output.ASSIGN)
     return ToMeConfig(r=r, prop_attn=prop_attn).apply(state, ctx, step)
 
@@ -114,6 +114,29 @@ def test_ties_go_to_lowest_index_and_cls_is_protected():
     assert assign[0].tolist() == [0, 2, 3, 3, 2, 4, 1]
     got, assign = _apply_one(torch.arange(6.0)[:, None], torch.ones(6, 2), 100, None, prop_attn=False)
     assert got.n == 4 and assign[0, 0] == 0 and got.hidden[0, 0, 0] == 0.0 and got.source[0, 0] == 0
+
+
+def test_merges_follow_the_matrix_decide_returns():
+    """`ctx.decision` sees the whole A·Bᵀ cosine matrix (nA·nB values, the CLS row unmasked and finite) and both
+    decisions follow what it returns: a replay that makes another B token an A token's best partner, and that
+    A token the strongest match, moves its merge."""
+    g = torch.Generator().manual_seed(7)
+    x, metric = torch.randn(9, 6, generator=g), torch.randn(9, 4, generator=g)
+    seen = []
+    _, base = _apply_one(x, metric, 2, None, False, lambda s: seen.append(s) or s)
+    assert len(seen) == 1 and seen[0].shape == (1, 5 * 4) and bool(seen[0].isfinite().all())
+    assert torch.equal(base, _apply_one(x, metric, 2, None, False)[1])
+    n_unm = 5 - 2
+    a = next(i for i in range(1, 5) if base[0, 2 * i] < n_unm)  # an A token (not CLS) that stays unmerged
+    partner = 3  # any B token: `a` merges into none
+
+    def other_partner(s):
+        s = s.clone().reshape(1, 5, 4)
+        s[0, a, partner] = s.max() + 1  # A token `a` now matches B token `partner` best of all
+        return s.reshape(1, 20)
+
+    _, moved = _apply_one(x, metric, 2, None, False, other_partner)
+    assert int(moved[0, 2 * a]) == n_unm + partner and not torch.equal(moved, base)
 
 
 def test_plan_counts_and_schedules(geometry):

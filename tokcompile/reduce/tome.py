@@ -13,7 +13,10 @@ Static-export deviations from the paper, the official code and LightCompress (`t
   top-k, instead of `argsort` + `scatter_reduce`: no shape depends on the data and no atomics decide sums.
 - Ties rank by (score descending, A index ascending) (LightCompress's `argsort` is unstable), and an A row
   whose best score is shared goes to the lowest B index, written out so every backend agrees.
-- The similarity is computed in fp32 whatever the model dtype; the merge runs in the model dtype.
+- The similarity is computed in fp32 whatever the model dtype; the merge runs in the model dtype. Both
+  decisions (each A token's partner, the r A tokens that merge) are taken on the A·Bᵀ matrix alone, which goes
+  through `ctx.decision` (`Step.scored` = 1 per block, nA·nB values): a graph whose merges differ from eager's
+  at a near-tie is replayed on its own matrix.
 - Blocks after LLaVA's feature layer never run (LightCompress merges in them and discards the result).
 - Schedule of `r`, as LightCompress reads it: an int (every block), a two-entry list `[start, step]`
   (`r_l = max(int(start + l*step), 0)`), or one entry per block. ToMe's `parse_r` `(r, inflect)` schedule is
@@ -108,7 +111,7 @@ class ToMeConfig:
             r_eff = min(r_l, (t - PROTECTED) // 2)
             if r_eff <= 0:
                 continue
-            steps.append(Step("tome", Site.VISION_BLOCK, layer, t, t - r_eff, output=Output.ASSIGN))
+            steps.append(Step("tome", Site.VISION_BLOCK, layer, t, t - r_eff, output=Output.ASSIGN, scored=1))
             t -= r_eff
         if not steps:
             raise RecipeError(f"{key}.r", f"{self.r!r} merges no token in any of the {geom.vision_layers} vision "
@@ -137,6 +140,7 @@ class ToMeConfig:
             m = ctx.mean_keys().float()  # (B, t, dv) keys averaged over heads
             m = m / m.norm(dim=-1, keepdim=True)  # (B, t, dv)
             S = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # (B, nA, nB)
+            S = ctx.decision(S.reshape(B, nA * nB)).reshape(B, nA, nB)  # both decisions follow from S alone
             protect = torch.arange(nA, device=dev) < state.n_protected  # (nA,)
             S = S.masked_fill(protect[None, :, None], float("-inf"))  # (B, nA, nB)
             node_max = S.amax(dim=-1)  # (B, nA)
