@@ -212,3 +212,34 @@ def test_one_image_grid_is_what_stage_1_needs():
                     "qwen2_vl": True, "qwen2_5_vl": True, "qwen3_vl": True}
     frames = {case: plan_recipe(ROOT / path).geometry.frames for case, path in FAMILY_RECIPES.items()}
     assert frames == {**{case: None for case in FAMILY_RECIPES}, "llava_onevision_video": (4, 1)}
+
+
+def test_stage1_merges_follow_the_matrices_decide_returns():
+    """Stage 1 hands `ctx.decision` each sample's cosine matrices of every frame in one vector (F·na·nb values)
+    and merges as it returns: a replay making a source of frame 1 the strongest match of its frame, to another
+    destination, moves that merge and leaves frame 0's alone."""
+    from tokcompile.reduce.aim_merge import merge_step
+    from tokcompile.reduce.schedule import Output, Site, Step
+    from tokcompile.reduce.state import ImageTokens
+
+    frames, t, r, B = 2, 8, 2, 2
+    n = frames * t + 1  # one trailing token after the frames
+    x = torch.randn(B, n, 6, generator=torch.Generator().manual_seed(3))
+    state = ImageTokens(x, torch.arange(n).expand(B, n))
+    step = Step("aim_merge", Site.PROJECTOR_OUT, 0, n, n - frames * r, Output.ASSIGN, scored=1)
+    seen = []
+    _, base = merge_step(state, step, (frames, 1), None, lambda s: seen.append(s) or s)
+    na, nb = (t + 1) // 2, t // 2
+    assert len(seen) == 1 and seen[0].shape == (B, frames * na * nb) and bool(seen[0].isfinite().all())
+    slots = t - r  # each frame's output slots
+    unmerged = [i for i in range(na) if base[0, t + 2 * i] < slots + (na - r)]  # frame 1's sources that stay
+    source, dest = unmerged[0], 0
+
+    def favour(s):
+        s = s.clone().reshape(B, frames, na, nb)
+        s[0, 1, source, dest] = s.max() + 1  # frame 1's source `source` now matches destination 0 best of all
+        return s.reshape(B, -1)
+
+    _, moved = merge_step(state, step, (frames, 1), None, favour)
+    assert int(moved[0, t + 2 * source]) == slots + (na - r) + dest
+    assert torch.equal(moved[:, :t], base[:, :t]) and torch.equal(moved[1], base[1])

@@ -23,8 +23,8 @@ stays. One difference remains and is measured in the tests and the README: the o
 rows of masked tokens too (they are still queries there), and their mass enters at its first step; removed
 tokens have no rows here. Further deviations:
 - Scores are fp32; ties rank by (importance, index ascending) (`torch.sort` leaves them open). Stage 2's
-  importance goes through `ctx.decision` (`Step.scored`), so a near-tie in a graph is checked by replaying it;
-  stage 1's bipartite matches are not reported.
+  importance and stage 1's cosine matrices go through `ctx.decision` (`Step.scored`), so a near-tie in a graph
+  is checked by replaying it.
 - Padding is neither a row nor a key of the walk, and every sample of a batch keeps its own tokens.
 - Stage 1 merges a single image's grid (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL) or each frame of a LLaVA-OneVision
   video at the projector output. Images whose span holds several tiles and row-end tokens (LLaVA-NeXT,
@@ -165,7 +165,7 @@ class AIMConfig:
         self, state: TokenState, ctx: DecoderContext, step: Step, forced: Tensor | None = None
     ) -> tuple[TokenState, Tensor]:
         if step.site is Site.PROJECTOR_OUT:
-            return merge_step(state, step, ctx.frames, forced)
+            return merge_step(state, step, ctx.frames, forced, ctx.decision)
         if forced is not None:
             kept = forced  # eager references replay a selection made earlier
         elif step.n_out == 0:

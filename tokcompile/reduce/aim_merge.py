@@ -4,7 +4,10 @@ pooled video features with r = N₀ // 2, N₀ // 4, ...; `ALGORITHMS.md` §6.1)
 
 Iteration i (1-based) is ToMe's bipartite matching with the features themselves as the metric (cosine): even
 tokens are sources, odd ones destinations, each source's best destination is its match, and the r_i = ⌊N₀/2^i⌋
-(at most ⌊t/2⌋) best-matched sources merge into their destinations by an equal-weight mean. The output is the
+(at most ⌊t/2⌋) best-matched sources merge into their destinations by an equal-weight mean. Both decisions are
+taken on the sources-by-destinations cosine matrices alone, which go through `ctx.decision` (`Step.scored` = 1
+per iteration: every frame's matrix in one vector), so a graph whose merges differ from eager's at a near-tie is
+replayed on its own matrices. The output is the
 unmerged sources by match strength, then the destinations in order. N₀ and t count one image's or one frame's
 tokens; a video's frames merge side by side (each frame's output in frame order), and the tokens after the
 frames (LLaVA-OneVision's newline) pass unchanged.
@@ -12,6 +15,7 @@ frames (LLaVA-OneVision's newline) pass unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -57,19 +61,23 @@ def merge_steps(geom: Geometry, entering: Entering, merge_ratio: float, key: str
         if r < 1:
             raise RecipeError(f"{key}.merge_ratio", f"{merge_ratio} needs more halvings than the {t0} tokens of "
                                                     f"one {'frame' if frames else 'image'} allow")
-        steps.append(Step("aim_merge", Site.PROJECTOR_OUT, 0, n, n - count * r, Output.ASSIGN))
+        steps.append(Step("aim_merge", Site.PROJECTOR_OUT, 0, n, n - count * r, Output.ASSIGN, scored=1))
         n, t = n - count * r, t - r
     return steps
 
 
-def bipartite_mean_merge(x: Tensor, r: int, forced: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def bipartite_mean_merge(x: Tensor, r: int, forced: Tensor | None = None,
+                         decide: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """One iteration: (B, t, D) tokens -> ((B, t - r, D) merged tokens, (B, t) the output slot of every entering
-    token). `forced` (B, t) replays an earlier assignment."""
+    token). `forced` (B, t) replays an earlier assignment; `decide` maps the (B, na, nb) cosine matrix to the one
+    to decide on."""
     B, t, D = x.shape
     na = (t + 1) // 2  # sources: even positions; destinations: odd ones
     if forced is None:
         m = torch.nn.functional.normalize(x.float(), dim=-1)  # (B, t, D)
         scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # (B, na, nb)
+        if decide is not None:
+            scores = decide(scores)
         best = scores.amax(-1)  # (B, na)
         nb = scores.shape[-1]
         dst = torch.where(scores == best[..., None], torch.arange(nb, device=x.device), nb).amin(-1)  # (B, na)
@@ -86,10 +94,10 @@ def bipartite_mean_merge(x: Tensor, r: int, forced: Tensor | None = None) -> tup
     return merged, assign
 
 
-def merge_step(state: ImageTokens, step: Step, frames: tuple[int, int] | None,
-               forced: Tensor | None) -> tuple[ImageTokens, Tensor]:
+def merge_step(state: ImageTokens, step: Step, frames: tuple[int, int] | None, forced: Tensor | None,
+               decision: Callable[[Tensor], Tensor]) -> tuple[ImageTokens, Tensor]:
     """One iteration over the span: every frame (or the one image) merges on its own; -> (the new tokens, (B, n)
-    the output slot of every entering token)."""
+    the output slot of every entering token). `decision` is the context's (`ctx.decision`)."""
     count, trailing = frames or (1, 0)
     n, dev = step.n_in, state.hidden.device
     B, _, D = state.hidden.shape
@@ -99,7 +107,10 @@ def merge_step(state: ImageTokens, step: Step, frames: tuple[int, int] | None,
     local = None
     if forced is not None:  # replay: back to each frame's own slots
         local = (forced[:, : count * t].reshape(B, count, t) - offset).reshape(B * count, t)
-    merged, assign = bipartite_mean_merge(state.hidden[:, : count * t].reshape(B * count, t, D), r, local)
+    def decide(scores: Tensor) -> Tensor:  # (B·F, na, nb): every frame's matrix of a sample in one vector
+        return decision(scores.reshape(B, -1)).reshape(scores.shape)
+
+    merged, assign = bipartite_mean_merge(state.hidden[:, : count * t].reshape(B * count, t, D), r, local, decide)
     tail = count * (t - r) + torch.arange(trailing, device=dev)  # (trailing,) slots of the tokens after the frames
     assign = torch.cat([(assign.reshape(B, count, t) + offset).reshape(B, count * t),
                         tail[None].expand(B, trailing)], 1)  # (B, n)
