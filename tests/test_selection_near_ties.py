@@ -131,6 +131,49 @@ def test_a_wrong_selection_fails_even_when_replayed(vispruner, batch):
         check_artifact("vision (wrong)", graph, names, case, 1e-5, 1e-5, replay=replay)
 
 
+@pytest.fixture(scope="module")
+def ficoco(tiny_model):
+    plan = plan_recipe(ROOT / "recipes" / "tiny" / "ficoco.yml")  # FiCoCo-V: discards, then each one's target
+    return plan, *build_modules(plan, tiny_model)
+
+
+def test_a_target_flip_that_shows_only_in_the_numbers_is_replayed(ficoco, batch):
+    """FiCoCo-V's second decision (each discarded token's target) shows in no index output: a graph whose target
+    differs from eager's at a near-tie keeps the same tokens and merges other features. Parity replays eager on
+    the graph's scores there too and records a "decision" near-tie; without the replay it is a plain failure."""
+    plan, reduced, decode = ficoco
+    names = list(reduced.layout.vision.outputs)
+    feed, eager = _vision_case(plan, reduced, batch)
+    t, r = plan.schedule[0].n_in, plan.schedule[0].n_in - plan.schedule[0].n_out
+    rows = eager["score_0_1"].reshape(-1, r, t)
+    allowed = torch.full((t,), float("-inf"))
+    allowed[eager["kept_0"][0]] = 0  # targets are kept tokens (CLS included)
+    best = (rows[0, 0] + allowed).topk(2).indices  # the first discarded token's best two targets
+    nudged_rows = rows.clone()
+    hi, lo = int(best[0]), int(best[1])
+    mid, gap = (rows[0, 0, hi] + rows[0, 0, lo]) / 2, float(rows[0, 0, hi] - rows[0, 0, lo])
+    nudged_rows[0, 0, hi], nudged_rows[0, 0, lo] = mid - gap / 4, mid + gap / 4
+    forced = nudged_rows.reshape(eager["score_0_1"].shape)
+    move = (gap * 3 / 4) / float(rows[0].abs().max())
+
+    def graph(inputs):
+        with torch.no_grad():
+            out = reduced.vision.run(inputs, {"score_0_1": forced})
+        return tuple({**out, "score_0_1": forced}[n] for n in names)
+
+    got = dict(zip(names, graph(feed)))
+    assert torch.equal(got["kept_0"], eager["kept_0"])  # the same tokens stay
+    case = [(feed, tuple(eager[n] for n in names))]
+    with pytest.raises(ParityError, match="image_embeds differs from eager"):
+        check_artifact("vision (retargeted)", graph, names, case, 1e-5, 1e-5)
+    replay = replay_runners(reduced, decode, reduced.layout)["vision"]
+    report = check_artifact("vision (retargeted)", graph, names, case, 1e-5, 1e-5, replay=replay,
+                            score_margin=2 * move)
+    tie = report["near_ties"][0]
+    assert tie["kind"] == "decision" and tie["differ"] == {} and tie["decision"] == "score_0_1"
+    assert tie["discordant_neighbours"] >= 1
+
+
 def test_fastv_near_tie_in_generation(fastv, batch):
     """A prefill graph whose FastV selection differs at a near-tie: generation parity replays eager with its
     scores, so tokens and logits are compared against the same selection, and the near-tie is recorded."""

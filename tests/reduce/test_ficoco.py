@@ -14,7 +14,8 @@ from tests.references.ficoco import ficoco_block, ficoco_reference
 from tokcompile.errors import RecipeError
 from tokcompile.models import ReducedVLM
 from tokcompile.reduce.base import Entering, config_from_params
-from tokcompile.reduce.ficoco import FiCoCoConfig, fan_out, ficoco_merge
+from tokcompile.reduce.ficoco import FiCoCoConfig
+from tokcompile.reduce.ficoco_v import fan_out, ficoco_merge
 from tokcompile.reduce.schedule import Output, Site
 
 KEY = "sparse.vision.special"
@@ -65,6 +66,44 @@ def test_one_block_at_llava_size_with_two_targets():
         want, want_kept, k = ficoco_block(x[b], logits[b], list(range(t - 1)), 24, r)
         assert k == 2 and kept[b].tolist() == want_kept
         torch.testing.assert_close(hidden[b], want, atol=1e-5, rtol=1e-5)
+
+
+def test_discards_and_targets_follow_the_scores_decide_returns():
+    """Each block hands `ctx.decision` its keep scores before the penalty (t-1 values), then its discarded rows'
+    logits (r·t values), all finite, and decides on what it gets back: a replay that makes another kept token a
+    discarded token's best target changes the merged features and not the kept set (a decision that shows only
+    in the numbers), and one that raises a discarded token's keep score keeps it."""
+    g = torch.Generator().manual_seed(4)
+    t, r, side = 17, 5, 4
+    x, logits = torch.randn(2, t, 8, generator=g), torch.randn(2, t, t, generator=g)
+    patch = torch.arange(t - 1)[None].expand(2, -1)
+    seen = []
+    base, kept = ficoco_merge(x, logits, patch, side, r, 1, decide=lambda s: seen.append(s) or s)
+    assert [v.shape for v in seen] == [(2, t - 1), (2, r * t)] and all(bool(v.isfinite().all()) for v in seen)
+    assert torch.equal(base, ficoco_merge(x, logits, patch, side, r, 1)[0])
+    dropped = sorted(set(range(1, t)) - set(kept[0].tolist()))
+    rows = seen[1].reshape(2, r, t)
+    target = int(rows[0, 0].masked_fill(~(torch.arange(t)[None] == kept[0][:, None]).any(0), -1e9).argmax())
+    other = next(int(j) for j in kept[0] if int(j) != target)
+
+    def retarget(s):  # leaves the keep scores; the first discarded token's row now prefers `other`
+        if s.shape == (2, t - 1):
+            return s
+        s = s.clone().reshape(2, r, t)
+        s[0, 0, other] = s.max() + 1
+        return s.reshape(2, r * t)
+
+    moved, kept_moved = ficoco_merge(x, logits, patch, side, r, 1, decide=retarget)
+    assert torch.equal(kept_moved, kept) and not torch.allclose(moved[0], base[0]) and torch.equal(moved[1], base[1])
+
+    def rescue(s):  # the keep scores, with the first discarded token made the best of all
+        if s.shape == (2, t - 1):
+            s = s.clone()
+            s[0, dropped[0] - 1] = s.abs().max() * 10
+        return s
+
+    _, kept_rescued = ficoco_merge(x, logits, patch, side, r, 1, decide=rescue)
+    assert dropped[0] in kept_rescued[0].tolist()
 
 
 def test_samples_pick_their_own_tokens_and_padding_changes_nothing(case):

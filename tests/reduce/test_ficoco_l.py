@@ -16,7 +16,8 @@ from tokcompile.models import ReducedVLM
 from tokcompile.models.reduced import LayerOps
 from tokcompile.reduce.base import Entering
 from tokcompile.reduce.context import DecoderContext
-from tokcompile.reduce.ficoco import FiCoCoConfig, fan_out
+from tokcompile.reduce.ficoco import FiCoCoConfig
+from tokcompile.reduce.ficoco_v import fan_out
 from tokcompile.reduce.schedule import Positions, Site
 
 
@@ -193,6 +194,39 @@ def test_two_targets_per_token_at_llava_scale():
     assert torch.equal(kept[0], ref_kept)
     keep_idx = torch.cat([torch.arange(start), start + kept[0], torch.arange(start + n, T)])
     torch.testing.assert_close(merged[0, keep_idx], ref_x[0], atol=1e-5, rtol=1e-5)
+
+
+def test_discards_and_targets_follow_the_scores_decide_returns():
+    """FiCoCo-L hands `ctx.decision` the redundancy (n values), then the discarded rows of C (r·n, finite: the
+    −∞ diagonal is never a kept target), and decides on what it gets back: a replay that gives a discarded
+    token another best target moves its content and leaves the kept set."""
+    from tokcompile.reduce.ficoco_l import ficoco_l_merge
+
+    g = torch.Generator().manual_seed(5)
+    start, n, text, r, D = 3, 12, 4, 3, 8
+    T = start + n + text
+    x, logits = torch.randn(1, T, D, generator=g), torch.randn(1, T, T, generator=g)
+    span, after = torch.arange(start, start + n)[None], torch.arange(T)[None] >= start + n
+    seen = []
+    base, kept = ficoco_l_merge(x, logits, span, after, r, 1, decide=lambda s: seen.append(s) or s)
+    assert [v.shape for v in seen] == [(1, n), (1, r * n)] and all(bool(v.isfinite().all()) for v in seen)
+    assert torch.equal(base, ficoco_l_merge(x, logits, span, after, r, 1)[0])
+    rows = seen[1].reshape(1, r, n)
+    is_kept = (torch.arange(n)[None] == kept[0][:, None]).any(0)  # (n,)
+    target = int(rows[0, 0].masked_fill(~is_kept, -1e9).argmax())
+    other = next(int(j) for j in kept[0] if int(j) != target)
+    calls = iter(range(2))
+
+    def retarget(s):  # leaves the redundancy; the first discarded row now prefers `other`
+        if next(calls) == 0:
+            return s
+        s = s.clone().reshape(1, r, n)
+        s[0, 0, other] = s.max() + 1
+        return s.reshape(1, r * n)
+
+    moved, kept_moved = ficoco_l_merge(x, logits, span, after, r, 1, decide=retarget)
+    assert torch.equal(kept_moved, kept)
+    assert not torch.allclose(moved[0, start + other], base[0, start + other])  # it receives the content now
 
 
 def test_families_need_only_the_sites_the_parameters_use(tmp_path):

@@ -20,6 +20,9 @@ This is the clean algorithm of `ALGORITHMS.md` §3.1. Static-export notes and de
   row has ties at the quantile).
 - Targets are kept tokens only (the official code may pick the token itself or another discarded one, and that
   mass is lost). Ties rank by (score, index ascending) everywhere.
+- Scores are fp32. Each block's keep scores (before the penalty) and its discarded rows' logits go through
+  `ctx.decision` (`Step.scored` = 2, `ficoco_v.py`), as do FiCoCo-L's, so a graph whose discards or targets
+  differ from eager's at a near-tie is checked by replaying it.
 - `faithful: true` is refused: the official code's window scores live in one module-level map that is never
   reset across layers or images, so its result depends on earlier calls, and it reorders the kept tokens by
   score with CLS last, which LLaVA's feature selection then mistakes for a patch. Neither has a static,
@@ -32,15 +35,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
 from typing import TYPE_CHECKING, ClassVar
-
-import torch
 
 from tokcompile.errors import RecipeError
 from tokcompile.reduce import ficoco_l
 from tokcompile.reduce.base import REDUCERS, Entering
-from tokcompile.reduce.ops import gather_tokens, rank_desc, topk_sorted
+from tokcompile.reduce.ficoco_v import PROTECTED, fan_out, ficoco_merge
 from tokcompile.reduce.prune import keep_tokens
 from tokcompile.reduce.schedule import Output, Schedule, Site, Step, image_tokens_after_vision
 
@@ -51,96 +51,8 @@ if TYPE_CHECKING:
     from tokcompile.reduce.context import VisionContext
     from tokcompile.reduce.state import ImageTokens
 
-PROTECTED = 1  # CLIP's CLS token
 DEFAULT_R = 42  # the official tower settings (clip_encoder.py)
 DEFAULT_CONTROL_LAYER = 11
-BETA = 0.35
-QUANTILE = 0.998
-WINDOW = 2  # the local penalty's window side, in patches
-
-
-@cache
-def fan_out(t: int) -> int:
-    """Targets per discarded token: entries of a length-t row above its 0.998 quantile, as `torch.quantile`
-    (linear interpolation, fp32) places it on distinct values."""
-    row = torch.arange(t, dtype=torch.float32)
-    return int((row > torch.quantile(row, QUANTILE)).sum())
-
-
-def window_ids(patch: Tensor, side: int) -> Tensor:
-    """(B, n) original patch index -> (B, n) its 2x2 window on the side x side grid, or -1 outside every
-    window (the last row and column of an odd grid)."""
-    per_row = side // WINDOW
-    row, col = patch // side, patch % side
-    inside = (row < per_row * WINDOW) & (col < per_row * WINDOW)
-    return torch.where(inside, (row // WINDOW) * per_row + col // WINDOW, -1)
-
-
-def keep_scores(logits: Tensor, window: Tensor, n_windows: int) -> Tensor:
-    """Filter: (B, t, t) head-averaged attention logits and (B, t-1) patch windows -> (B, t-1) keep scores `u`
-    after the local penalty (low: discard first)."""
-    c = torch.nn.functional.normalize(logits[:, 0, 1:], dim=-1)  # (B, t-1) CLS row over the patches
-    p = torch.nn.functional.normalize(logits[:, 1:, 1:].mean(-1), dim=-1)  # (B, t-1) mean over patch keys
-    u = BETA * c - (1 - BETA) * p  # (B, t-1)
-    n = u.shape[-1]
-    member = window[..., None] == torch.arange(n_windows, device=u.device)  # (B, t-1, W)
-    lowest = torch.where(member, u[..., None], float("inf")).amin(1)  # (B, W)
-    idx = torch.arange(n, device=u.device)[None, :, None]  # (1, t-1, 1)
-    at_min = member & (u[..., None] == lowest[:, None, :])  # (B, t-1, W)
-    first = torch.where(at_min, idx, n).amin(1)  # (B, W) lowest index reaching each window's minimum
-    penalised = (idx == first[:, None, :]).any(-1)  # (B, t-1); empty windows point past the end
-    return torch.where(penalised, torch.where(u > 0, u / 2, u * 2), u)
-
-
-def top_targets(rows: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k best allowed entries of each row, best first, ties to the lowest index: (B, r, t) logits and
-    (B, t) bool -> ((B, r, k) indices, (B, r, k) logits)."""
-    t = rows.shape[-1]
-    idx = torch.arange(t, device=rows.device)
-    cur = rows.masked_fill(~allowed[:, None, :], float("-inf"))  # (B, r, t)
-    picks, values = [], []
-    for _ in range(k):  # static trip count
-        best = cur.amax(-1, keepdim=True)  # (B, r, 1)
-        pick = torch.where(cur == best, idx, t).amin(-1)  # (B, r)
-        picks.append(pick)
-        values.append(best[..., 0])
-        cur = cur.masked_fill(idx == pick[..., None], float("-inf"))
-    return torch.stack(picks, -1), torch.stack(values, -1)
-
-
-def ficoco_merge(x: Tensor, logits: Tensor, patch: Tensor, side: int, r: int, k: int,
-                 forced: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One block's filter, correlate and compress.
-
-    Args:
-        x: (B, t, Dv) tokens after the attention residual, CLS first.
-        logits: (B, t, t) head-averaged scaled attention logits of the block, fp32.
-        patch: (B, t-1) original patch index of every non-CLS token.
-        side: the original patch grid's side.
-        r: patches discarded; k: targets per discarded token.
-        forced: (B, t-r) kept tower indices to use instead of the filter's (eager references replay them).
-
-    Returns:
-        ((B, t-r, Dv) merged kept tokens, (B, t-r) their tower indices, ascending, CLS = 0 first).
-    """
-    B, t, _ = x.shape
-    if forced is None:
-        u = keep_scores(logits, window_ids(patch, side), (side // WINDOW) ** 2)  # (B, t-1)
-        discard = rank_desc(-u) < r  # (B, t-1): the r lowest scores, ties to the lowest index
-    else:
-        discard = ~(forced[..., None] == torch.arange(1, t, device=x.device)).any(1)  # (B, t-1)
-    dropped = topk_sorted(discard.float(), r) + PROTECTED  # (B, r) tower indices
-    survivors = topk_sorted((~discard).float(), t - 1 - r) + PROTECTED  # (B, t-1-r)
-    kept = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=x.device), survivors], 1)  # (B, t-r)
-    allowed = torch.ones(B, t, dtype=torch.bool, device=x.device)
-    allowed[:, 1:] = ~discard  # (B, t): CLS and the kept patches
-    rows = logits.gather(1, dropped[..., None].expand(B, r, t))  # (B, r, t)
-    targets, target_logits = top_targets(rows, allowed, k)  # (B, r, k)
-    weights = target_logits.softmax(-1)  # (B, r, k) = P_i[τ] / Σ P_i[τ'] with P_i = softmax(A[i])
-    onehot = targets[..., None] == torch.arange(t, device=x.device)  # (B, r, k, t)
-    send = (onehot * weights[..., None]).sum(2).transpose(1, 2).to(x.dtype)  # (B, t, r): weight of i into j
-    merged = (x + send @ gather_tokens(x, dropped)) / (1 + send.sum(-1, keepdim=True))  # (B, t, Dv)
-    return gather_tokens(merged, kept), kept
 
 
 @REDUCERS.register("ficoco")
@@ -233,7 +145,7 @@ class FiCoCoConfig:
             if t - PROTECTED - r < 1:
                 raise RecipeError(f"{key}.r", f"{r} per block from block {first} leaves no image token by "
                                               f"block {layer} ({t - PROTECTED} patches left); lower r")
-            steps.append(Step("ficoco", Site.VISION_BLOCK, layer, t, t - r, output=Output.KEPT))
+            steps.append(Step("ficoco", Site.VISION_BLOCK, layer, t, t - r, output=Output.KEPT, scored=2))
             t -= r
         return steps
 
@@ -260,5 +172,6 @@ class FiCoCoConfig:
         q, k = ctx.queries.float(), ctx.keys.float()  # (B, Hv, t, dv)
         logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).mean(1)  # (B, t, t) before any bias
         r = step.n_in - step.n_out
-        hidden, kept = ficoco_merge(x, logits, state.source[:, p:] - p, ctx.patch_grid[1], r, fan_out(t), forced)
+        hidden, kept = ficoco_merge(x, logits, state.source[:, p:] - p, ctx.patch_grid[1], r, fan_out(t), forced,
+                                    ctx.decision)
         return keep_tokens(state, kept, hidden), kept  # hidden (B, t - r, Dv): the compressed features

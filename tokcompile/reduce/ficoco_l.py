@@ -27,7 +27,9 @@ group per merging layer. The static form and its deviations from the official co
 - Positions: survivors keep their position ids (P1). `faithful: true` renumbers them 0.. over the shorter
   sequence at every merge (the official prefill's P2, 1-D RoPE only); the official decode, which places a new
   token r positions below the shortened cache, is not reproduced.
-- Scores are fp32 whatever the model dtype; every sample of a batch merges its own tokens.
+- Scores are fp32 whatever the model dtype; every sample of a batch merges its own tokens. The redundancy and
+  the discarded rows of C (before the −∞ diagonal) go through `ctx.decision` (`Step.scored` = 2), so a graph
+  whose discards or targets differ from eager's at a near-tie is checked by replaying it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokcompile.errors import RecipeError
+from tokcompile.reduce.ficoco_v import Decide, top_targets
 from tokcompile.reduce.ops import gather_tokens, rank_desc, topk_sorted
 from tokcompile.reduce.schedule import Output, Positions, Site, Step
 
@@ -71,7 +74,8 @@ def plan_steps(geom: Geometry, n: int, r: int, control: int, faithful: bool, key
         if n - r < 1:
             raise RecipeError(f"{key}.{r_key}", f"{r} per layer from decoder layer {first} leaves no image token "
                                                 f"by layer {layer} ({n} left); lower it")
-        steps.append(Step("ficoco_l", Site.DECODER_MID, layer, n, n - r, Output.KEPT, positions=positions))
+        steps.append(Step("ficoco_l", Site.DECODER_MID, layer, n, n - r, Output.KEPT, positions=positions,
+                          scored=2))
         n -= r
     return steps
 
@@ -94,7 +98,7 @@ def span_masks(state: TokenState, n: int) -> tuple[Tensor, Tensor]:
 
 
 def ficoco_l_merge(x: Tensor, logits: Tensor, span: Tensor, text: Tensor, r: int, k: int,
-                   forced: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   forced: Tensor | None = None, decide: Decide | None = None) -> tuple[Tensor, Tensor]:
     """One layer's filter, correlate and compress over the image span.
 
     Args:
@@ -103,13 +107,13 @@ def ficoco_l_merge(x: Tensor, logits: Tensor, span: Tensor, text: Tensor, r: int
         span: (B, n) sequence indices of the image tokens; text: (B, T) bool, the text keys X.
         r: image tokens discarded; k: targets per discarded token.
         forced: (B, n - r) kept image tokens to use instead of the filter's (eager references replay them).
+        decide: the context's decision (without `forced`): the redundancy, then the discarded rows of C.
 
     Returns:
         ((B, T, D) the stream with the kept image tokens compressed, (B, n - r) kept image-span indices,
         ascending).
     """
-    from tokcompile.reduce.ficoco import top_targets
-
+    decide = decide if forced is None else None
     B, T, D = x.shape
     n = span.shape[1]
     rows = logits.gather(1, span[..., None].expand(B, n, T))  # (B, n, T): image queries
@@ -117,6 +121,7 @@ def ficoco_l_merge(x: Tensor, logits: Tensor, span: Tensor, text: Tensor, r: int
     w_text = text.float() / text.float().sum(-1, keepdim=True).clamp(min=1)  # (B, T): mean over X
     if forced is None:
         rho = GAMMA * a_vv.sum(-1) - (1 - GAMMA) * (rows * w_text[:, None, :]).sum(-1)  # (B, n)
+        rho = rho if decide is None else decide(rho)
         discard = rank_desc(rho) < r  # (B, n): the r largest, ties to the lowest index
     else:
         discard = ~(forced[..., None] == torch.arange(n, device=x.device)).any(1)  # (B, n)
@@ -124,9 +129,9 @@ def ficoco_l_merge(x: Tensor, logits: Tensor, span: Tensor, text: Tensor, r: int
     kept = topk_sorted((~discard).float(), n - r)  # (B, n - r)
     a_vx = rows * text[:, None, :]  # (B, n, T): image queries on text keys (other keys zero)
     a_xv = logits.gather(2, span[:, None, :].expand(B, T, n)) * text[..., None]  # (B, T, n): text queries
-    corr = ALPHA * a_vv + (1 - ALPHA) * (a_vx @ a_xv)  # (B, n, n)
-    corr = corr.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device)[None], float("-inf"))
+    corr = ALPHA * a_vv + (1 - ALPHA) * (a_vx @ a_xv)  # (B, n, n); its −∞ diagonal is never a kept target
     sent = corr.gather(1, dropped[..., None].expand(B, r, n))  # (B, r, n): the discarded tokens' rows
+    sent = sent if decide is None else decide(sent.reshape(B, r * n)).reshape(B, r, n)
     targets, target_logits = top_targets(sent, ~discard, k)  # (B, r, k), kept tokens only
     weights = target_logits.softmax(-1)  # (B, r, k) = P_i[τ] / Σ P_i[τ'] with P_i = softmax(C_i)
     onehot = targets[..., None] == torch.arange(n, device=x.device)  # (B, r, k, n)
@@ -149,5 +154,5 @@ def apply_decoder(state: TokenState, ctx: DecoderContext, step: Step, k: int,
         raise ValueError("FiCoCo-L runs between a decoder layer's attention and its MLP, over the tokens the "
                          "attention saw")
     span, text = span_masks(state, n)
-    merged, kept = ficoco_l_merge(state.hidden, ctx.head_mean_logits(), span, text, r, k, forced)
+    merged, kept = ficoco_l_merge(state.hidden, ctx.head_mean_logits(), span, text, r, k, forced, ctx.decision)
     return keep_image_tokens(replace(state, hidden=merged), kept, step), kept
