@@ -71,15 +71,19 @@ def test_plan_refusals() -> None:
     msg = str(e.value)
     assert msg.startswith("export.targets: onnx cannot be validated in bfloat16 (export.dtype: bfloat16)")
     assert "use aoti or eager" in msg and "\n" not in msg
-    tome = {"method": "TokenReduction", "special": {"method": "ToMe", "r": 8}}
+    kmeans = {"method": "TokenReduction", "special": {"method": "PACT", "use_DBDPC": False, "use_kmeans": True,
+                                                      "perc_tokeep_kmeans": 0.3, "layer_for_reduction": 1}}
     with pytest.raises(RecipeError, match=r"^export.targets: onnx cannot be validated in float16 \(export.dtype: "
-                                          r"float16\) with ToMe: .*report their decision scores"):
-        resolve(_recipe(export={"targets": ["onnx"], "dtype": "float16"}, sparse=tome))
+                                          r"float16\) with PACT: .*report their decision scores \(PACT does not "
+                                          r"in this configuration\)"):
+        resolve(_recipe(export={"targets": ["onnx"], "dtype": "float16"}, sparse=kmeans))
+    tome = {"method": "TokenReduction", "special": {"method": "ToMe", "r": 8}}
+    pact = {"method": "TokenReduction", "special": {"method": "PACT", "layer_for_reduction": 1}}  # DBDPC
     fastv = {"method": "TokenReduction", "special": {"method": "FastV", "pruning_loc": 2, "rate": 0.5}}
     random = {"method": "TokenReduction", "special": {"method": "RandomPrune", "pruning_loc": 2, "prune_ratio": 0.5}}
     vtw = {"method": "TokenReduction", "special": {"method": "VTW", "pruning_loc": 2}}
     # Nothing to select, every step reports its decision scores, or the selection is a constant: checked.
-    for sparse in ({}, fastv, random, vtw):
+    for sparse in ({}, fastv, random, vtw, tome, pact):
         assert resolve(_recipe(export={"targets": ["onnx"], "dtype": "float16"}, **sparse and {"sparse": sparse}))
     with pytest.raises(RecipeError, match=r"^--targets: onnx cannot be validated in bfloat16 \(model.torch_dtype"):
         resolve(load_recipe_dict({"model": {**MODEL, "torch_dtype": "bfloat16"}}, "t"), targets=("onnx",))

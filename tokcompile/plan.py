@@ -348,7 +348,8 @@ def _check_dtype(recipe: Recipe, dtype: str, targets: tuple[str, ...], key: str,
         raise RecipeError(key, f"onnx cannot be validated in float16 ({src}: float16) with {names}: onnxruntime's "
                                "CPU float16 kernels round differently from PyTorch's, so kept tokens can differ from "
                                "eager's at near-ties, and parity can check those only for methods that report their "
-                               f"decision scores ({names} {'does' if len(unscored) == 1 else 'do'} not yet); use "
+                               f"decision scores ({names} {'does' if len(unscored) == 1 else 'do'} not in this "
+                               "configuration); use "
                                f"aoti or eager for float16, or set {src}: float32 for onnx")
 
 

@@ -245,6 +245,41 @@ def test_dbdpc_equals_the_official_loop_on_synthetic_clusters():
     assert max(rounds) >= 3 and len(rounds) >= 3 and scanned > 0, (rounds, scanned)
 
 
+def test_dbdpc_decides_on_the_distances_decide_returns():
+    """DBDPC hands `ctx.decision` its (B, n·n) distances and takes every decision on what it gets back: a replay
+    that puts every member within the cutoff of every other leaves one centre per sample, the densest (all tie:
+    the lowest index under ranked densities)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 40, 3, generator=g)
+    member = torch.ones(2, 40, dtype=torch.bool)
+    seen = []
+    got = find_centres(x, member, 0.05, decide=lambda s: seen.append(s) or s)
+    assert len(seen) == 1 and seen[0].shape == (2, 40 * 40) and bool(seen[0].isfinite().all())
+    assert torch.equal(got.is_centre, find_centres(x, member, 0.05).is_centre) and int(got.is_centre.sum()) > 2
+    close = find_centres(x, member, 0.05, decide=lambda s: torch.zeros_like(s))
+    assert close.is_centre.sum(-1).tolist() == [1, 1]
+
+
+def test_pact_reports_its_decisions_unless_a_baseline_clusters():
+    f = padded_family_case("llava_onevision")
+
+    def scored(**options):
+        cfg = PACTConfig(**{"layer_for_reduction": 1, **options})
+        return cfg.plan(f.geom, "sparse.special", Entering.start(f.geom))[0].scored
+
+    assert scored() == 3  # the pruning's scores, DBDPC's distances, the retrieval's distances
+    assert scored(token_pruning=False) == 2 and scored(use_DBDPC=False) == 1
+    assert scored(use_DBDPC=False, use_kmeans=True, perc_tokeep_kmeans=0.3) is None
+    assert scored(use_DBDPC=False, use_dbscan=True) is None
+    cfg = PACTConfig(layer_for_reduction=1)
+    schedule = cfg.plan(f.geom, "sparse.special", Entering.start(f.geom))
+    vlm = ReducedVLM(f.model, f.adapter, f.geom, schedule, (cfg,), f.image_id).eval()
+    with torch.no_grad():
+        out = vlm.run({n: f.batch[n] for n in f.adapter.input_names_for(f.geom)})
+    n = schedule[0].n_in
+    assert [tuple(out[f"score_0_{c}"].shape) for c in range(3)] == [(2, n), (2, n * n), (2, n * n)]
+
+
 def test_plan_slots_outputs_and_positions():
     f = padded_family_case("llava_onevision")
     n = f.geom.n_image_tokens

@@ -15,6 +15,7 @@ Distances are cosine distances in fp32, clamped at 0 with a zero diagonal, as th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +65,8 @@ def density(dist: Tensor, member: Tensor, as_rank: bool) -> Tensor:
     return (below & member[:, None, :]).sum(-1).to(rho.dtype)  # (B, n)
 
 
-def find_centres(x: Tensor, member: Tensor, cutoff: float, rank_density: bool = True) -> Centres:
+def find_centres(x: Tensor, member: Tensor, cutoff: float, rank_density: bool = True,
+                 decide: Callable[[Tensor], Tensor] | None = None) -> Centres:
     """The official `DBDPC.fit_variant` centre selection, static.
 
     Args:
@@ -72,11 +74,15 @@ def find_centres(x: Tensor, member: Tensor, cutoff: float, rank_density: bool = 
         member: (B, n) bool, the points that take part.
         cutoff: c, the distance within which a centre claims points.
         rank_density: replace the density by its rank (`avoid_numerical_instability_DBDPC`).
+        decide: maps the (B, n·n) distances to the ones every decision is taken on (`ctx.decision`): the
+            density, its ranks and every comparison with c follow from them alone.
     """
     B, n, _ = x.shape
     dev = x.device
     unit = F.normalize(x.float(), p=2.0, dim=-1)  # (B, n, F)
-    dist = cosine_distances(unit)
+    dist = cosine_distances(unit)  # (B, n, n)
+    if decide is not None:
+        dist = decide(dist.reshape(B, n * n)).reshape(B, n, n)
     rho = density(dist, member, rank_density)  # (B, n)
     not_self = ~torch.eye(n, dtype=torch.bool, device=dev)[None]  # (1, n, n)
     denser = (rho[:, None, :] >= rho[:, :, None]) & not_self  # (B, n, n): j at least as dense as i

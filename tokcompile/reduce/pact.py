@@ -23,6 +23,11 @@ index (the official argsorts leave them open); every sample of a batch clusters 
 `get_mean_position_id` every member counts, retrieved ones too (the official code then indexes past its kept
 tokens and fails); the IQR rule ranks the image scores (the official line names an undefined variable).
 `keep_casual` false gives the same graph (the causal mask plus log sizes either way).
+
+The pruning's scores and DBDPC's two distance matrices (between the image tokens, and from each one to the kept
+ones for the retrieval) go through `ctx.decision` (`Step.scored`), so a graph whose selection or clusters
+differ from eager's at a near-tie is checked by replaying it. The baselines (`use_dpc`, `use_agglomerative`,
+`use_kmeans`, `use_dbscan`, `use_tome`) do not report theirs yet.
 """
 
 from __future__ import annotations
@@ -94,7 +99,19 @@ class PACTConfig(PACTOptions):
         output = Output.KEPT if self._exact_count() else Output.CLUSTER
         positions = Positions.RENUMBER if self.change_position_ids else Positions.KEEP
         sizes = self.clusters() and not self.no_proportional_attention
-        return (Step("pact", Site.DECODER_LAYER, self.layer_for_reduction, n, slots, output, positions, sizes),)
+        return (Step("pact", Site.DECODER_LAYER, self.layer_for_reduction, n, slots, output, positions, sizes,
+                     scored=self.decisions()),)
+
+    def _prunes(self) -> bool:
+        return bool(self.token_pruning or self.prune_with_norm)
+
+    def decisions(self) -> int | None:
+        """Score vectors the step decides on (`Step.scored`): the pruning's scores, then with DBDPC the distances
+        between the image tokens and from each one to the kept ones (the retrieval); None for the baseline
+        clusterings, which do not report theirs."""
+        if self._share() is not None or self.use_dbscan:
+            return None
+        return int(self._prunes()) + (2 if self.clusters() else 0)
 
     def _plan_tome(self, geom: Geometry, n: int) -> Schedule:
         """One merging step before every layer whose r_l is above 0 (`pact_tome.py`)."""
@@ -141,9 +158,10 @@ class PACTConfig(PACTOptions):
             return dbscan_labels(x, kept, self.eps_dbscan, self.noise_as_clusters_dbscan)
         if self.use_kmeans:
             return kmeans_labels(x, kept, slots, self.kmeans_seed, KMEANS_ITERATIONS)
-        centres = find_centres(x, kept, self.cutoff, self.avoid_numerical_instability_DBDPC)
+        centres = find_centres(x, kept, self.cutoff, self.avoid_numerical_instability_DBDPC, ctx.decision)
         cross = 1 - centres.unit @ centres.unit.transpose(1, 2)  # (B, n, n) unclamped, as for retrieved tokens
         dist = torch.where(kept[..., None], centres.dist, cross)  # (B, n, n)
+        dist = ctx.decision(dist.reshape(-1, n * n)).reshape(dist.shape)  # each token's nearest centre from these
         pick, best = nearest_centre(dist, centres)  # (B, n)
         if self.include_pruned_in_mean:  # retrieval: everyone within coef·c of its centre
             joins = best <= self.cutoff * self.coef_pruned
@@ -163,7 +181,8 @@ class PACTConfig(PACTOptions):
         if forced is not None:  # eager references replay an earlier result
             label = forced
         else:
-            kept = keep_by_score(self, euti_scores(self, ctx, n), self.n_keep(n))  # (B, n) bool
+            scores = euti_scores(self, ctx, n)  # (B, n)
+            kept = keep_by_score(self, ctx.decision(scores) if self._prunes() else scores, self.n_keep(n))  # (B, n)
             if step.output is Output.KEPT:
                 chosen = topk_sorted(kept.float(), step.n_out)  # (B, k) ascending
                 return keep_image_tokens(state, chosen, step), chosen
