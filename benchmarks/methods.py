@@ -5,6 +5,7 @@
     python benchmarks/methods.py --methods budgets --repeats 3     # each method at 64, 128 and 192 image tokens
     python benchmarks/methods.py --size tiny --repeats 1           # smoke run on the 4-layer tiny LLaVA
     python benchmarks/methods.py --backends onnx,aoti              # AOTInductor too (minutes per graph)
+    python benchmarks/methods.py --methods tome-r16,pact --unreported  # what reporting decision scores costs
 
 It builds the built-in random LLaVA (`tiny-random:llava@medium`: about 235M parameters, 576 image tokens, 16
 decoder layers, 5 CLIP blocks run), one image prompt at the compiled resolution, and times the prefill (time to
@@ -25,6 +26,10 @@ Layer indices are given for the 16-layer medium model (PyramidDrop stages before
 layer 8) and scaled to other depths (1, 2, 3 and 2 on the 4-layer tiny model). A method whose reducer is not
 registered (`tokcompile.reduce.REDUCERS`), or whose configuration the plan rejects at this size, is skipped
 with a note. Machines are noisy: read the ratios of one run, and run nothing else meanwhile.
+
+`--unreported` also exports every configuration that reports decision scores (`Step.scored`) without them (the
+same schedule, no score outputs; the selection is the same) and times the two chains alternately, run for run:
+the ratio is what reporting costs the deployed graphs.
 """
 
 from __future__ import annotations
@@ -276,7 +281,39 @@ def _official_eager(cfg: Config, plan, model, batch, ours: tuple, hf, repeats: i
             "logit_diff": diff, "kind": kind, "count": count}
 
 
-def bench(size: str, configs: list[Config], backends: list[str], repeats: int, tmp: Path) -> tuple[dict, list[dict]]:
+def _paired_ms(a: Callable, b: Callable, feed: Any, repeats: int) -> tuple[float, float]:
+    """Median ms of `a(feed)` and `b(feed)` timed alternately, after one warm-up run of each."""
+    a(feed), b(feed)
+    times: tuple[list, list] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((a, times[0]), (b, times[1])):
+            t = time.perf_counter()
+            fn(feed)
+            out.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
+
+
+def without_scores(plan):
+    """`plan` with no step reporting decision scores: the same schedule and selections, no `score_j_c` outputs."""
+    from dataclasses import replace
+
+    return replace(plan, schedule=tuple(replace(s, scored=None) for s in plan.schedule))
+
+
+def _unreported(cfg: Config, plan, model, feed, backend: str, runner: Callable, repeats: int, tmp: Path) -> dict:
+    """The same plan exported without its decision scores (checked against eager like every chain), timed
+    alternately with the reporting chain."""
+    from benchmarks.common import export_chain
+
+    plain = export_chain(without_scores(plan), model, feed, backend, tmp / f"{cfg.name}-{backend}-unreported")
+    with_ms, without_ms = _paired_ms(runner, plain, feed, repeats)
+    print(f"[{cfg.name}] {backend}: {with_ms:.0f} ms reporting decision scores, {without_ms:.0f} ms without "
+          f"(x{with_ms / without_ms:.3f})", flush=True)
+    return {"with_ms": with_ms, "without_ms": without_ms, "ratio": with_ms / without_ms}
+
+
+def bench(size: str, configs: list[Config], backends: list[str], repeats: int, tmp: Path,
+          unreported: bool = False) -> tuple[dict, list[dict]]:
     import numpy as np
     import torch
 
@@ -351,6 +388,9 @@ def bench(size: str, configs: list[Config], backends: list[str], repeats: int, t
             row["times_ms"][backend], row["speedup"][backend] = ms, head["hf_full_ms"] / ms
             print(f"[{cfg.name}] {backend}: {ms:.0f} ms, {row['speedup'][backend]:.2f}x hf_full "
                   f"(exported and checked in {export_s:.0f}s)", flush=True)
+            if unreported and any(s.scored for s in plan.schedule):
+                row.setdefault("unreported", {})[backend] = _unreported(cfg, plan, model, feed, backend, runner,
+                                                                        repeats, tmp)
             del runner
             gc.collect()
         rows.append(row)
@@ -400,6 +440,8 @@ def main() -> None:
     p.add_argument("--backends", default="onnx")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (the median is reported)")
     p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--unreported", action="store_true",
+                   help="also time each configuration that reports decision scores without them")
     args = p.parse_args()
     import torch
 
@@ -413,7 +455,7 @@ def main() -> None:
         sys.exit(f"error: --methods: unknown configuration {unknown[0]}; known: {', '.join(by_name)}")
     backends = [b for b in args.backends.split(",") if b]
     with tempfile.TemporaryDirectory() as d:
-        head, rows = bench(args.size, [by_name[m] for m in names], backends, args.repeats, Path(d))
+        head, rows = bench(args.size, [by_name[m] for m in names], backends, args.repeats, Path(d), args.unreported)
     print()
     print(f"Prefill (vision + prefill graphs) speedup over the eager HF full model: LLaVA {args.size} "
           f"({head['params_m']}M params, {head['n_layers']} decoder layers, {head['image_tokens']} image tokens, "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.methods import CONFIGS, QUESTION, _official_eager, _plan, _static_eager
+from benchmarks.methods import CONFIGS, QUESTION, _official_eager, _plan, _static_eager, without_scores
 from tokcompile.models.tiny import build_model, build_processor
 from tokcompile.parity import process
 
@@ -85,3 +85,23 @@ def test_official_style_aim_masks_what_the_compiler_removes(tiny):
     assert r["kind"] == "kept" and r["count"] == plan.schedule[-1].n_out
     assert r["same"] and r["logit_diff"] < 1e-5, r
     assert model.model.language_model.config._attn_implementation == before  # restored by remove()
+
+
+def test_the_unreported_variant_drops_only_the_decision_scores(tiny):
+    """`methods.py --unreported` times each plan beside itself without score outputs: the same step outputs and
+    selections, no `score_j_c`."""
+    from tokcompile.models import ReducedVLM
+
+    tmp, model, batch = tiny
+    cfg = next(c for c in CONFIGS if c.name == "tome-r16")
+    plan = _plan("tiny", cfg.sparse(4), tmp, cfg.name)
+    bare = without_scores(plan)
+    vlms = [ReducedVLM(model, p.adapter, p.geometry, p.schedule, p.reducers, p.image_token_id).eval()
+            for p in (plan, bare)]
+    assert vlms[0].layout.score_outputs and not vlms[1].layout.score_outputs
+    assert vlms[0].layout.step_outputs == vlms[1].layout.step_outputs
+    with torch.no_grad():
+        outs = [v.run(batch) for v in vlms]
+    for name in vlms[0].layout.step_outputs:
+        assert torch.equal(outs[0][name], outs[1][name])
+    torch.testing.assert_close(outs[0]["logits"], outs[1]["logits"], atol=0, rtol=0)
