@@ -215,7 +215,7 @@ def test_one_image_grid_is_what_stage_1_needs():
 
 
 def test_stage1_merges_follow_the_matrices_decide_returns():
-    """Stage 1 hands `ctx.decision` each sample's cosine matrices of every frame in one vector (F·na·nb values)
+    """Stage 1 hands `ctx.decision` each sample's cosine matrices of every frame together ((B, F, na, nb))
     and merges as it returns: a replay making a source of frame 1 the strongest match of its frame, to another
     destination, moves that merge and leaves frame 0's alone."""
     from tokcompile.reduce.aim_merge import merge_step
@@ -230,15 +230,15 @@ def test_stage1_merges_follow_the_matrices_decide_returns():
     seen = []
     _, base = merge_step(state, step, (frames, 1), None, lambda s: seen.append(s) or s)
     na, nb = (t + 1) // 2, t // 2
-    assert len(seen) == 1 and seen[0].shape == (B, frames * na * nb) and bool(seen[0].isfinite().all())
+    assert len(seen) == 1 and seen[0].shape == (B, frames, na, nb) and bool(seen[0].isfinite().all())
     slots = t - r  # each frame's output slots
     unmerged = [i for i in range(na) if base[0, t + 2 * i] < slots + (na - r)]  # frame 1's sources that stay
     source, dest = unmerged[0], 0
 
     def favour(s):
-        s = s.clone().reshape(B, frames, na, nb)
+        s = s.clone()
         s[0, 1, source, dest] = s.max() + 1  # frame 1's source `source` now matches destination 0 best of all
-        return s.reshape(B, -1)
+        return s
 
     _, moved = merge_step(state, step, (frames, 1), None, favour)
     assert int(moved[0, t + 2 * source]) == slots + (na - r) + dest

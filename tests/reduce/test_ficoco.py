@@ -70,7 +70,7 @@ def test_one_block_at_llava_size_with_two_targets():
 
 def test_discards_and_targets_follow_the_scores_decide_returns():
     """Each block hands `ctx.decision` its keep scores before the penalty (t-1 values), then its discarded rows'
-    logits (r·t values), all finite, and decides on what it gets back: a replay that makes another kept token a
+    logits (r rows of t), all finite, and decides on what it gets back: a replay that makes another kept token a
     discarded token's best target changes the merged features and not the kept set (a decision that shows only
     in the numbers), and one that raises a discarded token's keep score keeps it."""
     g = torch.Generator().manual_seed(4)
@@ -79,19 +79,19 @@ def test_discards_and_targets_follow_the_scores_decide_returns():
     patch = torch.arange(t - 1)[None].expand(2, -1)
     seen = []
     base, kept = ficoco_merge(x, logits, patch, side, r, 1, decide=lambda s: seen.append(s) or s)
-    assert [v.shape for v in seen] == [(2, t - 1), (2, r * t)] and all(bool(v.isfinite().all()) for v in seen)
+    assert [v.shape for v in seen] == [(2, t - 1), (2, r, t)] and all(bool(v.isfinite().all()) for v in seen)
     assert torch.equal(base, ficoco_merge(x, logits, patch, side, r, 1)[0])
     dropped = sorted(set(range(1, t)) - set(kept[0].tolist()))
-    rows = seen[1].reshape(2, r, t)
+    rows = seen[1]
     target = int(rows[0, 0].masked_fill(~(torch.arange(t)[None] == kept[0][:, None]).any(0), -1e9).argmax())
     other = next(int(j) for j in kept[0] if int(j) != target)
 
     def retarget(s):  # leaves the keep scores; the first discarded token's row now prefers `other`
         if s.shape == (2, t - 1):
             return s
-        s = s.clone().reshape(2, r, t)
+        s = s.clone()
         s[0, 0, other] = s.max() + 1
-        return s.reshape(2, r * t)
+        return s
 
     moved, kept_moved = ficoco_merge(x, logits, patch, side, r, 1, decide=retarget)
     assert torch.equal(kept_moved, kept) and not torch.allclose(moved[0], base[0]) and torch.equal(moved[1], base[1])

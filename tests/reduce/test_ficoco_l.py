@@ -197,7 +197,7 @@ def test_two_targets_per_token_at_llava_scale():
 
 
 def test_discards_and_targets_follow_the_scores_decide_returns():
-    """FiCoCo-L hands `ctx.decision` the redundancy (n values), then the discarded rows of C (r·n, finite: the
+    """FiCoCo-L hands `ctx.decision` the redundancy (n values), then the discarded rows of C (r rows of n, finite: the
     −∞ diagonal is never a kept target), and decides on what it gets back: a replay that gives a discarded
     token another best target moves its content and leaves the kept set."""
     from tokcompile.reduce.ficoco_l import ficoco_l_merge
@@ -209,9 +209,9 @@ def test_discards_and_targets_follow_the_scores_decide_returns():
     span, after = torch.arange(start, start + n)[None], torch.arange(T)[None] >= start + n
     seen = []
     base, kept = ficoco_l_merge(x, logits, span, after, r, 1, decide=lambda s: seen.append(s) or s)
-    assert [v.shape for v in seen] == [(1, n), (1, r * n)] and all(bool(v.isfinite().all()) for v in seen)
+    assert [v.shape for v in seen] == [(1, n), (1, r, n)] and all(bool(v.isfinite().all()) for v in seen)
     assert torch.equal(base, ficoco_l_merge(x, logits, span, after, r, 1)[0])
-    rows = seen[1].reshape(1, r, n)
+    rows = seen[1]
     is_kept = (torch.arange(n)[None] == kept[0][:, None]).any(0)  # (n,)
     target = int(rows[0, 0].masked_fill(~is_kept, -1e9).argmax())
     other = next(int(j) for j in kept[0] if int(j) != target)
@@ -220,9 +220,9 @@ def test_discards_and_targets_follow_the_scores_decide_returns():
     def retarget(s):  # leaves the redundancy; the first discarded row now prefers `other`
         if next(calls) == 0:
             return s
-        s = s.clone().reshape(1, r, n)
+        s = s.clone()
         s[0, 0, other] = s.max() + 1
-        return s.reshape(1, r * n)
+        return s
 
     moved, kept_moved = ficoco_l_merge(x, logits, span, after, r, 1, decide=retarget)
     assert torch.equal(kept_moved, kept)

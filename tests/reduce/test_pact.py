@@ -246,7 +246,7 @@ def test_dbdpc_equals_the_official_loop_on_synthetic_clusters():
 
 
 def test_dbdpc_decides_on_the_distances_decide_returns():
-    """DBDPC hands `ctx.decision` its (B, n·n) distances and takes every decision on what it gets back: a replay
+    """DBDPC hands `ctx.decision` its (B, n, n) distances and takes every decision on what it gets back: a replay
     that puts every member within the cutoff of every other leaves one centre per sample, the densest (all tie:
     the lowest index under ranked densities)."""
     g = torch.Generator().manual_seed(1)
@@ -254,10 +254,36 @@ def test_dbdpc_decides_on_the_distances_decide_returns():
     member = torch.ones(2, 40, dtype=torch.bool)
     seen = []
     got = find_centres(x, member, 0.05, decide=lambda s: seen.append(s) or s)
-    assert len(seen) == 1 and seen[0].shape == (2, 40 * 40) and bool(seen[0].isfinite().all())
+    assert len(seen) == 1 and seen[0].shape == (2, 40, 40) and bool(seen[0].isfinite().all())
     assert torch.equal(got.is_centre, find_centres(x, member, 0.05).is_centre) and int(got.is_centre.sum()) > 2
     close = find_centres(x, member, 0.05, decide=lambda s: torch.zeros_like(s))
     assert close.is_centre.sum(-1).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("labels", [
+    lambda x, m, d: dpc_labels(x, m, 0.3, d),
+    lambda x, m, d: dbscan_labels(x, m, 0.8, True, d),  # 0.6 leaves every point alone here
+    lambda x, m, d: agglomerative_labels(x, m, 0.3, "average", d),
+    lambda x, m, d: tome_labels(x, 7, d),
+], ids=["dpc", "dbscan", "agglomerative", "tome"])
+def test_baseline_clusters_follow_the_matrix_decide_returns(labels):
+    """Each baseline hands `ctx.decision` its distance (ToMe: similarity) matrix first and forms its clusters from
+    what it gets back alone: deciding on y's matrix with x's vectors gives y's clusters."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(2, 30, 4, generator=g), torch.randn(2, 30, 4, generator=g)
+    member = torch.rand(2, 30, generator=g) < 0.8
+    seen = []
+    assert torch.equal(labels(x, member, lambda s: seen.append(s) or s), labels(x, member, None))
+    assert seen[0].shape in ((2, 30, 30), (2, 15, 15)) and bool(seen[0].isfinite().all())
+    captured = []
+    want = labels(y, member, lambda s: captured.append(s) or s)
+    calls = iter(range(len(captured)))
+    got = labels(x, member, lambda s: captured[0] if next(calls) == 0 else s)  # y's matrix, x's own rest
+    for b in range(2):  # the same clusters (agglomerative's centre also reads each point's distance to its mean)
+        same_got = got[b][:, None] == got[b][None, :]
+        same_want = want[b][:, None] == want[b][None, :]
+        assert torch.equal(same_got, same_want)
+    assert not torch.equal(labels(x, member, None), want)  # y's clusters are not x's
 
 
 def test_pact_reports_its_decisions_unless_a_baseline_clusters():
@@ -269,8 +295,12 @@ def test_pact_reports_its_decisions_unless_a_baseline_clusters():
 
     assert scored() == 3  # the pruning's scores, DBDPC's distances, the retrieval's distances
     assert scored(token_pruning=False) == 2 and scored(use_DBDPC=False) == 1
-    assert scored(use_DBDPC=False, use_kmeans=True, perc_tokeep_kmeans=0.3) is None
-    assert scored(use_DBDPC=False, use_dbscan=True) is None
+    assert scored(use_DBDPC=False, use_kmeans=True, perc_tokeep_kmeans=0.3) is None  # centroids move
+    assert scored(use_DBDPC=False, use_dbscan=True) == 2 and scored(use_DBDPC=False, use_dpc=True) == 2
+    assert scored(use_DBDPC=False, use_agglomerative=True) == 3  # + each point's distance to its cluster's mean
+    tome = PACTConfig(use_DBDPC=False, use_tome=True, token_pruning=False, tome_equivalant_layer_for_reduction=1)
+    tome = tome.plan(f.geom, "sparse.special", Entering.start(f.geom))
+    assert tome and all(s.scored == 1 for s in tome)
     cfg = PACTConfig(layer_for_reduction=1)
     schedule = cfg.plan(f.geom, "sparse.special", Entering.start(f.geom))
     vlm = ReducedVLM(f.model, f.adapter, f.geom, schedule, (cfg,), f.image_id).eval()

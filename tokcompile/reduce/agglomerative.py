@@ -17,6 +17,7 @@ tokens, heavy beyond.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from torch import Tensor
 
 from tokcompile.reduce.dbdpc import cosine_distances
 from tokcompile.reduce.ops import rank_desc
+
+if TYPE_CHECKING:
+    from tokcompile.reduce.context import Decide
 
 LINKAGES = ("single", "complete", "average")
 
@@ -90,15 +94,18 @@ def pairwise_linkage(dist: Tensor, member: Tensor, k: Tensor, linkage: str) -> T
     return rep
 
 
-def agglomerative_labels(x: Tensor, member: Tensor, share: float, linkage: str) -> Tensor:
+def agglomerative_labels(x: Tensor, member: Tensor, share: float, linkage: str, decide: Decide | None = None) -> Tensor:
     """(B, n) the centre of every point's cluster (-1 for points that take no part).
 
     Args:
         x: (B, n, F) the clustering vectors; member: (B, n) bool, the points that take part (m per sample).
         share: int(share·m) clusters per sample; linkage: "single", "complete" or "average".
+        decide: maps the (B, n, n) distances (every merge follows from them), then the (B, n) distances of the
+            points to their cluster's mean (the centre is the nearest), to the ones decided on (`ctx.decision`).
     """
+    decide = decide or (lambda s: s)
     B, n, _ = x.shape
-    dist = cosine_distances(F.normalize(x.float(), p=2.0, dim=-1))  # (B, n, n)
+    dist = decide(cosine_distances(F.normalize(x.float(), p=2.0, dim=-1)))  # (B, n, n)
     k = torch.floor(member.sum(-1, keepdim=True).double() * share).long()  # (B, 1) int(share·m)
     group = single_linkage(dist, member, k) if linkage == "single" else pairwise_linkage(dist, member, k, linkage)
     same = (group[:, :, None] == group[:, None, :]) & member[:, None, :] & member[:, :, None]  # (B, n, n)
@@ -107,6 +114,6 @@ def agglomerative_labels(x: Tensor, member: Tensor, share: float, linkage: str) 
     unit = x.float() / x.float().norm(dim=-1, keepdim=True)  # as the official code normalises both
     cos = (unit * (mean / mean.norm(dim=-1, keepdim=True))).sum(-1)  # (B, n) to its own cluster's mean
     # the member nearest its cluster's mean (first index on ties)
-    score = torch.where(same, (1 - cos)[:, None, :], float("inf"))  # (B, n, n): row = point, col = member
+    score = torch.where(same, decide(1 - cos)[:, None, :], float("inf"))  # (B, n, n): row = point, col = member
     centre = score.argmin(-1)  # (B, n)
     return torch.where(member, centre, -1)

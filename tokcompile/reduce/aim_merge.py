@@ -15,7 +15,6 @@ frames (LLaVA-OneVision's newline) pass unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
 
     from tokcompile.models.geometry import Geometry
     from tokcompile.reduce.base import Entering
+    from tokcompile.reduce.context import Decide
     from tokcompile.reduce.state import ImageTokens
 
 
@@ -67,7 +67,7 @@ def merge_steps(geom: Geometry, entering: Entering, merge_ratio: float, key: str
 
 
 def bipartite_mean_merge(x: Tensor, r: int, forced: Tensor | None = None,
-                         decide: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                         decide: Decide | None = None) -> tuple[Tensor, Tensor]:
     """One iteration: (B, t, D) tokens -> ((B, t - r, D) merged tokens, (B, t) the output slot of every entering
     token). `forced` (B, t) replays an earlier assignment; `decide` maps the (B, na, nb) cosine matrix to the one
     to decide on."""
@@ -95,7 +95,7 @@ def bipartite_mean_merge(x: Tensor, r: int, forced: Tensor | None = None,
 
 
 def merge_step(state: ImageTokens, step: Step, frames: tuple[int, int] | None, forced: Tensor | None,
-               decision: Callable[[Tensor], Tensor]) -> tuple[ImageTokens, Tensor]:
+               decision: Decide) -> tuple[ImageTokens, Tensor]:
     """One iteration over the span: every frame (or the one image) merges on its own; -> (the new tokens, (B, n)
     the output slot of every entering token). `decision` is the context's (`ctx.decision`)."""
     count, trailing = frames or (1, 0)
@@ -108,7 +108,7 @@ def merge_step(state: ImageTokens, step: Step, frames: tuple[int, int] | None, f
     if forced is not None:  # replay: back to each frame's own slots
         local = (forced[:, : count * t].reshape(B, count, t) - offset).reshape(B * count, t)
     def decide(scores: Tensor) -> Tensor:  # (B·F, na, nb): every frame's matrix of a sample in one vector
-        return decision(scores.reshape(B, -1)).reshape(scores.shape)
+        return decision(scores.reshape(B, count, *scores.shape[1:])).reshape(scores.shape)
 
     merged, assign = bipartite_mean_merge(state.hidden[:, : count * t].reshape(B * count, t, D), r, local, decide)
     tail = count * (t - r) + torch.arange(trailing, device=dev)  # (trailing,) slots of the tokens after the frames

@@ -38,18 +38,26 @@ class LayerOps(Protocol):
         ...
 
 
+# What a helper that decides on scores takes: (B, ...) scores -> the scores to decide on (`Decides.decision`)
+Decide = Callable[[Tensor], Tensor]
+
+
 class Decides:
     """What every context offers a scored step (`Step.scored`): `decision(scores)` hands the driver one score
-    vector the step ranks on, which the graph reports (`score_j_c`, in call order), and returns the scores to rank
-    on. Graphs rank on their own; an eager replay of a graph's result hands back the graph's, so that a selection
-    that differs from eager's only where scores nearly tie is checked downstream instead of refused."""
+    vector or matrix the step decides on, which the graph reports (`score_j_c`, in call order, flattened to
+    (B, n)), and returns the scores to decide on. Graphs decide on their own; an eager replay of a graph's result
+    hands back the graph's, so that a graph that differs from eager's only where scores nearly tie is checked
+    downstream instead of refused."""
 
     decide: Callable[[Tensor], Tensor] | None
 
     def decision(self, scores: Tensor) -> Tensor:
-        """(B, n) scores the step ranks on -> the scores to rank on, fp32 (the same, outside replays)."""
+        """(B, ...) scores the step decides on -> the scores to decide on, fp32, the same shape (the same values,
+        outside replays)."""
         scores = scores.float()
-        return scores if self.decide is None else self.decide(scores)
+        if self.decide is None:
+            return scores
+        return self.decide(scores.reshape(scores.shape[0], -1)).reshape(scores.shape)  # reported as (B, n)
 
 
 @dataclass(frozen=True)

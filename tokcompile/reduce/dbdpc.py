@@ -15,14 +15,17 @@ Distances are cosine distances in fp32, clamped at 0 with a zero diagonal, as th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from tokcompile.reduce.ops import rank_desc
+
+if TYPE_CHECKING:
+    from tokcompile.reduce.context import Decide
 
 NEW_CENTRES_TO_CONTINUE = 10  # a round with fewer new centres hands over to the sequential scan
 DENSITY_SCALE = 2.0  # d_c of the Gaussian density exp(-(d / d_c)^2)
@@ -66,7 +69,7 @@ def density(dist: Tensor, member: Tensor, as_rank: bool) -> Tensor:
 
 
 def find_centres(x: Tensor, member: Tensor, cutoff: float, rank_density: bool = True,
-                 decide: Callable[[Tensor], Tensor] | None = None) -> Centres:
+                 decide: Decide | None = None) -> Centres:
     """The official `DBDPC.fit_variant` centre selection, static.
 
     Args:
@@ -74,7 +77,7 @@ def find_centres(x: Tensor, member: Tensor, cutoff: float, rank_density: bool = 
         member: (B, n) bool, the points that take part.
         cutoff: c, the distance within which a centre claims points.
         rank_density: replace the density by its rank (`avoid_numerical_instability_DBDPC`).
-        decide: maps the (B, n·n) distances to the ones every decision is taken on (`ctx.decision`): the
+        decide: maps the (B, n, n) distances to the ones every decision is taken on (`ctx.decision`): the
             density, its ranks and every comparison with c follow from them alone.
     """
     B, n, _ = x.shape
@@ -82,7 +85,7 @@ def find_centres(x: Tensor, member: Tensor, cutoff: float, rank_density: bool = 
     unit = F.normalize(x.float(), p=2.0, dim=-1)  # (B, n, F)
     dist = cosine_distances(unit)  # (B, n, n)
     if decide is not None:
-        dist = decide(dist.reshape(B, n * n)).reshape(B, n, n)
+        dist = decide(dist)
     rho = density(dist, member, rank_density)  # (B, n)
     not_self = ~torch.eye(n, dtype=torch.bool, device=dev)[None]  # (1, n, n)
     denser = (rho[:, None, :] >= rho[:, :, None]) & not_self  # (B, n, n): j at least as dense as i

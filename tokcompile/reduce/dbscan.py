@@ -18,26 +18,33 @@ Ties in the neighbour count go to the lower index. The cluster count depends on 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from tokcompile.reduce.context import Decide
+
 MIN_SAMPLES = 5  # the official token_reduction_dbscan's default, which its caller keeps
 
 
-def dbscan_labels(x: Tensor, member: Tensor, eps: float, noise_as_clusters: bool) -> Tensor:
+def dbscan_labels(x: Tensor, member: Tensor, eps: float, noise_as_clusters: bool,
+                  decide: Decide | None = None) -> Tensor:
     """(B, n) the centre of every point's cluster; -1 for noise (without `noise_as_clusters`) and for points
     that take no part.
 
     Args:
         x: (B, n, F) the clustering vectors; member: (B, n) bool, the points that take part.
         eps: the neighbourhood radius, in Euclidean distance between unit vectors.
+        decide: maps the (B, n, n) distances to the ones every decision is taken on (`ctx.decision`).
     """
     B, n, _ = x.shape
     dev = x.device
     unit = F.normalize(x.float(), p=2.0, dim=-1)
     dist = (2 - 2 * unit @ unit.transpose(1, 2)).clamp(min=0).sqrt()  # (B, n, n) Euclidean, unit vectors
+    dist = dist if decide is None else decide(dist)  # every neighbourhood follows from it alone
     both = member[:, :, None] & member[:, None, :]
     near = (dist <= eps) & both | (torch.eye(n, dtype=torch.bool, device=dev)[None] & both)  # (B, n, n), self in
     core = member & (near.sum(-1) >= MIN_SAMPLES)  # (B, n)

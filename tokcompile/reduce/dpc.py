@@ -13,6 +13,7 @@ before a centre (the official loop leaves them unlabelled) are the one case this
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +22,23 @@ from torch import Tensor
 from tokcompile.reduce.dbdpc import DENSITY_SCALE, cosine_distances
 from tokcompile.reduce.ops import rank_desc
 
+if TYPE_CHECKING:
+    from tokcompile.reduce.context import Decide
 
-def dpc_labels(x: Tensor, member: Tensor, share: float) -> Tensor:
+
+def dpc_labels(x: Tensor, member: Tensor, share: float, decide: Decide | None = None) -> Tensor:
     """(B, n) the centre of every point's cluster (-1 for points that take no part).
 
     Args:
         x: (B, n) points' clustering vectors (B, n, F).
         member: (B, n) bool, the points that take part (m per sample).
         share: the share of them that become centres: int(share·m) per sample.
+        decide: maps the (B, n, n) distances to the ones every decision is taken on (`ctx.decision`).
     """
     B, n, _ = x.shape
     dev = x.device
     dist = cosine_distances(F.normalize(x.float(), p=2.0, dim=-1))  # (B, n, n)
+    dist = dist if decide is None else decide(dist)  # density, parents and γ follow from it alone
     rho = (torch.exp(-(dist / DENSITY_SCALE) ** 2) * member[:, None, :]).sum(-1)  # (B, n)
     not_self = ~torch.eye(n, dtype=torch.bool, device=dev)[None]
     denser = (rho[:, None, :] >= rho[:, :, None]) & not_self & member[:, None, :]  # (B, n, n)

@@ -50,7 +50,7 @@ def dpc_knn(x: Tensor, clusters: int, decide: Callable[[Tensor], Tensor] = lambd
 
     Args:
         x: (B, m, C) the points, in the order whose earlier entries win ties.
-        decide: sees the density, γ, then the (B, m·c) point-to-centre distances, flattened.
+        decide: sees the density, γ, then the (B, m, c) point-to-centre distances.
 
     Returns:
         centre (B, c) the centres' indices among the m points, by γ descending (the clusters' order), and
@@ -60,7 +60,7 @@ def dpc_knn(x: Tensor, clusters: int, decide: Callable[[Tensor], Tensor] = lambd
     rank = gamma_rank(dist, clusters, decide)  # (B, m)
     centre = torch.topk(-rank.float(), clusters, dim=-1).indices  # (B, c): ranks 0..c-1 in order
     to_centre = gather_tokens(dist.transpose(1, 2), centre).transpose(1, 2)  # (B, m, c): point -> each centre
-    to_centre = decide(to_centre.flatten(1)).view(to_centre.shape)  # (B, m, c)
+    to_centre = decide(to_centre)  # (B, m, c)
     slot = first_argmax(-to_centre)  # (B, m): nearest centre, the first on ties
     slot = torch.where(rank < clusters, rank, slot)  # a centre joins its own cluster
     return centre, slot

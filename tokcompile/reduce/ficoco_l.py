@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokcompile.errors import RecipeError
-from tokcompile.reduce.ficoco_v import Decide, top_targets
+from tokcompile.reduce.ficoco_v import top_targets
 from tokcompile.reduce.ops import gather_tokens, rank_desc, topk_sorted
 from tokcompile.reduce.schedule import Output, Positions, Site, Step
 
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from tokcompile.models.geometry import Geometry
-    from tokcompile.reduce.context import DecoderContext
+    from tokcompile.reduce.context import Decide, DecoderContext
     from tokcompile.reduce.state import TokenState
 
 GAMMA = 0.6  # weight of the image-to-image logit sum in the redundancy
@@ -131,7 +131,7 @@ def ficoco_l_merge(x: Tensor, logits: Tensor, span: Tensor, text: Tensor, r: int
     a_xv = logits.gather(2, span[:, None, :].expand(B, T, n)) * text[..., None]  # (B, T, n): text queries
     corr = ALPHA * a_vv + (1 - ALPHA) * (a_vx @ a_xv)  # (B, n, n); its −∞ diagonal is never a kept target
     sent = corr.gather(1, dropped[..., None].expand(B, r, n))  # (B, r, n): the discarded tokens' rows
-    sent = sent if decide is None else decide(sent.reshape(B, r * n)).reshape(B, r, n)
+    sent = sent if decide is None else decide(sent)
     targets, target_logits = top_targets(sent, ~discard, k)  # (B, r, k), kept tokens only
     weights = target_logits.softmax(-1)  # (B, r, k) = P_i[τ] / Σ P_i[τ'] with P_i = softmax(C_i)
     onehot = targets[..., None] == torch.arange(n, device=x.device)  # (B, r, k, n)

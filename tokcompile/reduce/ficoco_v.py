@@ -9,7 +9,6 @@ own numbers; a target shows in no index output, only in the merged features.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -20,8 +19,9 @@ from tokcompile.reduce.ops import gather_tokens, rank_desc, topk_sorted
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from tokcompile.reduce.context import Decide
+
 PROTECTED = 1  # CLIP's CLS token
-Decide = Callable[["Tensor"], "Tensor"]  # (B, n) scores -> the scores to decide on (`ctx.decision`)
 BETA = 0.35
 QUANTILE = 0.998
 WINDOW = 2  # the local penalty's window side, in patches
@@ -108,7 +108,7 @@ def ficoco_merge(x: Tensor, logits: Tensor, patch: Tensor, side: int, r: int, k:
     allowed[:, 1:] = ~discard  # (B, t): CLS and the kept patches
     rows = logits.gather(1, dropped[..., None].expand(B, r, t))  # (B, r, t)
     if decide is not None and forced is None:  # a replayed selection decides nothing
-        rows = decide(rows.reshape(B, r * t)).reshape(B, r, t)
+        rows = decide(rows)
     targets, target_logits = top_targets(rows, allowed, k)  # (B, r, k)
     weights = target_logits.softmax(-1)  # (B, r, k) = P_i[τ] / Σ P_i[τ'] with P_i = softmax(A[i])
     onehot = targets[..., None] == torch.arange(t, device=x.device)  # (B, r, k, t)

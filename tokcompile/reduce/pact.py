@@ -24,10 +24,12 @@ index (the official argsorts leave them open); every sample of a batch clusters 
 tokens and fails); the IQR rule ranks the image scores (the official line names an undefined variable).
 `keep_casual` false gives the same graph (the causal mask plus log sizes either way).
 
-The pruning's scores and DBDPC's two distance matrices (between the image tokens, and from each one to the kept
-ones for the retrieval) go through `ctx.decision` (`Step.scored`), so a graph whose selection or clusters
-differ from eager's at a near-tie is checked by replaying it. The baselines (`use_dpc`, `use_agglomerative`,
-`use_kmeans`, `use_dbscan`, `use_tome`) do not report theirs yet.
+The pruning's scores and the clustering's distance matrices (DBDPC: between the image tokens, and from each one
+to the kept ones for the retrieval; DPC, DBSCAN and agglomerative: between the kept tokens, and agglomerative
+also each point's distance to its cluster's mean; ToMe: its A·Bᵀ similarities) go through `ctx.decision`
+(`Step.scored`), so a graph whose selection or clusters differ from eager's at a near-tie is checked by
+replaying it. `use_kmeans` does not report its decisions (each of its iterations decides on distances to
+centroids computed from the last).
 """
 
 from __future__ import annotations
@@ -106,12 +108,14 @@ class PACTConfig(PACTOptions):
         return bool(self.token_pruning or self.prune_with_norm)
 
     def decisions(self) -> int | None:
-        """Score vectors the step decides on (`Step.scored`): the pruning's scores, then with DBDPC the distances
-        between the image tokens and from each one to the kept ones (the retrieval); None for the baseline
-        clusterings, which do not report theirs."""
-        if self._share() is not None or self.use_dbscan:
+        """Score vectors the step decides on (`Step.scored`): the pruning's scores, then the clustering's
+        distances between the image tokens and, for DBDPC, from each one to the kept ones (the retrieval), for
+        agglomerative, of each point to its cluster's mean (the centre); None for k-means, whose iterations each
+        decide on distances to centroids that move."""
+        if self.use_kmeans:
             return None
-        return int(self._prunes()) + (2 if self.clusters() else 0)
+        clustering = 2 if self.use_DBDPC or self.use_agglomerative else 1 if self.clusters() else 0
+        return int(self._prunes()) + clustering
 
     def _plan_tome(self, geom: Geometry, n: int) -> Schedule:
         """One merging step before every layer whose r_l is above 0 (`pact_tome.py`)."""
@@ -120,7 +124,8 @@ class PACTConfig(PACTOptions):
         rs = merges_per_layer(n, geom.n_layers, self.perc_tokeep_tome_total, self.tome_equivalant_layer_for_reduction)
         for layer, r in enumerate(rs):
             if r > 0:
-                steps.append(Step("pact", Site.DECODER_LAYER, layer, n, n - r, Output.ASSIGN, positions, True))
+                steps.append(Step("pact", Site.DECODER_LAYER, layer, n, n - r, Output.ASSIGN, positions, True,
+                                  scored=1))  # its similarities
                 n -= r
         return tuple(steps)
 
@@ -151,17 +156,17 @@ class PACTConfig(PACTOptions):
         at most `slots` clusters."""
         x = gather_tokens(self._vectors(ctx), ctx.image_span(n))  # (B, n, F)
         if self.use_dpc:  # the baselines drop the pruned tokens (no retrieval), as the official code
-            return dpc_labels(x, kept, self.percentage_to_keep_dpc)
+            return dpc_labels(x, kept, self.percentage_to_keep_dpc, ctx.decision)
         if self.use_agglomerative:
-            return agglomerative_labels(x, kept, self.percentage_to_keep_agglomerative, self.linkage)
+            return agglomerative_labels(x, kept, self.percentage_to_keep_agglomerative, self.linkage, ctx.decision)
         if self.use_dbscan:
-            return dbscan_labels(x, kept, self.eps_dbscan, self.noise_as_clusters_dbscan)
+            return dbscan_labels(x, kept, self.eps_dbscan, self.noise_as_clusters_dbscan, ctx.decision)
         if self.use_kmeans:
             return kmeans_labels(x, kept, slots, self.kmeans_seed, KMEANS_ITERATIONS)
         centres = find_centres(x, kept, self.cutoff, self.avoid_numerical_instability_DBDPC, ctx.decision)
         cross = 1 - centres.unit @ centres.unit.transpose(1, 2)  # (B, n, n) unclamped, as for retrieved tokens
         dist = torch.where(kept[..., None], centres.dist, cross)  # (B, n, n)
-        dist = ctx.decision(dist.reshape(-1, n * n)).reshape(dist.shape)  # each token's nearest centre from these
+        dist = ctx.decision(dist)  # (B, n, n): each token's nearest centre from these
         pick, best = nearest_centre(dist, centres)  # (B, n)
         if self.include_pruned_in_mean:  # retrieval: everyone within coef·c of its centre
             joins = best <= self.cutoff * self.coef_pruned
@@ -177,7 +182,7 @@ class PACTConfig(PACTOptions):
         n = step.n_in
         if self.use_tome:
             x = None if forced is not None else gather_tokens(self._vectors(ctx), ctx.image_span(n))  # (B, n, F)
-            return tome_step(state, x, step, forced)
+            return tome_step(state, x, step, forced, ctx.decision)
         if forced is not None:  # eager references replay an earlier result
             label = forced
         else:

@@ -30,6 +30,7 @@ from tokcompile.reduce.prune import keep_image_tokens
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from tokcompile.reduce.context import Decide
     from tokcompile.reduce.schedule import Step
     from tokcompile.reduce.state import TokenState
 
@@ -47,14 +48,16 @@ def merges_per_layer(n: int, n_layers: int, keep_total: float, equivalent_layer:
     return out
 
 
-def tome_labels(x: Tensor, r: int) -> Tensor:
+def tome_labels(x: Tensor, r: int, decide: Decide | None = None) -> Tensor:
     """(B, n) the token each image token merges into (itself unless it is one of the r merged A tokens).
 
-    x: (B, n, F) the clustering vectors of the image span; A = even positions, B = odd."""
+    x: (B, n, F) the clustering vectors of the image span; A = even positions, B = odd. decide: maps the
+    (B, nA, nB) similarities (both decisions follow from them) to the ones decided on (`ctx.decision`)."""
     B, n, _ = x.shape
     unit = F.normalize(x.float(), dim=-1)  # (B, n, F)
     a, b = unit[:, 0::2], unit[:, 1::2]  # (B, nA, F), (B, nB, F)
     sim = a @ b.transpose(1, 2)  # (B, nA, nB)
+    sim = sim if decide is None else decide(sim)
     best, match = sim.amax(-1), sim.argmax(-1)  # (B, nA): the most similar B (first on ties)
     merged = rank_desc(best) < r  # (B, nA): the r most similar A tokens (ties to the lower index)
     label = torch.arange(n, device=x.device)[None].expand(B, n)  # (B, n)
@@ -73,8 +76,8 @@ def labels_from_slots(assign: Tensor) -> Tensor:
     return torch.where(target < n, target, idx)
 
 
-def tome_step(state: TokenState, x: Tensor | None, step: Step,
-              forced: Tensor | None = None) -> tuple[TokenState, Tensor]:
+def tome_step(state: TokenState, x: Tensor | None, step: Step, forced: Tensor | None = None,
+              decide: Decide | None = None) -> tuple[TokenState, Tensor]:
     """Merge step.n_in − step.n_out image tokens: (the new state, (B, n_in) output slot of every image token).
 
     x: (B, n_in, F) the clustering vectors of the image span (unused when `forced` replays an assignment)."""
@@ -82,7 +85,7 @@ def tome_step(state: TokenState, x: Tensor | None, step: Step,
     B = state.hidden.shape[0]
     dev = state.hidden.device
     idx = torch.arange(n, device=dev)[None].expand(B, n)
-    label = tome_labels(x, n - k) if forced is None else labels_from_slots(forced)  # (B, n)
+    label = tome_labels(x, n - k, decide) if forced is None else labels_from_slots(forced)  # (B, n)
     stays = label == idx  # (B, n): the B tokens and the unmerged A tokens
     kept = topk_sorted(stays.float(), k)  # (B, k) ascending
     slot = stays.long().cumsum(1) - 1  # (B, n): slot of each staying token

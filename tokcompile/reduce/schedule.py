@@ -77,10 +77,11 @@ class Step:
     # Vision-graph steps: the step reads the question (`ctx.question`); the vision graph then takes
     # `question_ids` and `question_mask` (tokcompile.question), which the reducer's `question(key)` describes
     question: bool = False
-    # How many score vectors the reducer ranks on, each handed to `ctx.decision` (B, n) fp32 in a fixed order;
-    # the graph running the step reports them (`score_j_c`) beside its output, so that parity can tell a
-    # selection that differs at a near-tie from an error. 0: the step decides nothing from the data (a constant
-    # selection); None: it ranks on the data without reporting its scores, so its selection must equal eager's
+    # How many score vectors or matrices the reducer decides on, each handed to `ctx.decision` (B, ...) in a
+    # fixed order; the graph running the step reports them (`score_j_c`, fp32, flattened to (B, n)) beside its
+    # output, so that parity can tell a decision that differs at a near-tie from an error. 0: the step decides
+    # nothing from the data (a constant selection); None: it decides on the data without reporting its scores,
+    # so its result must equal eager's
     scored: int | None = None
 
     @property

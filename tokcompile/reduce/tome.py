@@ -140,7 +140,7 @@ class ToMeConfig:
             m = ctx.mean_keys().float()  # (B, t, dv) keys averaged over heads
             m = m / m.norm(dim=-1, keepdim=True)  # (B, t, dv)
             S = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # (B, nA, nB)
-            S = ctx.decision(S.reshape(B, nA * nB)).reshape(B, nA, nB)  # both decisions follow from S alone
+            S = ctx.decision(S)  # (B, nA, nB): both decisions follow from S alone
             protect = torch.arange(nA, device=dev) < state.n_protected  # (nA,)
             S = S.masked_fill(protect[None, :, None], float("-inf"))  # (B, nA, nB)
             node_max = S.amax(dim=-1)  # (B, nA)

@@ -179,7 +179,7 @@ class VisionZipConfig:
             m = ctx.mean_keys().float()  # (B, t, dv) keys averaged over heads
             m = m / m.norm(dim=-1, keepdim=True)  # (B, t, dv)
             sim = m @ gather_tokens(m, tgt).transpose(1, 2)  # (B, t, C) every token against the targets
-            best = first_argmax(ctx.decision(sim.flatten(1)).reshape(B, t, C))  # (B, t), reported for parity
+            best = first_argmax(ctx.decision(sim))  # (B, t), reported for parity
         else:
             best = (forced - D).clamp(min=0)  # (B, t)
         joins = ~is_dom & ~is_tgt  # (B, t) tokens merged into a target

@@ -65,7 +65,7 @@ def zip_merged(state: ImageTokens, ctx: ImageContext, step: Step, n_dominant: in
     order = torch.topk(-torch.where(kept, slot_of_kept, n).float(), D + C, dim=-1).indices  # (B, D+C) ascending
     tgt_idx = torch.topk(-torch.where(is_tgt, pos, n).float(), C, dim=-1).indices  # (B, C) targets in order
     sim = metric @ gather_tokens(metric, tgt_idx).transpose(1, 2)  # (B, N, C)
-    best = first_argmax(ctx.decision(sim.flatten(1)).reshape(B, n, C))  # (B, N) the most similar target
+    best = first_argmax(ctx.decision(sim))  # (B, N) the most similar target
     joins = ~kept  # (B, N) tokens merged into a target
     assign = torch.where(joins, gather_tokens(slot_of_kept, tgt_idx).gather(1, best), slot_of_kept)  # (B, N)
     if forced is not None and not torch.equal(forced, assign):
