@@ -131,9 +131,8 @@ def ficoco_l_merge(x: Tensor, logits: Tensor, span: Tensor, text: Tensor, r: int
     a_xv = logits.gather(2, span[:, None, :].expand(B, T, n)) * text[..., None]  # (B, T, n): text queries
     corr = ALPHA * a_vv + (1 - ALPHA) * (a_vx @ a_xv)  # (B, n, n); its −∞ diagonal is never a kept target
     sent = corr.gather(1, dropped[..., None].expand(B, r, n))  # (B, r, n): the discarded tokens' rows
-    sent = sent if decide is None else decide(sent)
-    targets, target_logits = top_targets(sent, ~discard, k)  # (B, r, k), kept tokens only
-    weights = target_logits.softmax(-1)  # (B, r, k) = P_i[τ] / Σ P_i[τ'] with P_i = softmax(C_i)
+    targets = top_targets(sent if decide is None else decide(sent), ~discard, k)  # (B, r, k), kept tokens only
+    weights = sent.gather(2, targets).softmax(-1)  # (B, r, k) = P_i[τ] / Σ P_i[τ'] with P_i = softmax(C_i)
     onehot = targets[..., None] == torch.arange(n, device=x.device)  # (B, r, k, n)
     send = (onehot * weights[..., None]).sum(2).transpose(1, 2).to(x.dtype)  # (B, n, r): weight of i into j
     image = gather_tokens(x, span)  # (B, n, D)

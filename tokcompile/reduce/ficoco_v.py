@@ -63,20 +63,19 @@ def keep_scores(logits: Tensor, window: Tensor, n_windows: int, decide: Decide |
     return torch.where(penalised, torch.where(u > 0, u / 2, u * 2), u)
 
 
-def top_targets(rows: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def top_targets(rows: Tensor, allowed: Tensor, k: int) -> Tensor:
     """The k best allowed entries of each row, best first, ties to the lowest index: (B, r, t) logits and
-    (B, t) bool -> ((B, r, k) indices, (B, r, k) logits)."""
+    (B, t) bool -> (B, r, k) indices."""
     t = rows.shape[-1]
     idx = torch.arange(t, device=rows.device)
     cur = rows.masked_fill(~allowed[:, None, :], float("-inf"))  # (B, r, t)
-    picks, values = [], []
+    picks = []
     for _ in range(k):  # static trip count
         best = cur.amax(-1, keepdim=True)  # (B, r, 1)
         pick = torch.where(cur == best, idx, t).amin(-1)  # (B, r)
         picks.append(pick)
-        values.append(best[..., 0])
         cur = cur.masked_fill(idx == pick[..., None], float("-inf"))
-    return torch.stack(picks, -1), torch.stack(values, -1)
+    return torch.stack(picks, -1)
 
 
 def ficoco_merge(x: Tensor, logits: Tensor, patch: Tensor, side: int, r: int, k: int,
@@ -107,10 +106,9 @@ def ficoco_merge(x: Tensor, logits: Tensor, patch: Tensor, side: int, r: int, k:
     allowed = torch.ones(B, t, dtype=torch.bool, device=x.device)
     allowed[:, 1:] = ~discard  # (B, t): CLS and the kept patches
     rows = logits.gather(1, dropped[..., None].expand(B, r, t))  # (B, r, t)
-    if decide is not None and forced is None:  # a replayed selection decides nothing
-        rows = decide(rows)
-    targets, target_logits = top_targets(rows, allowed, k)  # (B, r, k)
-    weights = target_logits.softmax(-1)  # (B, r, k) = P_i[τ] / Σ P_i[τ'] with P_i = softmax(A[i])
+    ranked = rows if decide is None or forced is not None else decide(rows)  # a replayed selection decides nothing
+    targets = top_targets(ranked, allowed, k)  # (B, r, k)
+    weights = rows.gather(2, targets).softmax(-1)  # (B, r, k) = P_i[τ] / Σ P_i[τ'] with P_i = softmax(A[i])
     onehot = targets[..., None] == torch.arange(t, device=x.device)  # (B, r, k, t)
     send = (onehot * weights[..., None]).sum(2).transpose(1, 2).to(x.dtype)  # (B, t, r): weight of i into j
     merged = (x + send @ gather_tokens(x, dropped)) / (1 + send.sum(-1, keepdim=True))  # (B, t, Dv)
