@@ -131,6 +131,20 @@ def test_a_wrong_selection_fails_even_when_replayed(vispruner, batch):
         check_artifact("vision (wrong)", graph, names, case, 1e-5, 1e-5, replay=replay)
 
 
+def test_numbers_wrong_for_another_reason_still_fail_after_the_replay(vispruner, batch):
+    """A graph with eager's selection and scores but other features: the comparison fails, eager is replayed on
+    the graph's scores (the same as its own), and the replay's comparison fails as plainly."""
+    plan, reduced, decode = vispruner
+    names = list(reduced.layout.vision.outputs)
+    feed, eager = _vision_case(plan, reduced, batch)
+    wrong = {**eager, "image_embeds": eager["image_embeds"] + 1e-3}
+    case = [(feed, tuple(eager[n] for n in names))]
+    replay = replay_runners(reduced, decode, reduced.layout)["vision"]
+    with pytest.raises(ParityError, match=r"image_embeds differs from eager by .*deciding on the graph's decision"):
+        check_artifact("vision (wrong numbers)", lambda inputs: tuple(wrong[n] for n in names), names, case, 1e-5,
+                       1e-5, replay=replay)
+
+
 @pytest.fixture(scope="module")
 def ficoco(tiny_model):
     plan = plan_recipe(ROOT / "recipes" / "tiny" / "ficoco.yml")  # FiCoCo-V: discards, then each one's target
