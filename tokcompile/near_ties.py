@@ -49,8 +49,7 @@ def near_tie(scores: Tensor, got: Tensor, ref: Tensor, margin: float) -> dict | 
 # Decision scores (`score_j_c`, fp32) a graph reports for a scored step may differ from eager's by this much,
 # relative to the row's largest score. Two backends compute attention in different orders: in float32 they
 # differ by a few units in the last place, so two scores closer than that may rank either way. Where a graph's
-# selection differs from eager's, eager is replayed with the graph's own scores: the selection must then be equal
-# and every output within tolerance, and the difference is recorded as a near-tie.
+# outputs differ from eager's, eager is replayed deciding on the graph's own scores (`compare_or_replay`).
 SCORE_MARGINS = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 1e-1}
 
 
@@ -177,5 +176,3 @@ def top1_near_ties(got: Tensor, ref: Tensor, atol: float, rtol: float) -> list[d
             return None
         ties.append({"row": row, **tie})
     return ties
-
-
