@@ -113,12 +113,17 @@ def compare_or_replay(compare: Callable[[Any, str], Any], eager: Any, outputs: C
             return False
         return True
 
-    flipped = flipped_decision(list(scores), agrees)
+    order = list(scores)
+    flipped = flipped_decision(order, agrees)
+    # eager's own scores for the flipped decision, computed after the graph's earlier ones (before them, an
+    # earlier flip can change what the vector holds: another token's row)
+    earlier = order[: order.index(flipped)]
+    own = torch.as_tensor(outputs(replay({n: scores[n] for n in earlier}) if earlier else eager)[flipped])
     differ = differing(graph, before)
     rel = max(compare_scores("", n, scores[n], computed[n], margin, where)["max_relative_gap"] for n in scores)
     ties.append({"kind": "selection" if differ else "decision", "where": where, "differ": differ,
-                 "decision": flipped, **discordance(scores[flipped], torch.as_tensor(before[flipped])),
-                 "max_relative_score_gap": rel, "margin": margin})
+                 "decision": flipped, **discordance(scores[flipped], own), "max_relative_score_gap": rel,
+                 "margin": margin})
     return result
 
 
