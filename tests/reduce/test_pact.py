@@ -286,7 +286,7 @@ def test_baseline_clusters_follow_the_matrix_decide_returns(labels):
     assert not torch.equal(labels(x, member, None), want)  # y's clusters are not x's
 
 
-def test_pact_reports_its_decisions_unless_a_baseline_clusters():
+def test_pact_reports_its_decisions_except_with_kmeans():
     f = padded_family_case("llava_onevision")
 
     def scored(**options):
