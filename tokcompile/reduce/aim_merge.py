@@ -6,11 +6,10 @@ Iteration i (1-based) is ToMe's bipartite matching with the features themselves 
 tokens are sources, odd ones destinations, each source's best destination is its match, and the r_i = ⌊N₀/2^i⌋
 (at most ⌊t/2⌋) best-matched sources merge into their destinations by an equal-weight mean. Both decisions are
 taken on the sources-by-destinations cosine matrices alone, which go through `ctx.decision` (`Step.scored` = 1
-per iteration: every frame's matrix in one vector), so a graph whose merges differ from eager's at a near-tie is
-replayed on its own matrices. The output is the
-unmerged sources by match strength, then the destinations in order. N₀ and t count one image's or one frame's
-tokens; a video's frames merge side by side (each frame's output in frame order), and the tokens after the
-frames (LLaVA-OneVision's newline) pass unchanged.
+per iteration: every frame's matrix together), so a graph whose merges differ from eager's at a near-tie is
+replayed on its own matrices. The output is the unmerged sources by match strength, then the destinations in
+order. N₀ and t count one image's or one frame's tokens; a video's frames merge side by side (each frame's
+output in frame order), and the tokens after the frames (LLaVA-OneVision's newline) pass unchanged.
 """
 
 from __future__ import annotations
