@@ -286,6 +286,31 @@ def test_baseline_clusters_follow_the_matrix_decide_returns(labels):
     assert not torch.equal(labels(x, member, None), want)  # y's clusters are not x's
 
 
+@pytest.mark.parametrize("labels", [
+    lambda x, m, d: find_centres(x, m, 0.1, decide=d),
+    lambda x, m, d: dpc_labels(x, m, 0.3, d),
+    lambda x, m, d: dbscan_labels(x, m, 0.8, True, d),
+    lambda x, m, d: agglomerative_labels(x, m, 0.3, "average", d),
+    lambda x, m, d: tome_labels(x, 7, d),
+], ids=["dbdpc", "dpc", "dbscan", "agglomerative", "tome"])
+def test_reported_matrices_move_by_rounding_only_within_the_float32_margin(labels):
+    """Inputs moved by float32 rounding (a relative 1e-7) move every reported matrix by far less than the float32
+    near-tie margin (1e-5 of the row's largest |value|): the matrices are well conditioned, so parity can compare
+    a graph's with eager's. A distance taken as √(2 − 2·cos) is not: near 0 (a point and itself) it turns the
+    cosine's rounding into gaps of about 3e-4."""
+    from tokcompile.near_ties import SCORE_MARGINS, compare_scores
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 30, 4, generator=g)
+    nudged = x * (1 + 1e-7 * torch.randn(x.shape, generator=g))
+    member = torch.ones(2, 30, dtype=torch.bool)
+    seen: tuple[list, list] = ([], [])
+    for inputs, out in zip((x, nudged), seen):
+        labels(inputs, member, lambda s, out=out: out.append(s.reshape(2, -1)) or s)
+    for a, b in zip(*seen):
+        compare_scores("rounding", "matrix", a, b, SCORE_MARGINS["float32"] / 10, "")
+
+
 def test_pact_reports_its_decisions_except_with_kmeans():
     f = padded_family_case("llava_onevision")
 

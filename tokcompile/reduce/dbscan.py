@@ -38,13 +38,15 @@ def dbscan_labels(x: Tensor, member: Tensor, eps: float, noise_as_clusters: bool
     Args:
         x: (B, n, F) the clustering vectors; member: (B, n) bool, the points that take part.
         eps: the neighbourhood radius, in Euclidean distance between unit vectors.
-        decide: maps the (B, n, n) distances to the ones every decision is taken on (`ctx.decision`).
+        decide: maps the (B, n, n) squared distances to the ones every decision is taken on (`ctx.decision`).
+            Squared, since the square root near 0 (a point and itself, near-duplicates) turns float rounding of
+            the cosine into gaps far above the near-tie margin.
     """
     B, n, _ = x.shape
     dev = x.device
     unit = F.normalize(x.float(), p=2.0, dim=-1)
-    dist = (2 - 2 * unit @ unit.transpose(1, 2)).clamp(min=0).sqrt()  # (B, n, n) Euclidean, unit vectors
-    dist = dist if decide is None else decide(dist)  # every neighbourhood follows from it alone
+    squared = (2 - 2 * unit @ unit.transpose(1, 2)).clamp(min=0)  # (B, n, n) squared Euclidean, unit vectors
+    dist = (squared if decide is None else decide(squared)).sqrt()  # every neighbourhood follows from it alone
     both = member[:, :, None] & member[:, None, :]
     near = (dist <= eps) & both | (torch.eye(n, dtype=torch.bool, device=dev)[None] & both)  # (B, n, n), self in
     core = member & (near.sum(-1) >= MIN_SAMPLES)  # (B, n)
