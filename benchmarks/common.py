@@ -124,10 +124,12 @@ def export_chain(plan: Any, model: Any, batch: dict[str, Any], backend: str, out
     "aoti", "eager"), check them against eager and return `run(batch) -> the prefill's outputs by name`."""
     import torch
 
+    from tokcompile.errors import ParityError
     from tokcompile.export import EXPORTERS
     from tokcompile.export.base import ExportRequest
     from tokcompile.layout import PREFILL, VISION
     from tokcompile.models import ReducedVLM
+    from tokcompile.near_ties import SCORE_MARGINS, compare_or_replay
 
     reduced = ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id,
                          with_cache=True).eval()
@@ -157,29 +159,29 @@ def export_chain(plan: Any, model: Any, batch: dict[str, Any], backend: str, out
 
     got_vision = vision(vision_feed)
     got_prefill = run(batch)
-    forced = _near_tie_replay(backend, layout, got_vision, got_prefill, seen, eager)
-    if forced:  # eager again, ranking on the graph's own decision scores
+
+    def eager_run(forced: dict) -> dict:  # eager again, deciding on the graphs' own decision scores
         with torch.no_grad():
-            seen = reduced.vision.run(vision_feed, forced)
-            prefill_feed = {n: batch[n] if n in batch else seen[n] for n in layout.prefill.inputs}
-            eager = {**seen, **reduced.prefill.run(prefill_feed, forced)}
-    check_outputs(f"{backend} vision graph", got_vision, {n: seen[n] for n in layout.vision.outputs})
-    check_outputs(f"{backend} vision + prefill", got_prefill, {n: eager[n] for n in layout.prefill.outputs})
+            out = reduced.vision.run(vision_feed, forced)
+            feed = {n: batch[n] if n in batch else out[n] for n in layout.prefill.inputs}
+            return {**out, **reduced.prefill.run(feed, forced)}
+
+    def compare(ref: dict, where: str) -> None:
+        try:
+            check_outputs(f"{backend} vision graph{where}", got_vision, {n: ref[n] for n in layout.vision.outputs})
+            check_outputs(f"{backend} vision + prefill{where}", got_prefill,
+                          {n: ref[n] for n in layout.prefill.outputs})
+        except AssertionError as e:
+            raise ParityError(str(e)) from None
+
+    ties: list = []
+    try:
+        compare_or_replay(compare, {**seen, **eager}, lambda out: out, {**got_vision, **got_prefill}, eager_run,
+                          SCORE_MARGINS["float32"], "", ties)
+    except ParityError as e:  # reported like every other disagreement
+        raise AssertionError(str(e)) from None
+    for tie in ties:
+        differ = ", ".join(tie["differ"]) or "only the numbers"
+        print(f"  {backend}: {tie['kind']} near-tie at {tie['decision']} ({differ} differ from eager); eager "
+              "replayed with the graphs' decision scores", flush=True)
     return run
-
-
-def _near_tie_replay(backend: str, layout: Any, got_vision: dict, got_prefill: dict, seen: dict,
-                     eager: dict) -> dict:
-    """The graphs' decision scores (`score_j_c`) when a selection differs from eager's, to replay eager with (the
-    replayed run's scores must then be within the float32 near-tie margin of the graphs', as `check_outputs`
-    checks); else {}. Prints the near-tie."""
-    from tokcompile.near_ties import differing
-
-    got = {**got_vision, **got_prefill}
-    differ = differing(got, {**seen, **eager})
-    scores = {n: got[n] for n in layout.score_outputs}
-    if not differ or not scores:
-        return {}
-    print(f"  {backend}: selection near-tie ({', '.join(differ)} differ from eager); eager replayed with the graphs' "
-          "decision scores", flush=True)
-    return scores
