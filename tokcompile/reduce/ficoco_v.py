@@ -95,6 +95,7 @@ def ficoco_merge(x: Tensor, logits: Tensor, patch: Tensor, side: int, r: int, k:
         ((B, t-r, Dv) merged kept tokens, (B, t-r) their tower indices, ascending, CLS = 0 first).
     """
     B, t, _ = x.shape
+    decide = decide if forced is None else None  # a replayed selection decides nothing
     if forced is None:
         u = keep_scores(logits, window_ids(patch, side), (side // WINDOW) ** 2, decide)  # (B, t-1)
         discard = rank_desc(-u) < r  # (B, t-1): the r lowest scores, ties to the lowest index
@@ -106,8 +107,7 @@ def ficoco_merge(x: Tensor, logits: Tensor, patch: Tensor, side: int, r: int, k:
     allowed = torch.ones(B, t, dtype=torch.bool, device=x.device)
     allowed[:, 1:] = ~discard  # (B, t): CLS and the kept patches
     rows = logits.gather(1, dropped[..., None].expand(B, r, t))  # (B, r, t)
-    ranked = rows if decide is None or forced is not None else decide(rows)  # a replayed selection decides nothing
-    targets = top_targets(ranked, allowed, k)  # (B, r, k)
+    targets = top_targets(rows if decide is None else decide(rows), allowed, k)  # (B, r, k)
     weights = rows.gather(2, targets).softmax(-1)  # (B, r, k) = P_i[τ] / Σ P_i[τ'] with P_i = softmax(A[i])
     onehot = targets[..., None] == torch.arange(t, device=x.device)  # (B, r, k, t)
     send = (onehot * weights[..., None]).sum(2).transpose(1, 2).to(x.dtype)  # (B, t, r): weight of i into j

@@ -104,9 +104,6 @@ class PACTConfig(PACTOptions):
         return (Step("pact", Site.DECODER_LAYER, self.layer_for_reduction, n, slots, output, positions, sizes,
                      scored=self.decisions()),)
 
-    def _prunes(self) -> bool:
-        return bool(self.token_pruning or self.prune_with_norm)
-
     def decisions(self) -> int | None:
         """Score vectors the step decides on (`Step.scored`): the pruning's scores, then the clustering's
         distances between the image tokens and, for DBDPC, from each one to the kept ones (the retrieval), for
@@ -115,7 +112,7 @@ class PACTConfig(PACTOptions):
         if self.use_kmeans:
             return None
         clustering = 2 if self.use_DBDPC or self.use_agglomerative else 1 if self.clusters() else 0
-        return int(self._prunes()) + clustering
+        return int(self.prunes()) + clustering
 
     def _plan_tome(self, geom: Geometry, n: int) -> Schedule:
         """One merging step before every layer whose r_l is above 0 (`pact_tome.py`)."""
@@ -187,7 +184,7 @@ class PACTConfig(PACTOptions):
             label = forced
         else:
             scores = euti_scores(self, ctx, n)  # (B, n)
-            kept = keep_by_score(self, ctx.decision(scores) if self._prunes() else scores, self.n_keep(n))  # (B, n)
+            kept = keep_by_score(self, ctx.decision(scores) if self.prunes() else scores, self.n_keep(n))  # (B, n)
             if step.output is Output.KEPT:
                 chosen = topk_sorted(kept.float(), step.n_out)  # (B, k) ascending
                 return keep_image_tokens(state, chosen, step), chosen

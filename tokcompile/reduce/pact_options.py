@@ -140,7 +140,7 @@ class PACTOptions:
         if self.token_pruning and self.use_IQR_in_token_pruning == self.pruning_filter_wth_percentage:
             raise refuse("use_IQR_in_token_pruning", "token_pruning needs exactly one of use_IQR_in_token_pruning "
                                                      "and pruning_filter_wth_percentage true")
-        if not (self.clusters() or self.use_tome or self.token_pruning or self.prune_with_norm):
+        if not (self.clusters() or self.use_tome or self.prunes()):
             raise refuse("use_DBDPC", "with no clustering and no pruning PACT reduces nothing; set use_DBDPC or "
                                       "token_pruning true")
         if self.get_mean_position_id and not self.use_DBDPC:
@@ -171,6 +171,10 @@ class PACTOptions:
         if (self.get_mean_position_id or self.change_position_ids) and geom.rope != "1d":
             name = "get_mean_position_id" if self.get_mean_position_id else "change_position_ids"
             raise refuse(name, f"{geom.family}'s {geom.rope} RoPE keeps the tokens' position ids; set it false")
+
+    def prunes(self) -> bool:
+        """Image tokens are pruned by score before any clustering."""
+        return bool(self.token_pruning or self.prune_with_norm)
 
     def clusters(self) -> bool:
         """A clustering follows the pruning."""

@@ -83,7 +83,7 @@ def keep_by_score(cfg: PACTConfig, scores: Tensor, n_keep: int) -> Tensor:
     above Q1 + alpha·(Q3 - Q1): a count that depends on the data.
     """
     B, n = scores.shape
-    if not (cfg.token_pruning or cfg.prune_with_norm):
+    if not cfg.prunes():
         return torch.ones_like(scores, dtype=torch.bool)
     if cfg.token_pruning and cfg.use_IQR_in_token_pruning:
         ordered = torch.sort(scores, dim=-1).values  # (B, n) ascending
