@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokcompile.devices import module_device, to_device
 from tokcompile.errors import RecipeError
 from tokcompile.graphs import decode_feed
 from tokcompile.layout import GraphLayout
@@ -106,21 +107,22 @@ def generate(
         batch: the processor's output.
         layout: the graphs' names.
     """
-    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     out = run_prompt(vision, prefill, layout, batch)
-    kept = {n: torch.as_tensor(out[n]) for n in layout.step_outputs}
-    scores = {n: torch.as_tensor(out[n]) for n in layout.score_outputs}
-    logits = out["logits"]
+    kept = {n: torch.as_tensor(out[n]).cpu() for n in layout.step_outputs}
+    scores = {n: torch.as_tensor(out[n]).cpu() for n in layout.score_outputs}
+    logits = torch.as_tensor(out["logits"])
+    dev = logits.device  # the loop runs where the graphs return their outputs (tokcompile.devices)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.seed is not None else None
     past = {f"past_{n[len('present_'):]}": out[n] for n in layout.present}
-    B = torch.as_tensor(logits).shape[0]
+    B = logits.shape[0]
     tokens: list[Tensor] = []
     step_logits: list[Tensor] = []
-    done = torch.zeros(B, dtype=torch.bool)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = [cfg.max_new_tokens] * B
     for t in range(cfg.max_new_tokens):
         logits = torch.as_tensor(logits)
         if keep_logits:
-            step_logits.append(logits.float().clone())
+            step_logits.append(logits.float().cpu().clone())  # (B, V) on the host
         tok = choose(logits, cfg, gen)  # (B,)
         if cfg.eos_token_id is not None:
             tok = torch.where(done, torch.full_like(tok, cfg.eos_token_id), tok)
@@ -129,12 +131,12 @@ def generate(
                     lengths[b] = t + 1
             done |= tok == cfg.eos_token_id
         tokens.append(tok)
-        if t + 1 == cfg.max_new_tokens or bool(done.all()):
+        if t + 1 == cfg.max_new_tokens or (cfg.eos_token_id is not None and bool(done.all())):  # no needless sync
             break
         step = decode({**decode_feed(layout, out, tok, t), **past})
         logits = step["logits"]
         past = {f"past_{n[len('present_'):]}": step[n] for n in layout.present}
-    return Generated(torch.stack(tokens, dim=1), lengths, step_logits, kept, scores)
+    return Generated(torch.stack(tokens, dim=1).cpu(), lengths, step_logits, kept, scores)
 
 
 @torch.no_grad()
@@ -142,10 +144,12 @@ def no_cache_logits(reduced: Any, batch: dict[str, Tensor], result: Generated) -
     """Reference logits for each generated step: the whole reduced model (`ReducedVLM`) re-run on the prompt
     plus the tokens generated so far, with the prefill's selections replayed (a method with a cache keeps its
     first selection). Step t's logits must match the cached decode's."""
+    device = module_device(reduced)
+    batch, tokens, forced = to_device((batch, result.tokens, dict(result.kept)), device)
     out = []
-    for t in range(result.tokens.shape[1]):
-        feed = reduced.adapter.extend_text(batch, result.tokens[:, :t], reduced.geometry)
-        out.append(reduced.run(feed, forced=dict(result.kept), n_appended=t)["logits"].float())
+    for t in range(tokens.shape[1]):
+        feed = reduced.adapter.extend_text(batch, tokens[:, :t], reduced.geometry)
+        out.append(reduced.run(feed, forced=forced, n_appended=t)["logits"].float().cpu())  # (B, V) on the host
     return out
 
 
@@ -169,10 +173,10 @@ def teacher_forced_logits(
     """
     out = run_prompt(vision, prefill, layout, batch)
     past = {f"past_{n[len('present_'):]}": out[n] for n in layout.present}
-    step_logits = [torch.as_tensor(out["logits"]).float()]  # each (B, V): predicts continuation[:, t]
+    step_logits = [torch.as_tensor(out["logits"]).float().cpu()]  # each (B, V) on the host: predicts continuation[:, t]
     for t in range(continuation.shape[1] - 1):
         step = decode({**decode_feed(layout, out, continuation[:, t], t), **past})
-        step_logits.append(torch.as_tensor(step["logits"]).float())
+        step_logits.append(torch.as_tensor(step["logits"]).float().cpu())
         past = {f"past_{n[len('present_'):]}": step[n] for n in layout.present}
     return torch.stack(step_logits, dim=1)  # (B, n, V)
 

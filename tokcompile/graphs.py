@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tokcompile.devices import module_device, to_device
 from tokcompile.layout import DECODE, PREFILL, VISION
 from tokcompile.models.reduced import DecodeStep, ReducedVLM
 from tokcompile.plan import Plan
@@ -52,15 +53,18 @@ def eager_runners(reduced: ReducedVLM, decode: DecodeStep, forced: dict | None =
     """The vision, prefill and decode modules as named-input -> named-output callables (no autograd); `forced`
     (decision scores by `score_j_c` name) replays a graph's scores (`tokcompile.near_ties.compare_or_replay`)."""
 
+    device = module_device(reduced)  # inputs and replayed scores may come from the host or another backend
+    on_device = to_device(forced, device)
+
     def runner(module: Any) -> Any:
         def run(feed: dict[str, Tensor]) -> dict[str, Tensor]:
             with torch.no_grad():
-                return module.run(feed, forced)
+                return module.run(to_device(feed, device), on_device)
         return run
 
     def run_decode(feed: dict[str, Tensor]) -> dict[str, Tensor]:
         with torch.no_grad():
-            return reduced.layout.decode.named(decode(*[feed[n] for n in decode.input_names]))
+            return reduced.layout.decode.named(decode(*[to_device(feed[n], device) for n in decode.input_names]))
 
     return runner(reduced.vision), runner(reduced.prefill), run_decode
 
@@ -82,14 +86,15 @@ def decode_feed(layout: Any, prefill_out: dict[str, Tensor], token: Tensor, step
     """Decode inputs for generated token `step` (0-based) from the prefill's outputs: cache masks extended by
     one entry per token so far, the token's position, and (at step 0) the prefill's cache."""
     B = token.shape[0]
-    ones = torch.ones(B, step + 1, dtype=torch.long)
-    feed = {"input_ids": token.reshape(B, 1).long(),
-            "position_ids": torch.as_tensor(prefill_out["next_position"]).long() + step}
+    next_position = torch.as_tensor(prefill_out["next_position"])  # on the device the graphs run on
+    dev = next_position.device
+    ones = torch.ones(B, step + 1, dtype=torch.long, device=dev)
+    feed = {"input_ids": token.reshape(B, 1).long().to(dev), "position_ids": next_position.long() + step}
     for g, name in enumerate(layout.decode_masks):
         feed[name] = torch.cat([torch.as_tensor(prefill_out[f"cache_mask_{g}"]).long(), ones], dim=1)
     for g in layout.biased_groups:  # generated tokens are unmerged: size 1, bias 0
         bias = torch.as_tensor(prefill_out[f"cache_bias_{g}"]).float()
-        feed[f"attention_bias_{g}"] = torch.cat([bias, torch.zeros(B, step + 1)], dim=1)
+        feed[f"attention_bias_{g}"] = torch.cat([bias, torch.zeros(B, step + 1, device=dev)], dim=1)
     return feed
 
 

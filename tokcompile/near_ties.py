@@ -56,7 +56,7 @@ SCORE_MARGINS = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 1e-1}
 def compare_scores(name: str, out_name: str, got: Tensor, ref: Tensor, margin: float, where: str) -> dict:
     """A graph's decision scores (B, n) against eager's: every gap within `margin` of the row's largest |score|.
     Returns the largest gap, absolute and relative to its row's largest |score|; raises ParityError beyond it."""
-    g, r = torch.as_tensor(got).float(), torch.as_tensor(ref).float()
+    g, r = torch.as_tensor(got).float().cpu(), torch.as_tensor(ref).float().cpu()
     if g.shape != r.shape:
         raise ParityError(f"parity failed for {name}: {out_name} has shape {tuple(g.shape)}, eager {tuple(r.shape)} "
                           f"{where}")
@@ -76,7 +76,7 @@ def differing(got: dict, ref: dict) -> dict[str, int]:
     for n, g in got.items():
         if not n.startswith(EXACT_PREFIXES) or n not in ref:
             continue
-        g, r = torch.as_tensor(g), torch.as_tensor(ref[n])
+        g, r = torch.as_tensor(g).cpu(), torch.as_tensor(ref[n]).cpu()
         if g.shape == r.shape and not torch.equal(g.long(), r.long()):
             out[n] = int((g.long() != r.long()).sum())
     return out
@@ -96,7 +96,7 @@ def compare_or_replay(compare: Callable[[Any, str], Any], eager: Any, outputs: C
     selection) or only in the numbers (a merge's targets). The replay's failure is raised otherwise.
 
     `outputs(result)` gives a run's outputs by name (index outputs and decision scores at least)."""
-    scores = {n: torch.as_tensor(g) for n, g in graph.items() if n.startswith(SCORE_PREFIX)}
+    scores = {n: torch.as_tensor(g).cpu() for n, g in graph.items() if n.startswith(SCORE_PREFIX)}  # on the host
     try:
         return compare(eager, where)
     except ParityError:
@@ -118,7 +118,7 @@ def compare_or_replay(compare: Callable[[Any, str], Any], eager: Any, outputs: C
     # eager's own scores for the flipped decision, computed after the graph's earlier ones (before them, an
     # earlier flip can change what the vector holds: another token's row)
     earlier = order[: order.index(flipped)]
-    own = torch.as_tensor(outputs(replay({n: scores[n] for n in earlier}) if earlier else eager)[flipped])
+    own = torch.as_tensor(outputs(replay({n: scores[n] for n in earlier}) if earlier else eager)[flipped]).cpu()
     differ = differing(graph, before)
     rel = max(compare_scores("", n, scores[n], computed[n], margin, where)["max_relative_gap"] for n in scores)
     ties.append({"kind": "selection" if differ else "decision", "where": where, "differ": differ,

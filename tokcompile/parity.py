@@ -225,7 +225,7 @@ def compare_outputs(
     outputs = sorted(zip(names, got, ref), key=lambda o: (not o[0].startswith(STEP_PREFIXES),
                                                           not o[0].startswith(EXACT_PREFIXES)))
     for out_name, g, r in outputs:
-        g, r = torch.as_tensor(g), torch.as_tensor(r)
+        g, r = torch.as_tensor(g).cpu(), torch.as_tensor(r).cpu()  # compared on the host, wherever each ran
         if out_name.startswith(SCORE_PREFIX):
             compare_scores(name, out_name, g, r, score_margin, where)
             continue
@@ -407,7 +407,7 @@ def check_reference(
 
 def drift(eager_outputs: list[dict], baseline: list[Tensor]) -> dict:
     """Compressed (quantized + reduced) logits against the uncompressed model's. Information only."""
-    got = torch.cat([o["logits"] for o in eager_outputs]).float()
+    got = torch.cat([o["logits"].cpu() for o in eager_outputs]).float()
     ref = torch.cat(baseline).float()
     return {
         "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),

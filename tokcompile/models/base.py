@@ -271,17 +271,17 @@ class VLMAdapter:
                 continue
             t = batch[name]
             if name == "input_ids":
-                out[name] = torch.cat([t, tokens.to(t.dtype)], dim=1)
+                out[name] = torch.cat([t, tokens.to(device=t.device, dtype=t.dtype)], dim=1)
             elif name == "attention_mask":
-                out[name] = torch.cat([t, torch.ones(t.shape[0], n, dtype=t.dtype)], dim=1)
+                out[name] = torch.cat([t, torch.ones(t.shape[0], n, dtype=t.dtype, device=t.device)], dim=1)
             else:  # token-type ids and the like: appended tokens are text (0)
-                out[name] = torch.cat([t, torch.zeros(t.shape[0], n, dtype=t.dtype)], dim=1)
+                out[name] = torch.cat([t, torch.zeros(t.shape[0], n, dtype=t.dtype, device=t.device)], dim=1)
         return out
 
     def hf_position_ids(self, model: nn.Module, sample: Inputs) -> Tensor:
         """HF's own position ids for one unpadded sample, in HF's layout: (1, T), or (R, 1, T) for R-row RoPE.
         The independent reference gathers them along the last axis."""
-        return torch.arange(sample["input_ids"].shape[1])[None]
+        return torch.arange(sample["input_ids"].shape[1], device=sample["input_ids"].device)[None]
 
 
 def splice_image_features(text_embeds: Tensor, image_feats: Tensor, image_start: Tensor) -> Tensor:

@@ -346,17 +346,18 @@ class Qwen2VLAdapter(VLMAdapter):
         m = int(cfg.spatial_merge_size)
         S, N = geom.vision_tokens, geom.n_image_tokens
         t, h, w = geom.layout
-        pos = torch.from_numpy(vision_positions(t, h, w, m).copy())  # (S, 2) constant
+        dev = pixel_values.device  # constants live where the graph runs
+        pos = torch.from_numpy(vision_positions(t, h, w, m).copy()).to(dev)  # (S, 2) constant
         windows = self._window_mask(model.config, geom)
         x = visual.patch_embed(pixel_values)  # (B·S, Dv): every patch on its own
         x = x.reshape(batch, S, -1)  # (B, S, Dv)
         mask = None
         if windows is not None:
             order, allowed = windows
-            unit = torch.from_numpy(order.copy())  # (N,) merged tokens grouped by window
+            unit = torch.from_numpy(order.copy()).to(dev)  # (N,) merged tokens grouped by window
             x = x.reshape(batch, N, m * m, -1)[:, unit].reshape(batch, S, -1)  # (B, S, Dv) window order
             pos = pos.reshape(N, m * m, 2)[unit].reshape(S, 2)  # (S, 2): rotary follows its patch
-            mask = torch.from_numpy(allowed.copy())  # (S, S) bool
+            mask = torch.from_numpy(allowed.copy()).to(dev)  # (S, S) bool
         cos, sin = visual.rotary_pos_emb(x, pos)  # (S, dv) each, HF's own rotary module
         full = set(getattr(cfg, "fullatt_block_indexes", None) or ())
         for i, blk in enumerate(visual.blocks):
@@ -366,11 +367,11 @@ class Qwen2VLAdapter(VLMAdapter):
             x = x + blk.mlp(blk.norm2(x))  # (B, S, Dv)
         merger = visual.merger
         feats = merger.mlp(merger.ln_q(x).reshape(batch, N, -1))  # (B, N, D)
-        groups = torch.arange(S) // (m * m)  # (S,) the merged token of every tower token, in the tower's order
+        groups = torch.arange(S, device=dev) // (m * m)  # (S,) each tower token's merged token, tower order
         if windows is not None:
-            reverse = torch.from_numpy(np.argsort(windows[0]).copy())  # (N,) back to the processor's order
+            reverse = torch.from_numpy(np.argsort(windows[0]).copy()).to(dev)  # (N,) back to the processor's order
             feats = feats[:, reverse]
-            groups = torch.from_numpy(windows[0].copy())[groups]  # (S,) that token's index in the processor order
+            groups = torch.from_numpy(windows[0].copy()).to(dev)[groups]  # (S,) its index in the processor order
         last = VisionContext(len(visual.blocks) - 1, q, k, key_mask=block_mask)
         return feats, last, groups
 
@@ -387,7 +388,7 @@ class Qwen2VLAdapter(VLMAdapter):
         N = geom.n_image_tokens
         t, h, w = geom.layout
         m = math.isqrt(geom.vision_tokens // N)  # spatial merge size: S patches make N tokens
-        table = torch.from_numpy(mrope_table(t, h, w, m).copy())  # (N, 3) constant
+        table = torch.from_numpy(mrope_table(t, h, w, m).copy()).to(mask.device)  # (N, 3) constant
         span = max(h, w) // m  # how far text after the image moves on, as HF advances it
         rank = mask.cumsum(1) - 1  # (B, T) index among real tokens
         start = rank.gather(1, image_start[:, None].long())  # (B, 1) real-token index of the image's start

@@ -88,9 +88,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         if visual.interpolation_mode != "bilinear" or not visual.interpolation_align_corners:
             raise ValueError("this Qwen3-VL resamples its position table other than bilinearly with aligned corners")
         taps, weights = position_taps(h, w, m, visual.num_grid_per_side)
-        idx = torch.from_numpy(np.tile(taps, (t, 1)).copy())  # (S, 4) constant
-        weights = torch.from_numpy(np.tile(weights, (t, 1)).copy())  # (S, 4) constant
-        pos = torch.from_numpy(vision_positions(t, h, w, m).copy())  # (S, 2) constant
+        dev = pixel_values.device  # constants live where the graph runs
+        idx = torch.from_numpy(np.tile(taps, (t, 1)).copy()).to(dev)  # (S, 4) constant
+        weights = torch.from_numpy(np.tile(weights, (t, 1)).copy()).to(dev)  # (S, 4) constant
+        pos = torch.from_numpy(vision_positions(t, h, w, m).copy()).to(dev)  # (S, 2) constant
         x = visual.patch_embed(pixel_values).reshape(batch, S, -1)  # (B, S, Dv)
         pos_embed = (visual.pos_embed(idx) * weights[:, :, None].to(x.dtype)).sum(1)  # (S, Dv)
         x = x + pos_embed.to(x.dtype)
@@ -104,7 +105,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             if i in deep:
                 side.append(visual.deepstack_merger_list[deep.index(i)](x).reshape(batch, N, -1))  # (B, N, D)
         feats = visual.merger(x).reshape(batch, N, -1)  # (B, N, D)
-        groups = torch.arange(S) // (m * m)  # (S,): the merged token of every tower token
+        groups = torch.arange(S, device=dev) // (m * m)  # (S,): the merged token of every tower token
         last = VisionContext(len(visual.blocks) - 1, q, k)
         return feats, last, groups, tuple(side)
 
