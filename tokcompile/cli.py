@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the recipe's eval section (accuracy of the positions it names on its datasets)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="confirm the recipe's model.trust_remote_code: true (runs the checkpoint's Python code)")
+    p.add_argument("--device", help="where the graphs are traced, compiled and checked: cpu, cuda or cuda:N "
+                                    "(overrides parity.device; default cpu)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings, errors and the result")
     return p
 
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             from tokcompile.plan import format_plan
 
             plan = plan_recipe(args.recipe, out=args.out, targets=targets, trust_remote_code=args.trust_remote_code,
-                               log=lambda line: print(line, file=sys.stderr, flush=True), evaluate=not args.no_eval)
+                               log=lambda line: print(line, file=sys.stderr, flush=True), evaluate=not args.no_eval,
+                               device=args.device)
             for w in plan.recipe.warnings:
                 print(f"warning: {w}", file=sys.stderr)
             print(format_plan(plan))
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(msg, flush=True)
 
         compile_recipe(args.recipe, out=args.out, targets=targets, force=args.force, log=log,
-                       trust_remote_code=args.trust_remote_code, evaluate=not args.no_eval)
+                       trust_remote_code=args.trust_remote_code, evaluate=not args.no_eval, device=args.device)
         return 0
     except TokcompileError as e:
         return _report(e, debug)
@@ -120,6 +123,9 @@ def _generate_parser() -> argparse.ArgumentParser:
                         "trust")
     p.add_argument("--no-prepack", action="store_true",
                    help="onnxruntime: no per-graph pre-packed weight copies; the mapped weight file is the only copy")
+    p.add_argument("--device", default="cpu",
+                   help="where the graphs run: cpu (default), cuda or cuda:N (onnxruntime needs onnxruntime-gpu; "
+                        "aoti needs an export compiled with --device cuda)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the recipe's inputs.max_new_tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -150,9 +156,12 @@ def generate_main(argv: list[str] | None = None) -> int:
         read_manifest(Path(args.export_dir))
         GenerationConfig(max_new_tokens=1 if args.max_new_tokens is None else args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p)
+        from tokcompile.devices import check_available, parse_device
+
+        check_available("--device", parse_device("--device", args.device))
         images = [open_image(path) for path in args.image]
         gen = load(args.export_dir, backend=args.backend, verify=args.verify, trust_export=args.trust_export,
-                   prepack=not args.no_prepack)
+                   prepack=not args.no_prepack, device=args.device)
         ans = gen.generate(
             images, args.prompt, max_new_tokens=args.max_new_tokens, stop_at_eos=not args.no_eos,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, prompt_format=args.prompt_format,

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from tokcompile.devices import check_available, kind, parse_device
 from tokcompile.errors import RecipeError, TokcompileError
 from tokcompile.generation import GenerationConfig, continuation_logprobs, generate
 from tokcompile.layout import GraphIO, GraphLayout
@@ -153,6 +154,13 @@ def _graph_runner(
             if sha256(path) != want["sha256"]:
                 raise _fail(str(path), "does not match its sha256 in the manifest; the file is corrupt, recompile")
             checked.add(f)
+    device = (shared or {}).get("device", "cpu")
+    built_for = art.get("device")  # artifacts compiled for one kind of device record it (AOTInductor, TensorRT)
+    if built_for is not None and kind(built_for) != kind(device):
+        fix = ("recompile the export with --device cuda (parity.device: cuda) on a CUDA machine"
+               if kind(built_for) == "cpu" else "use --device cuda on a machine with a CUDA GPU")
+        raise _fail("--device", f"this export's {target} artifacts are compiled for {built_for}, not {device}; "
+                                f"{fix}, or choose another backend (onnxruntime and eager run on either)")
     names = [i["name"] for i in spec["inputs"]]
     loaders = {"onnx": onnx._load, "onnx_int4": int4._load, "tensorrt": tensorrt._load}
     by_graph = {"aoti": aoti._load, "eager": eager._load, "torch_compile": torch_compile._load}  # + the graph name
@@ -211,8 +219,10 @@ class Generator:
     """A loaded export: prefill and decode graphs of one backend, plus the model's processor."""
 
     def __init__(self, export_dir: str | Path, backend: str = "onnxruntime", verify: bool = False,
-                 trust_export: bool = False, prepack: bool = True):
+                 trust_export: bool = False, prepack: bool = True, device: str = "cpu"):
         self.dir = Path(export_dir)
+        self.device = parse_device("--device", device)
+        check_available("--device", self.device)
         if backend not in BACKENDS:
             raise _fail("--backend", f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
         if backend in TRUST_NEEDED and not trust_export:
@@ -231,7 +241,7 @@ class Generator:
         """Graphs, processor and geometry as the manifest records them."""
         self.layout = layout_from_manifest(self.manifest)
         # what one backend shares between the graphs of this export (e.g. one copy of weights), and its options
-        shared: dict = {"onnx_prepack": prepack}
+        shared: dict = {"onnx_prepack": prepack, "device": self.device}
         self.graphs = [self.layout.graph(g).wrap(_graph_runner(self.dir, self.manifest, g, target, verify, shared))
                        for g in self.layout.graphs]
         self.batch_max = int(self.manifest["generation"]["batch_max"])
@@ -403,7 +413,7 @@ class Generator:
 
 
 def load(export_dir: str | Path, backend: str = "onnxruntime", verify: bool = False,
-         trust_export: bool = False, prepack: bool = True) -> Generator:
+         trust_export: bool = False, prepack: bool = True, device: str = "cpu") -> Generator:
     """Open an export directory with one backend: "onnxruntime", "onnxruntime-int4" (the INT4-weight graphs of an
     export compiled with `export.weight_format: int4`), "aoti", "eager", "torch_compile" or "tensorrt".
 
@@ -413,5 +423,9 @@ def load(export_dir: str | Path, backend: str = "onnxruntime", verify: bool = Fa
 
     onnxruntime maps the export's one weight file in place, so all graphs share one copy in memory; `prepack=True`
     lets its CPU kernels also keep a pre-packed copy of each MatMul weight per graph (faster prefill, more memory).
+
+    `device` ("cpu", "cuda", "cuda:N") is where the graphs run and their outputs stay between steps (the KV cache
+    too): onnxruntime's CUDA provider (onnxruntime-gpu), the exported programs moved to the GPU, AOTInductor
+    packages compiled for CUDA (`--device cuda` at compile time), TensorRT engines. Answers come back on the host.
     """
-    return Generator(export_dir, backend, verify, trust_export, prepack)
+    return Generator(export_dir, backend, verify, trust_export, prepack, device)

@@ -27,20 +27,22 @@ def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
     def loader(root: Path, shared: dict | None = None) -> Runner:
         import torch
 
+        device = torch.device((shared or {}).get("device", "cpu"))  # the package was compiled for its kind
+        index = device.index if device.index is not None else -1  # -1: the current device
         bound: dict[str, Any] = {}  # the tensors the runner reads: user-managed, so `run` holds them
         if len(files) == 1:  # an export written before the weights were shared: one package per graph
-            runner = torch._inductor.aoti_load_package(str(root / files[0]))
+            runner = torch._inductor.aoti_load_package(str(root / files[0]), device_index=index)
         else:
             from torch._inductor.package import load_package
 
-            runner = load_package(str(root / files[0]), model_name=graph)
+            runner = load_package(str(root / files[0]), model_name=graph, device_index=index)
             tensors = shared_tensors(root, shared, files[1])
             bound = pick(tensors, runner.get_constant_fqns(), root / files[1], graph)
             runner.load_constants(bound, check_full_update=True, user_managed=True)  # no copy: keep them alive
 
         def run(inputs: dict[str, Any], _weights: dict = bound) -> tuple:
             # The compiled code assumes the example's (contiguous) strides; cached outputs may not be.
-            args = [torch.as_tensor(inputs[n]).contiguous() for n in input_names]
+            args = [torch.as_tensor(inputs[n]).to(device).contiguous() for n in input_names]
             with torch.no_grad():
                 return tuple(runner(*args))
 
@@ -89,4 +91,13 @@ def export_aoti(req: ExportRequest) -> Artifact:
     pool.add(program_tensors(req.program, req.graph), req.graph)
     files = [path.name, pool.name]
     return Artifact(target="aoti", graph=req.graph, files=files, backend="aoti",
-                    loader=_load(files, req.input_names, req.graph))
+                    meta={"device": compiled_for(req.program)}, loader=_load(files, req.input_names, req.graph))
+
+
+def compiled_for(program: Any) -> str:
+    """"cpu" or "cuda": the kind of device inductor generated code for (that of the program's example inputs)."""
+    import torch
+
+    args, kwargs = program.example_inputs
+    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    return "cpu" if first is None else first.device.type

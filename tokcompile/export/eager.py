@@ -67,15 +67,24 @@ def _without_shape_check(module: Any) -> Any:
     return module
 
 
+def on_device(program: Any, shared: dict | None) -> Any:
+    """`program` running on the runtime's device (`shared["device"]`, the host by default): the device arguments
+    of the factory calls inside its graph (constants it builds) rewritten, and its tensors moved there, so a
+    program traced on either device runs on either. Bind the weights first: they are then moved by no copy."""
+    from torch.export.passes import move_to_device_pass
+
+    return move_to_device_pass(program, (shared or {}).get("device", "cpu"))
+
+
 def load_module(root: Path, file: str, weights: str, shared: dict | None, graph: str) -> Any:
     """The saved program `file` as a module bound to the export's weights `weights` (read once per `shared`)."""
     import torch
 
     program = torch.export.load(str(root / file))
-    tensors = shared_tensors(root, shared, weights)
+    tensors = shared_tensors(root, shared, weights)  # on the runtime's device
     names = [*program.state_dict, *(k for k, t in program.constants.items() if isinstance(t, torch.Tensor))]
     bound = pick(tensors, names, root / weights, graph)
-    return _without_shape_check(_swap(program, lambda name, _: bound[name]).module())
+    return _without_shape_check(on_device(_swap(program, lambda name, _: bound[name]), shared).module())
 
 
 def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
@@ -83,13 +92,14 @@ def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
         import torch
 
         if len(files) == 1:  # an export written before the weights were shared: they are inside the program
-            module = _without_shape_check(torch.export.load(str(root / files[0])).module())
+            module = _without_shape_check(on_device(torch.export.load(str(root / files[0])), shared).module())
         else:
             module = load_module(root, files[0], files[1], shared, graph)
+        device = (shared or {}).get("device", "cpu")
 
         def run(inputs: dict[str, Any]) -> tuple:
             with torch.no_grad():
-                return tuple(module(*[torch.as_tensor(inputs[n]) for n in input_names]))
+                return tuple(module(*[torch.as_tensor(inputs[n]).to(device) for n in input_names]))
 
         return run
 

@@ -21,7 +21,8 @@ from tokcompile.export.tensorrt_check import check_onnx
 
 
 def _load(files: list[str], input_names: list[str], config: dict[str, str] | None = None) -> Loader:
-    """A runner over one onnxruntime CPU session; `config` holds extra session config entries."""
+    """A runner over one onnxruntime session on the runtime's device (`shared["device"]`: the CPU provider, or
+    the CUDA provider with inputs and outputs bound on the GPU); `config` holds extra session config entries."""
     def loader(root: Path, shared: dict | None = None) -> Runner:
         import torch
 
@@ -29,6 +30,7 @@ def _load(files: list[str], input_names: list[str], config: dict[str, str] | Non
             import onnxruntime as ort
         except ImportError:
             raise ExportError("onnxruntime is not installed; pip install 'tokcompile[onnx]'") from None
+        device = torch.device((shared or {}).get("device", "cpu"))
         opts = ort.SessionOptions()
         opts.log_severity_level = 4  # fatal only: failures reach the caller as exceptions, reported once
         session_options(opts, prepack=(shared or {}).get("onnx_prepack", True))  # see onnx_weights.py
@@ -36,7 +38,9 @@ def _load(files: list[str], input_names: list[str], config: dict[str, str] | Non
             opts.add_session_config_entry(key, value)
         # onnxruntime prints its provider-fallback notices with print(); the caller reports the failure itself
         with contextlib.redirect_stdout(io.StringIO()):
-            session = ort.InferenceSession(str(root / files[0]), opts, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(root / files[0]), opts, providers=providers(ort, device))
+        if device.type != "cpu":
+            return bound_runner(session, input_names, device)
 
         def run(inputs: dict[str, Any]) -> tuple:
             feed = {n: torch.as_tensor(inputs[n]).cpu().numpy() for n in input_names}
@@ -45,6 +49,41 @@ def _load(files: list[str], input_names: list[str], config: dict[str, str] | Non
         return run
 
     return loader
+
+
+def providers(ort: Any, device: Any) -> list[Any]:
+    """onnxruntime's execution providers for `device`; one line when its CUDA provider is not installed."""
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        from tokcompile.errors import RecipeError
+
+        raise RecipeError("--device", f"{device} needs onnxruntime's CUDA provider, which this onnxruntime lacks "
+                                      "(pip install onnxruntime-gpu in place of onnxruntime); or use --device cpu")
+    return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+
+
+def bound_runner(session: Any, input_names: list[str], device: Any) -> Runner:
+    """A runner that binds torch tensors on `device` as the session's inputs and hands its outputs over as torch
+    tensors on that device (DLPack), so nothing crosses to the host between graphs (the KV cache stays put)."""
+    import numpy as np
+    import torch
+
+    index = device.index or 0
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run(inputs: dict[str, Any]) -> tuple:
+        binding = session.io_binding()
+        alive = [torch.as_tensor(inputs[n]).to(device).contiguous() for n in input_names]  # outlive the run
+        for name, t in zip(input_names, alive):
+            element = np.dtype(str(t.dtype).replace("torch.", "").replace("bool", "bool_"))
+            binding.bind_input(name, device.type, index, element, tuple(t.shape), t.data_ptr())
+        for name in outputs:
+            binding.bind_output(name, device.type, index)
+        session.run_with_iobinding(binding)
+        return tuple(torch.from_dlpack(o) for o in binding.get_outputs())
+
+    return run
 
 
 @EXPORTERS.register("onnx")

@@ -132,6 +132,7 @@ def export_tensorrt(req: ExportRequest) -> Artifact:
         "weight_stripped": strip,
         "refit_from": onnx_path.name if strip else None,
         "timing_cache": TIMING_CACHE,
+        "device": "cuda",  # engines run on a CUDA GPU only
     }
     return Artifact(target="tensorrt", graph=req.graph, files=files, backend="tensorrt", meta=meta,
                     loader=_load(files, req.input_names))
@@ -162,11 +163,13 @@ def _refit(trt: Any, engine: Any, onnx_path: Path, logger: Any) -> None:
 
 
 class _EngineRunner:
-    """One deserialized engine and its execution context: named inputs (any device) -> outputs on the host, in
-    the ONNX graph's output order."""
+    """One deserialized engine and its execution context: named inputs (any device) -> outputs in the ONNX graph's
+    output order, on the GPU (`on_host=False`, the runtime's `cuda` device) or copied to the host."""
 
-    def __init__(self, trt: Any, runtime: Any, engine: Any, outputs: list[str], input_names: list[str], file: str):
+    def __init__(self, trt: Any, runtime: Any, engine: Any, outputs: list[str], input_names: list[str], file: str,
+                 on_host: bool = True):
         self.trt, self.runtime, self.engine, self.file = trt, runtime, engine, file  # the runtime outlives the engine
+        self.on_host = on_host
         self.context = engine.create_execution_context()
         io = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         self.inputs = [n for n in input_names if n in io]  # an input the builder found unused is no engine input
@@ -198,7 +201,7 @@ class _EngineRunner:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise ExportError(f"TensorRT failed to run {self.file}")
         stream.synchronize()
-        return tuple(r.cpu() for r in results)  # on the host, as every backend returns them
+        return tuple(r.cpu() for r in results) if self.on_host else tuple(results)
 
 
 def _load(files: list[str], input_names: list[str]) -> Callable[..., Runner]:
@@ -221,6 +224,7 @@ def _load(files: list[str], input_names: list[str]) -> Callable[..., Runner]:
         if engine.refittable:
             _refit(trt, engine, root / files[1], logger)
         outputs = [o.name for o in onnx.load(str(root / files[1]), load_external_data=False).graph.output]
-        return _EngineRunner(trt, runtime, engine, outputs, input_names, files[0])
+        on_host = not str((shared or {}).get("device", "cpu")).startswith("cuda")
+        return _EngineRunner(trt, runtime, engine, outputs, input_names, files[0], on_host)
 
     return loader

@@ -45,9 +45,10 @@ def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
         import torch
 
         module = torch.compile(load_module(root, files[0], files[1], shared, graph), dynamic=True, **SETTINGS)
+        device = (shared or {}).get("device", "cpu")
 
         def run(inputs: dict[str, Any]) -> tuple:
-            args = [dense(torch.as_tensor(inputs[n])) for n in input_names]
+            args = [dense(torch.as_tensor(inputs[n]).to(device)) for n in input_names]
             with torch.no_grad(), tracing_settings():
                 return tuple(module(*args))
 

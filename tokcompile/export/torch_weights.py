@@ -141,7 +141,8 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def shared_tensors(root: Path, shared: dict | None, file: str = WEIGHTS_FILE) -> dict[str, Any]:
-    """The export's weights by name (aliases included), read once per loaded export and kept in `shared`."""
+    """The export's weights by name (aliases included), read once per loaded export and kept in `shared`, on the
+    device `shared["device"]` names (the host by default)."""
     key = f"{SHARED_KEY}:{file}"
     if shared is not None and key in shared:
         return shared[key]
@@ -149,6 +150,8 @@ def shared_tensors(root: Path, shared: dict | None, file: str = WEIGHTS_FILE) ->
     if not path.is_file():
         raise ExportError(f"{path}: is missing; the export is incomplete, recompile it")
     tensors, aliases = _read(path)
+    device = (shared or {}).get("device", "cpu")  # the runtime's device: each stored tensor moved there once
+    tensors = {name: t.to(device) for name, t in tensors.items()}
     missing = sorted(set(aliases.values()) - set(tensors))
     if missing:
         raise ExportError(f"{path}: alias target '{missing[0]}' is not stored; the file is damaged, recompile")
