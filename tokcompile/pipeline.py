@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tokcompile import outdir, publish
+from tokcompile.devices import to_device
 from tokcompile.errors import ExportError, RecipeError
 from tokcompile.plan import Plan, check_remote_code, remote_code_warning, resolve
 from tokcompile.question import SAVED_DIR as SAVED_QUESTION_DIR
@@ -28,14 +29,15 @@ Log = Callable[[str], None]
 
 
 def plan_recipe(recipe_path: str | Path, out: str | Path | None = None, targets: tuple[str, ...] | None = None,
-                trust_remote_code: bool = False, log: Log | None = None, evaluate: bool = True) -> Plan:
+                trust_remote_code: bool = False, log: Log | None = None, evaluate: bool = True,
+                device: str | None = None) -> Plan:
     """Resolve a recipe without loading weights. `log` receives the remote-code warning before any runs.
-    `evaluate=False` drops the recipe's `eval:` section (`--no-eval`)."""
+    `evaluate=False` drops the recipe's `eval:` section (`--no-eval`); `device` overrides `parity.device`."""
     recipe = _without_eval(load_recipe(recipe_path), evaluate)
     check_remote_code(recipe, trust_remote_code)
     if log is not None and (remote := remote_code_warning(recipe)) is not None:
         log(f"warning: {remote}")
-    plan = resolve(recipe, out=out, targets=targets, trust_remote_code=trust_remote_code)
+    plan = resolve(recipe, out=out, targets=targets, trust_remote_code=trust_remote_code, device=device)
     outdir.check_path(plan.out_dir, _out_key(out))
     return plan
 
@@ -60,15 +62,17 @@ def compile_recipe(
     log: Log = print,
     trust_remote_code: bool = False,
     evaluate: bool = True,
+    device: str | None = None,
 ) -> Path:
     """Compile a recipe into a validated export directory and return its path. With an `eval:` section (and
-    `evaluate`), the positions it names answer its datasets and the export holds eval.json and eval.md."""
+    `evaluate`), the positions it names answer its datasets and the export holds eval.json and eval.md.
+    `device` (`--device`) overrides `parity.device`: where the graphs are traced, compiled and checked."""
     t0 = time.perf_counter()
     recipe = _without_eval(load_recipe(recipe_path), evaluate)
     check_remote_code(recipe, trust_remote_code)
     if (remote := remote_code_warning(recipe)) is not None:
         log(f"warning: {remote}")
-    plan = resolve(recipe, out=out, targets=targets, trust_remote_code=trust_remote_code)
+    plan = resolve(recipe, out=out, targets=targets, trust_remote_code=trust_remote_code, device=device)
     for w in plan.recipe.warnings:  # the recipe's own and its reducers' (see `Reducer`)
         log(f"warning: {w}")
     key = _out_key(out)
@@ -163,12 +167,16 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
 
     if plan.dtype != "float32":  # quantized in float32; the graphs and their eager reference run in the export dtype
         model.to(getattr(torch, plan.dtype))
+    # Loaded, measured and quantized on the host; traced, compiled and checked on the plan's device. The eager
+    # runners move what they are fed there (tokcompile.devices).
+    model.to(plan.device)
     if evaluation is not None and (evaluation.wants("fake_quant") or evaluation.wants("transformed")):
         done = stage("eval fake_quant, transformed")
         evaluation.eager("fake_quant", plan, model, processor, reduce=False)
         evaluation.eager("transformed", plan, model, processor, reduce=True)
         done()
     reduced, decode = build_modules(plan, model)
+    reduced.to(plan.device)  # the weights a step brings (CLIP's text tower) load on the host
     layout = reduced.layout
     report: dict[str, Any] = {"atol": atol, "rtol": rtol, "dtype": plan.dtype, "greedy_tokens": GREEDY_TOKENS,
                               "artifacts": {}}
@@ -197,7 +205,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     done()
 
     done = stage("export")
-    specs = graph_specs(plan, reduced, decode, inputs[0].batch)
+    specs = graph_specs(plan, reduced, decode, to_device(inputs[0].batch, plan.device))  # traced on the device
     programs = {}
     with torch.no_grad():
         for spec in specs:
@@ -236,7 +244,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
                 programs[spec.name], tmp, spec.name, spec.input_names, spec.output_names, recipe.export.opset,
                 shared=shared.setdefault(target, {}), plan=plan, labels=spec.labels,
             ))
-            runners[spec.name] = art.load(tmp, {})
+            runners[spec.name] = art.load(tmp, {"device": plan.device})
             report["artifacts"][art.name] = {
                 "files": art.files,
                 **parity.check_artifact(art.name, runners[spec.name], spec.output_names, graph_cases[spec.name],
@@ -283,7 +291,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     _write_json(tmp / "manifest.json", manifest)
     if evaluation is not None:
         done = stage("eval")
-        evaluation.exported(tmp)  # through the runtime, from the files just written
+        evaluation.exported(tmp, plan.device)  # through the runtime, from the files just written
         manifest["eval"] = evaluation.write(tmp)
         _write_json(tmp / "manifest.json", manifest)
         done()
@@ -372,7 +380,7 @@ def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, in
             sess = ort_session(src, "exact")
 
             def run_vision(feed: dict, sess: Any = sess, names: list = spec.input_names) -> tuple:
-                return tuple(torch.from_numpy(o) for o in sess.run(None, {n: torch.as_tensor(feed[n]).numpy()
+                return tuple(torch.from_numpy(o) for o in sess.run(None, {n: torch.as_tensor(feed[n]).cpu().numpy()
                                                                          for n in names}))
 
             for mode in sessions:
@@ -394,7 +402,7 @@ def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, in
             sess = ort_session(dst, mode)
 
             def run(feed: dict, sess: Any = sess, names: list = spec.input_names) -> tuple:
-                arrays = {n: torch.as_tensor(feed[n]).numpy() for n in names}
+                arrays = {n: torch.as_tensor(feed[n]).cpu().numpy() for n in names}
                 return tuple(torch.from_numpy(o) for o in sess.run(None, arrays))
 
             sessions[mode][spec.name] = run
@@ -404,7 +412,7 @@ def _int4_onnx(specs: list, graph_cases: dict, cases: list, eager_runs: list, in
                 graph_cases[spec.name], atol, rtol, replay=replays[spec.name])
         drift = 0.0
         for feed, ref in graph_cases[spec.name]:
-            drift = max(drift, float((sessions["default"][spec.name](feed)[0] - ref[0]).abs().max()))
+            drift = max(drift, float((sessions["default"][spec.name](feed)[0] - ref[0].cpu()).abs().max()))
         out["parity"][f"{spec.name}.default_accuracy_drift"] = drift
     rows = []
     for i, (c, ref) in enumerate(zip(cases, eager_runs)):
@@ -440,7 +448,7 @@ def _independent_reference(plan: Plan, model: Any, eager_out: list, inputs: list
 
     def ref(sample: Any, **kw: Any) -> Any:  # kw: forced, scores_out (near-ties in half precision)
         return fastv_reference(
-            model, plan.adapter, sample, image_token_id=plan.image_token_id,
+            model, plan.adapter, to_device(sample, plan.device), image_token_id=plan.image_token_id,
             pruning_loc=step.layer if step else None, keep=step.n_out if step else None, **kw,
         )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tokcompile import flops
+from tokcompile.devices import check_available, parse_device
 from tokcompile.errors import RecipeError
 from tokcompile.export.tensorrt_profile import check_ranges
 from tokcompile.layout import GraphLayout, build_layout
@@ -55,6 +56,7 @@ class Plan:
     atol: float = 1e-4  # parity tolerances: the recipe's, else DTYPE_TOLERANCES[dtype]
     rtol: float = 1e-3
     question: QuestionSpec | None = None  # what the vision graph's question inputs hold, where a step reads it
+    device: str = "cpu"  # where the graphs are traced, compiled and checked (parity.device, or --device)
 
     @property
     def batch_size(self) -> int:
@@ -82,6 +84,7 @@ class Plan:
             "text_len_range": list(self.text_len_range),
             "targets": list(self.targets),
             "dtype": self.dtype,
+            "device": self.device,
             "parity_tolerance": {"atol": self.atol, "rtol": self.rtol},
             "quant_include": list(self.quant_include),
             "quant_ignore": list(self.quant_ignore),
@@ -353,6 +356,20 @@ def _check_dtype(recipe: Recipe, dtype: str, targets: tuple[str, ...], key: str,
                                f"aoti or eager for float16, or set {src}: float32 for onnx")
 
 
+def _check_device_targets(device: str, key: str, targets: tuple[str, ...]) -> None:
+    """What parity on a GPU needs beyond CUDA itself: onnxruntime's CUDA provider for the ONNX graphs (the INT4
+    graphs are checked on the CPU provider, as they are written for it)."""
+    if device.startswith("cuda") and "onnx" in targets:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return  # the onnx target's own check reports a missing onnxruntime
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RecipeError(key, f"{device}: the onnx graphs are checked on the GPU through onnxruntime's CUDA "
+                                   "provider, which this onnxruntime lacks; pip install onnxruntime-gpu in place of "
+                                   "onnxruntime, or drop onnx from export.targets")
+
+
 def check_remote_code(recipe: Recipe, confirmed: bool) -> None:
     if recipe.model.trust_remote_code and not confirmed:
         raise RecipeError("model.trust_remote_code", "true runs Python code from the checkpoint directory; confirm "
@@ -367,13 +384,17 @@ def remote_code_warning(recipe: Recipe) -> str | None:
 
 
 def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, ...] | None = None,
-            trust_remote_code: bool = False) -> Plan:
+            trust_remote_code: bool = False, device: str | None = None) -> Plan:
     """Resolve `recipe` against the model's config only. Raises `RecipeError` on anything inconsistent.
+    `device` (`--device`) overrides `parity.device`; a CUDA device this machine lacks is refused here.
 
     `model.trust_remote_code: true` runs Python files of the checkpoint directory (already when its config
     is read), so the caller must confirm it as well: `trust_remote_code=True` (`--trust-remote-code`)."""
     path = recipe.model.path
     check_remote_code(recipe, trust_remote_code)
+    device_key = "--device" if device is not None else "parity.device"
+    device = parse_device(device_key, device) if device is not None else recipe.parity.device
+    check_available(device_key, device)
     model_type = model_type_of(path)
     if model_type not in ADAPTERS:
         raise RecipeError(
@@ -426,6 +447,7 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
     _check_dtype(recipe, dtype, chosen, "--targets" if targets is not None else "export.targets", schedule, reducers)
     atol, rtol = parity_tolerance(recipe, dtype)
     chosen = _check_tensorrt(recipe, chosen, "--targets" if targets is not None else "export.targets")
+    _check_device_targets(device, device_key, chosen)
     if recipe.eval is not None:
         from tokcompile.eval.spec import check_plan
 
@@ -454,6 +476,7 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
         atol=atol,
         rtol=rtol,
         question=question,
+        device=device,
     )
 
 
@@ -517,6 +540,9 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"dtype       {plan.dtype} graphs (weights load and quantize in float32); parity atol {plan.atol:g}, "
                  f"rtol {plan.rtol:g}")
     lines.append(f"targets     {', '.join(plan.targets)}  ->  {plan.out_dir}")
+    if plan.device != "cpu":
+        lines.append(f"device      {plan.device}: graphs traced, compiled and checked there (weights load and "
+                     "quantize on the host)")
     if (ev := plan.recipe.eval) is not None:
         n = f"first {ev.num_samples}" if ev.num_samples else "every sample"
         via = f"; exported answers through {ev.backend}" if "exported" in ev.positions else ""

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from tokcompile.devices import parse_device
 from tokcompile.errors import RecipeError
 from tokcompile.eval.spec import EvalConfig, parse_eval
 from tokcompile.registry import suggest
@@ -343,6 +344,7 @@ class ParityConfig:
     rtol: float = _opt(1e-3, _float(ge=0, fix="use a tolerance such as 1.0e-3"))
     samples: int = _opt(3, _int(1))
     reference: bool = _opt(True, _bool)
+    device: str = _opt("cpu", parse_device)  # where the graphs are traced, compiled and checked (`--device`)
 
 
 @dataclass(frozen=True)

@@ -59,11 +59,12 @@ def eager_answerer(plan: Any, model: Any, processor: Any, reduce: bool, max_new_
     return answer
 
 
-def export_answerer(export_dir: Path, backend: str, max_new_tokens: int) -> Answerer:
-    """Answers from an export directory through the runtime (the compile built it, so it is trusted)."""
+def export_answerer(export_dir: Path, backend: str, max_new_tokens: int, device: str = "cpu") -> Answerer:
+    """Answers from an export directory through the runtime on `device` (the compile built it, so it is
+    trusted)."""
     from tokcompile.runtime import load
 
-    gen = load(export_dir, backend, trust_export=True)
+    gen = load(export_dir, backend, trust_export=True, device=device)
 
     def answer(batch: list[QA]) -> tuple[list[str], Tensor]:
         out = gen.generate([q.image for q in batch], [q.question for q in batch], max_new_tokens=max_new_tokens,
@@ -162,9 +163,9 @@ class Evaluation:
         if self.wants(position):
             self.run(position, eager_answerer(plan, model, processor, reduce, self.cfg.max_new_tokens))
 
-    def exported(self, export_dir: Path) -> None:
+    def exported(self, export_dir: Path, device: str = "cpu") -> None:
         if self.wants("exported"):
-            self.run("exported", export_answerer(export_dir, self.cfg.backend, self.cfg.max_new_tokens))
+            self.run("exported", export_answerer(export_dir, self.cfg.backend, self.cfg.max_new_tokens, device))
 
     def write(self, out_dir: Path) -> dict[str, Any]:
         """Score, log one line per position and dataset, write the files; returns the manifest's `eval` entry."""
