@@ -3,6 +3,7 @@ at 336 px, 576 image tokens) in bf16 on CUDA, with static FastV (K=2, R=0.75) fr
 
     python benchmarks/gpu.py                      # on a CUDA machine: --size llava7b --device cuda --dtype bfloat16
     python benchmarks/gpu.py --size tiny --device cpu --dtype float32 --repeats 1 --new-tokens 4   # smoke run
+    python benchmarks/gpu.py --exports            # also: the demo compiled with --device cuda, every backend there
 
 It measures, in one run, side by side:
 - parity on the device: tokcompile's static FastV graphs (the eager modules the compile traces) against the
@@ -132,6 +133,44 @@ def timed_steps(graph: Any, device: str, spent: list[float]) -> Any:
     return run
 
 
+def export_check(device: str, out_dir: Path, only: tuple[str, ...] | None = None) -> dict:
+    """The demo recipe compiled with `--device` (its graphs traced, compiled and checked there), then its answers
+    through each backend on the device (or those in `only`) against the exported programs' answers on the host."""
+    import numpy as np
+    from PIL import Image
+
+    from tokcompile.pipeline import compile_recipe
+    from tokcompile.runtime import load
+
+    backends = {"eager": "eager", "aoti": "aoti", "torch_compile": None}  # backend -> the target it needs
+    try:
+        import onnxruntime as ort
+
+        if not device.startswith("cuda") or "CUDAExecutionProvider" in ort.get_available_providers():
+            backends["onnxruntime"] = "onnx"
+    except ImportError:
+        pass
+    backends = {b: t for b, t in backends.items() if only is None or b in only}
+    targets = tuple(t for t in backends.values() if t)
+    root = Path(__file__).resolve().parents[1]
+    t0 = time.perf_counter()
+    compile_recipe(root / "recipes" / "demo.yml", out=out_dir, targets=targets, force=True, device=device,
+                   log=lambda line: print(f"  {line}", flush=True))
+    compiled = time.perf_counter() - t0
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray((rng.random((64, 80, 3)) * 255).astype("uint8")) for _ in range(2)]
+    prompts = ["What is in this image?", "Describe it in detail."]
+    ref = load(out_dir, "eager", trust_export=True).generate(images, prompts, max_new_tokens=8, stop_at_eos=False)
+    rows = {}
+    for backend in backends:
+        answer = load(out_dir, backend, trust_export=True, device=device).generate(images, prompts, max_new_tokens=8,
+                                                                                 stop_at_eos=False)
+        rows[backend] = answer.token_ids == ref.token_ids and answer.kept == ref.kept
+        print(f"  {backend} on {device}: {'the host eager answers, token for token' if rows[backend] else 'DIFFERS'}",
+              flush=True)
+    return {"compile_s": compiled, "targets": list(targets), "same_answers": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="llava7b", help="llava7b (LLaVA-1.5-7B's geometry), medium or tiny")
@@ -141,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rate", type=float, default=0.75)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--exports", action="store_true",
+                    help="also compile the demo recipe with --device and answer through each backend there")
     args = ap.parse_args(argv)
 
     from hooked_fastv import HookedFastV
@@ -225,6 +266,12 @@ def main(argv: list[str] | None = None) -> dict:
                          "same_top1": top1},
               "variants": rows, "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+    if args.exports:
+        import tempfile
+
+        print(f"\nexports compiled and run on {args.device}:", flush=True)
+        with tempfile.TemporaryDirectory() as scratch:
+            result["exports"] = export_check(args.device, Path(scratch) / "demo")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -1,5 +1,6 @@
 """benchmarks/gpu.py, the one-command GPU check, in its CPU smoke mode (the tiny model, fp32 and bf16): every
-variant runs, and the static FastV graphs agree with the independent reference on the device they ran on."""
+variant runs, and the static FastV graphs agree with the independent reference on the device they ran on; its
+export check compiles with --device and answers through the runtime there."""
 
 from __future__ import annotations
 
@@ -43,3 +44,12 @@ def test_the_7b_geometry_plans_with_576_image_tokens(gpu_check):
     g = plan.geometry
     assert (g.n_layers, g.hidden_size, g.n_heads, g.n_image_tokens) == (32, 4096, 32, 576)
     assert plan.schedule[0].n_out == 144
+
+
+def test_the_export_check_compiles_on_the_device_and_answers_there(gpu_check, tmp_path):
+    """`--exports` on the host (the eager and ONNX backends, to keep CI short): the compile with --device, then
+    the runtime on that device, answer for answer against the host's."""
+    r = gpu_check.export_check("cpu", tmp_path / "demo", only=("eager", "onnxruntime"))
+    assert r["targets"] == ["eager", "onnx"] and r["same_answers"] == {"eager": True, "onnxruntime": True}
+    manifest = (tmp_path / "demo" / "manifest.json").read_text()
+    assert '"device": "cpu"' in manifest
