@@ -46,6 +46,7 @@ def build_modules(plan: Plan, model: nn.Module) -> tuple[ReducedVLM, DecodeStep]
     reduced = ReducedVLM(
         model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id, with_cache=True
     ).eval()
+    reduced.vision.step_modules.to(module_device(model))  # weights a step brings (CLIP's text tower) load on the host
     return reduced, DecodeStep(model, plan.adapter, plan.geometry, reduced.layout).eval()
 
 

@@ -176,7 +176,6 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         evaluation.eager("transformed", plan, model, processor, reduce=True)
         done()
     reduced, decode = build_modules(plan, model)
-    reduced.to(plan.device)  # the weights a step brings (CLIP's text tower) load on the host
     layout = reduced.layout
     report: dict[str, Any] = {"atol": atol, "rtol": rtol, "dtype": plan.dtype, "greedy_tokens": GREEDY_TOKENS,
                               "artifacts": {}}

@@ -134,7 +134,8 @@ def test_activation_store_round_trips_token_states(tmp_path):
     ({"quant": {"method": "RTN", "weight": {"bit": 4}}}, (), "quant.method: streaming quantization runs GPTQ"),
     ({}, ("--layers", "0"), "--layers: 0 is not a layer count"),
     ({}, ("--device", "tpu9"), "--device: 'tpu9' is not a device"),
-] + ([] if torch.cuda.is_available() else [({}, ("--device", "cuda"), "--device: CUDA is not available")]))
+    ({}, ("--device", "cuda:64"), "--device: cuda:64 was asked for"),  # no CUDA, or not 65 GPUs
+])
 def test_errors_are_one_line(tmp_path, recipe_extra, args, text):
     src = tmp_path / "ckpt"
     _checkpoint(src, "tiny", torch.float32, "1GB")

@@ -56,8 +56,7 @@ def test_graphs_run_on_another_device(method, case, family_models, monkeypatch):
     model, processor = family_models(tiny.tiny_family(data["model"]["path"]))
     batch = make_inputs(processor, plan.adapter, plan.geometry, 2, 1, seed=3, max_len=10_000,
                         question=for_plan(plan))[0].batch  # on the host
-    reduced, decode = build_modules(plan, copy.deepcopy(model))
-    reduced.to(META)  # the decode step shares the model
+    reduced, decode = build_modules(plan, copy.deepcopy(model).to(META))  # a step's own weights follow the model
     vision, prefill, decode_run = eager_runners(reduced, decode)
     layout = reduced.layout
     out = run_prompt(vision, prefill, layout, batch)
