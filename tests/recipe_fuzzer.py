@@ -33,8 +33,9 @@ ERROR_LINE = re.compile(r"^error: (?P<key>[^\s:].*?): \S")  # `error: <key or fi
 AWKWARD: list[Any] = [
     None, True, False, 0, 1, -1, 2, 3, 7, 64, 2**31, 2**63, -(2**63), 0.5, 1.0, -0.5, 1e-300, 1e308,
     float("nan"), float("inf"), "", " ", "x", "null", "true", "1e-4", "0x10", "4", "auto", "none", "RTN", "GPTQ",
-    "FastV", "TokenReduction", "onnx", "int4", "tiny-random:llava", "tiny-random:qwen2_vl@medium",
-    "tiny-random:nope", ".", "/", "/dev/null", "/proc/self", "../../etc", "a\x00b", "é€😀", "x" * 5000, [], {},
+    "FastV", "TokenReduction", "onnx", "int4", "cuda", "cuda:1", "cpu:0", "tiny-random:llava",
+    "tiny-random:qwen2_vl@medium", "tiny-random:nope", ".", "/", "/dev/null", "/proc/self", "../../etc", "a\x00b",
+    "é€😀", "x" * 5000, [], {},
     [1, 2], ["onnx", "onnx"], [64, 64], [0, 0], [-1, 32], {"a": 1}, {"method": "FastV"}, [[[[[[]]]]]],
 ]
 

@@ -9,6 +9,7 @@ they hand back to callers (tokens, kept indices, logits) is on the host.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from tokcompile.errors import RecipeError
@@ -48,12 +49,13 @@ def kind(device: Any) -> str:
 
 
 def to_device(tree: Any, device: Any) -> Any:
-    """Every tensor of a dict, list or tuple moved to `device` (a tensor there already is not copied)."""
+    """Every tensor of a mapping (a processor's output too), list or tuple moved to `device` (a tensor there
+    already is not copied); mappings come back as dicts."""
     import torch
 
     if isinstance(tree, torch.Tensor):
         return tree.to(device)
-    if isinstance(tree, dict):
+    if isinstance(tree, Mapping):
         return {k: to_device(v, device) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
         return type(tree)(to_device(v, device) for v in tree)

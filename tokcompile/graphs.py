@@ -45,8 +45,7 @@ class GraphSpec:
 def build_modules(plan: Plan, model: nn.Module) -> tuple[ReducedVLM, DecodeStep]:
     reduced = ReducedVLM(
         model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id, with_cache=True
-    ).eval()
-    reduced.vision.step_modules.to(module_device(model))  # weights a step brings (CLIP's text tower) load on the host
+    ).eval().on_model_device()
     return reduced, DecodeStep(model, plan.adapter, plan.geometry, reduced.layout).eval()
 
 

@@ -123,6 +123,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
     done = stage("load")
     processor = load_processor(recipe.model.path, recipe.model.trust_remote_code)
     model = load_model(recipe.model.path, plan.config, recipe.base.seed, recipe.model.trust_remote_code)
+    model.to(plan.device)  # everything from here runs there; the eager runners move what they are fed
     try:
         inputs = parity.make_inputs(
             processor, plan.adapter, g, plan.batch_size, recipe.parity.samples, recipe.base.seed,
@@ -134,7 +135,7 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
         baseline = []
         for inp in inputs:
             samples = [inp.sample(b) for b in range(len(inp.prompts))]
-            baseline.append(torch.cat([model(**smp).logits[:, -1] for smp in samples]))
+            baseline.append(torch.cat([model(**to_device(smp, plan.device)).logits[:, -1].cpu() for smp in samples]))
     done()
 
     evaluation = None
@@ -167,9 +168,6 @@ def _compile_into(plan: Plan, tmp: Path, log: Log) -> None:
 
     if plan.dtype != "float32":  # quantized in float32; the graphs and their eager reference run in the export dtype
         model.to(getattr(torch, plan.dtype))
-    # Loaded, measured and quantized on the host; traced, compiled and checked on the plan's device. The eager
-    # runners move what they are fed there (tokcompile.devices).
-    model.to(plan.device)
     if evaluation is not None and (evaluation.wants("fake_quant") or evaluation.wants("transformed")):
         done = stage("eval fake_quant, transformed")
         evaluation.eager("fake_quant", plan, model, processor, reduce=False)
@@ -317,7 +315,7 @@ def _quantize(plan: Plan, model: Any, processor: Any, log: Log) -> tuple[Any, di
     ints: dict[str, IntWeight] | None = {} if want_ints else None
 
     def int_weight(fqn: str, codes: Any, scale: Any, zero: Any) -> IntWeight:
-        w = linears[fqn].weight.detach().float()
+        w = linears[fqn].weight.detach().float().cpu()
         return IntWeight(codes.cpu().numpy().astype(np.int8), scale.cpu().numpy().astype(np.float32),
                          zero.cpu().numpy().astype(np.int8), wq.symmetric, wq.group_size, w.numpy())
 
@@ -337,8 +335,10 @@ def _quantize(plan: Plan, model: Any, processor: Any, log: Log) -> tuple[Any, di
     batches = calibration_batches(calib, processor, plan.adapter, plan.geometry, plan.recipe.base.seed,
                                   batch_size=calib.bs if calib.bs > 0 else calib.n_samples,
                                   question=question_tokenizer(plan))
+    batches = to_device(batches, plan.device)  # the activations stay there, layer after layer
     original = {n: m.weight.detach().clone() for n, m in linears.items()}
-    reduced = ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers, plan.image_token_id)
+    reduced = ReducedVLM(model, plan.adapter, plan.geometry, plan.schedule, plan.reducers,
+                         plan.image_token_id).on_model_device()
     log(f"  GPTQ on {calib.n_samples} {calib.name} calibration samples"
         f"{' through the reduction' if calib.with_reduction else ''}")
     results: dict[str, Any] = {}

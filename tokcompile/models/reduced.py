@@ -396,6 +396,14 @@ class ReducedVLM(nn.Module):
     def input_names(self) -> list[str]:
         return list(self.adapter.input_names_for(self.geometry))
 
+    def on_model_device(self) -> ReducedVLM:
+        """Self, with the weights its steps bring (CLIP's text tower, loaded on the host) moved to the model's
+        device."""
+        from tokcompile.devices import module_device
+
+        self.vision.step_modules.to(module_device(self.model))
+        return self
+
     def without_reduction(self) -> ReducedVLM:
         return ReducedVLM(self.model, self.adapter, self.geometry, (), (), self.image_token_id, self.prefill.with_cache)
 
