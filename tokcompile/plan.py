@@ -541,8 +541,8 @@ def format_plan(plan: Plan) -> str:
                  f"rtol {plan.rtol:g}")
     lines.append(f"targets     {', '.join(plan.targets)}  ->  {plan.out_dir}")
     if plan.device != "cpu":
-        lines.append(f"device      {plan.device}: graphs traced, compiled and checked there (weights load and "
-                     "quantize on the host)")
+        lines.append(f"device      {plan.device}: weights quantized, graphs traced, compiled and checked there "
+                     "(they load on the host)")
     if (ev := plan.recipe.eval) is not None:
         n = f"first {ev.num_samples}" if ev.num_samples else "every sample"
         via = f"; exported answers through {ev.backend}" if "exported" in ev.positions else ""
