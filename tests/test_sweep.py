@@ -82,7 +82,8 @@ def test_the_example_sweep_expands():
 
 
 def test_a_point_asks_for_what_its_recipe_needs(tmp_path):
-    sweep = load_sweep(_sweep(tmp_path, points=[{"export.targets": ["onnx"]}, {"export.targets": ["onnx", "tensorrt"]}],
+    sweep = load_sweep(_sweep(tmp_path, points=[{"export.targets": ["onnx"]}, {"export.targets": ["onnx", "tensorrt"]},
+                                                {"parity.device": "cuda:1"}],
                               resources={"num_cpus": 2}))
     assert [point_resources(p, sweep.resources) for p in sweep.points] == [
-        {"num_cpus": 2.0, "num_gpus": 0}, {"num_cpus": 2.0, "num_gpus": 1}]
+        {"num_cpus": 2.0, "num_gpus": 0}, {"num_cpus": 2.0, "num_gpus": 1}, {"num_cpus": 2.0, "num_gpus": 1}]

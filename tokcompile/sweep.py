@@ -11,7 +11,7 @@ A sweep file:
       - {sparse.special: {method: DART, pruning_loc: 2, reduction_ratio: 0.7778}}
     grid:                                   # optional: every combination, crossed with the points
       quant.weight.bit: [4, 8]
-    resources: {num_cpus: 1, num_gpus: 0}   # what each point's task asks Ray for (a tensorrt point: a GPU)
+    resources: {num_cpus: 1, num_gpus: 0}   # per point's Ray task (+1 GPU: tensorrt, parity.device: cuda)
     targets: [onnx]                         # optional: export.targets for every point
 
 An override key is a dotted recipe path; its value replaces what is there (a mapping replaces the whole
@@ -146,9 +146,11 @@ def run_point(recipe_path: str, out_dir: str, num_threads: int) -> dict[str, Any
 
 def point_resources(point: Point, defaults: dict[str, float]) -> dict[str, float]:
     """What a point's task asks Ray for: the sweep's `resources` (1 CPU by default), and a GPU where its recipe
-    needs one (the tensorrt target builds its engines on a CUDA GPU)."""
+    needs one (the tensorrt target builds its engines on a CUDA GPU; `parity.device: cuda` compiles there)."""
     targets = (point.recipe.get("export") or {}).get("targets") or []
-    gpus = max(defaults.get("num_gpus", 0), 1 if "tensorrt" in targets else 0)
+    device = str((point.recipe.get("parity") or {}).get("device", "cpu")).strip().lower()
+    needs_gpu = "tensorrt" in targets or device.startswith("cuda")
+    gpus = max(defaults.get("num_gpus", 0), 1 if needs_gpu else 0)
     return {"num_cpus": defaults.get("num_cpus", 1), "num_gpus": gpus}
 
 
