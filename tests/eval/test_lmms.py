@@ -96,7 +96,7 @@ def lmms_run(demo_export, tmp_path_factory):
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf")}
     res = subprocess.run(
         [sys.executable, "-m", "lmms_eval", "--model", "tokcompile", "--model_args",
-         f"export={demo_export},backend=onnxruntime", "--batch_size", "2",
+         f"export={demo_export},backend=onnxruntime", "--batch_size", "2", "--device", "cpu",
          "--tasks", "shapes_local_answers,shapes_local_choice",
          "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
         capture_output=True, text=True, timeout=600, cwd=root, env=env)
@@ -152,6 +152,8 @@ def test_model_arguments_are_checked(demo_export):
         TokcompileLMM(export=str(demo_export), pretrained="x")
     with pytest.raises(RecipeError, match="trust"):
         TokcompileLMM(export=str(demo_export), backend="aoti")
+    with pytest.raises(RecipeError, match="--device: cuda:64 was asked for"):  # lmms-eval's --device reaches it
+        TokcompileLMM(export=str(demo_export), device="cuda:64")
 
 
 def test_cut_at_stops_at_the_first_stop_string():

@@ -69,7 +69,8 @@ class TokcompileLMM(lmms):
     is_simple = True
 
     def __init__(self, export: str | None = None, backend: str = "onnxruntime", batch_size: int | str = 1,
-                 max_new_tokens: int | str | None = None, trust_export: bool | str = False, **kwargs: Any) -> None:
+                 max_new_tokens: int | str | None = None, trust_export: bool | str = False, device: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__()
         from tokcompile import runtime
 
@@ -77,8 +78,11 @@ class TokcompileLMM(lmms):
             raise RecipeError("--model_args", "needs export=DIR, the directory `python compile.py` wrote")
         if kwargs:
             raise RecipeError("--model_args", f"unknown argument(s) {', '.join(sorted(kwargs))}; the tokcompile "
-                                              "model takes export, backend, batch_size, max_new_tokens, trust_export")
-        self.generator = runtime.load(export, backend=backend, trust_export=_flag(trust_export))
+                                              "model takes export, backend, batch_size, max_new_tokens, trust_export, "
+                                              "device")
+        # lmms-eval's --device (or device= in --model_args): where the export's graphs run (tokcompile.devices)
+        self.generator = runtime.load(export, backend=backend, trust_export=_flag(trust_export),
+                                      device=device or "cpu")
         self.batch_size_per_call = max(1, int(batch_size))
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens is not None else None
 
