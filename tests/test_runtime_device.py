@@ -20,7 +20,7 @@ from PIL import Image
 from tests.conftest import ROOT
 from tokcompile.errors import RecipeError
 from tokcompile.export import eager
-from tokcompile.export.onnx import bound_runner
+from tokcompile.export.onnx import as_torch, bound_runner
 from tokcompile.runtime import _graph_runner, load
 
 PROMPTS = ["What is in this image?", "Describe everything you see, in detail."]
@@ -83,6 +83,20 @@ def test_onnx_bound_runner_answers_as_the_plain_one(demo_export, images):
     got = bound.generate(images, PROMPTS, max_new_tokens=8, stop_at_eos=False, first_logits=True)
     assert got.token_ids == ref.token_ids and got.kept == ref.kept
     assert torch.equal(got.first_logits, ref.first_logits)
+
+
+def test_ort_values_reach_torch_with_or_without_dlpack():
+    import onnxruntime as ort
+
+    want = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    value = ort.OrtValue.ortvalue_from_numpy(want.numpy().copy())
+
+    class Older:  # an onnxruntime without DLPack on its values
+        numpy = value.numpy
+
+    for v in (value, Older()):
+        got = as_torch(v, torch.device("cpu"))
+        assert torch.equal(got, want) and got.device.type == "cpu"
 
 
 def test_exported_programs_move_to_another_device(demo_export, images):

@@ -81,9 +81,21 @@ def bound_runner(session: Any, input_names: list[str], device: Any) -> Runner:
         for name in outputs:
             binding.bind_output(name, device.type, index)
         session.run_with_iobinding(binding)
-        return tuple(torch.from_dlpack(o) for o in binding.get_outputs())
+        return tuple(as_torch(o, device) for o in binding.get_outputs())
 
     return run
+
+
+def as_torch(value: Any, device: Any) -> Any:
+    """An onnxruntime OrtValue as a torch tensor on `device`: through DLPack, without a copy, where this
+    onnxruntime offers it (its Python wrapper, or in older versions the binding underneath); else through the
+    host."""
+    import torch
+
+    for candidate in (value, getattr(value, "_ortvalue", None)):
+        if hasattr(candidate, "__dlpack__") and hasattr(candidate, "__dlpack_device__"):
+            return torch.from_dlpack(candidate)
+    return torch.from_numpy(value.numpy()).to(device)
 
 
 @EXPORTERS.register("onnx")
