@@ -95,8 +95,8 @@ class WeightFile:
                     self.tensors.pop(name, None)
             else:
                 have = self._get(name)
-                same = have is not None and (_identity(have) == ident or (
-                    have.dtype == t.dtype and have.shape == t.shape and torch.equal(have, t)))
+                same = have is not None and (_identity(have) == ident or (  # a file's tensors are on the host
+                    have.dtype == t.dtype and have.shape == t.shape and torch.equal(have, t.to(have.device))))
                 if name in self.added and not same:
                     raise ExportError(f"the {graph} graph's weight '{name}' differs from the one an earlier graph "
                                       "stored under that name; export all graphs from one module")
