@@ -88,7 +88,8 @@ class HookedFastV:
         before = config._attn_implementation
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dtype == torch.bool:  # SDPA's boolean mask -> eager's additive one
-            mask = torch.zeros(mask.shape, dtype=hidden.dtype).masked_fill(~mask, torch.finfo(hidden.dtype).min)
+            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(hidden.dtype).min)
         config._attn_implementation = "eager"
         try:  # the class's forward: this layer's own hooks stay out of the re-run
             type(layer).forward(layer, hidden, **{**kwargs, "attention_mask": mask, "past_key_values": None,
@@ -107,7 +108,9 @@ class HookedFastV:
         start, n = self._span
         top = self._scores[start:start + n].topk(round(n * (1 - self.rate))).indices
         self.kept = top.sort().values
-        keep = torch.cat((torch.arange(start), self.kept + start, torch.arange(start + n, hidden.shape[1])))
+        dev = hidden.device
+        keep = torch.cat((torch.arange(start, device=dev), self.kept + start,
+                          torch.arange(start + n, hidden.shape[1], device=dev)))  # (T',)
         cos, sin = kwargs["position_embeddings"]
         dim = 1 if cos.dim() == 3 else 2
         cut: dict[str, Any] = {"position_ids": keep[None],

@@ -81,17 +81,19 @@ def fastv_reference(
     scores = attn.float().mean(dim=1)[0, -1, start : start + n_image]  # (N,)
     # Rank by (score descending, index ascending); Python's sort is stable.
     order = sorted(range(n_image), key=lambda j: -scores[j].item())
-    kept = torch.tensor(sorted(order[:keep]), dtype=torch.long) if forced is None else forced.long()
+    dev = sample["input_ids"].device  # everything built here lives with the model's inputs
+    kept = torch.tensor(sorted(order[:keep]), dtype=torch.long, device=dev) if forced is None else forced.long()
     if scores_out is not None:
         scores_out.append(scores)
-    keep_idx = torch.cat([torch.arange(start), start + kept, torch.arange(start + n_image, T)])  # (T',)
+    keep_idx = torch.cat([torch.arange(start, device=dev), start + kept.to(dev),
+                          torch.arange(start + n_image, T, device=dev)])  # (T',)
 
     lm = adapter.language_model(model)
     h = out.hidden_states[K][:, keep_idx]  # (1, T', D): the input of layer K
     position_ids = adapter.hf_position_ids(model, sample)[..., keep_idx]  # (1, T') or (R, 1, T'): original
     rope = lm.rotary_emb(h, position_ids)
     n = h.shape[1]
-    mask = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]  # (1, 1, T', T') additive causal
+    mask = torch.full((n, n), torch.finfo(h.dtype).min, device=dev).triu(1)[None, None]  # (1, 1, T', T') causal
     with eager_attention(model):
         for layer in lm.layers[K:]:
             o = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
@@ -103,7 +105,7 @@ def fastv_reference(
 def _rank(scores: Tensor, keep: int) -> Tensor:
     """The `keep` best of (N,) scores under (score descending, index ascending), in ascending order."""
     order = sorted(range(len(scores)), key=lambda j: -scores[j].item())  # Python's sort is stable
-    return torch.tensor(sorted(order[:keep]), dtype=torch.long)
+    return torch.tensor(sorted(order[:keep]), dtype=torch.long, device=scores.device)
 
 
 def _fastv_deepstack(model: nn.Module, adapter: Any, sample: dict[str, Tensor], image_token_id: int, K: int,
@@ -132,12 +134,13 @@ def _fastv_deepstack(model: nn.Module, adapter: Any, sample: dict[str, Tensor], 
                 scores = captured["probs"].float().mean(1)[0, -1, start : start + N]  # (N,)
                 if scores_out is not None:
                     scores_out.append(scores)
-                kept = _rank(scores, keep) if forced is None else forced.long()
-                idx = torch.cat([torch.arange(start), start + kept, torch.arange(start + N, h.shape[1])])  # (T',)
+                kept = _rank(scores, keep) if forced is None else forced.long().to(h.device)
+                idx = torch.cat([torch.arange(start, device=h.device), start + kept,
+                                 torch.arange(start + N, h.shape[1], device=h.device)])  # (T',)
                 h, pos, visual = h[:, idx], pos[..., idx], visual[:, idx]
                 deep = [d[kept] for d in deep]
             n = h.shape[1]
-            causal = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]  # (1, 1, n, n) additive
+            causal = torch.full((n, n), torch.finfo(h.dtype).min, device=h.device).triu(1)[None, None]  # (1, 1, n, n)
             hook = layer.self_attn.register_forward_hook(capture) if j == K - 1 else None
             try:
                 o = layer(h, attention_mask=causal, position_embeddings=lm.rotary_emb(h, pos), position_ids=pos)
