@@ -156,9 +156,9 @@ def generate_main(argv: list[str] | None = None) -> int:
         read_manifest(Path(args.export_dir))
         GenerationConfig(max_new_tokens=1 if args.max_new_tokens is None else args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p)
-        from tokcompile.devices import check_available, parse_device
+        from tokcompile.devices import usable
 
-        check_available("--device", parse_device("--device", args.device))
+        usable("--device", args.device)
         images = [open_image(path) for path in args.image]
         gen = load(args.export_dir, backend=args.backend, verify=args.verify, trust_export=args.trust_export,
                    prepack=not args.no_prepack, device=args.device)

@@ -43,6 +43,13 @@ def check_available(key: str, device: str) -> None:
                                f"device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
+def usable(key: str, value: Any) -> str:
+    """`parse_device` then `check_available`: the canonical name of a device this machine has."""
+    device = parse_device(key, value)
+    check_available(key, device)
+    return device
+
+
 def kind(device: Any) -> str:
     """"cpu" or "cuda": what a compiled artifact is built for, whatever the index."""
     return str(device).split(":")[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tokcompile import flops
-from tokcompile.devices import check_available, parse_device
+from tokcompile.devices import usable
 from tokcompile.errors import RecipeError
 from tokcompile.export.tensorrt_profile import check_ranges
 from tokcompile.layout import GraphLayout, build_layout
@@ -393,8 +393,7 @@ def resolve(recipe: Recipe, out: str | Path | None = None, targets: tuple[str, .
     path = recipe.model.path
     check_remote_code(recipe, trust_remote_code)
     device_key = "--device" if device is not None else "parity.device"
-    device = parse_device(device_key, device) if device is not None else recipe.parity.device
-    check_available(device_key, device)
+    device = usable(device_key, device if device is not None else recipe.parity.device)
     model_type = model_type_of(path)
     if model_type not in ADAPTERS:
         raise RecipeError(

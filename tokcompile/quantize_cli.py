@@ -62,9 +62,9 @@ def quantize_main(argv: list[str] | None = None) -> int:
             raise RecipeError("model.path", "streaming reads a checkpoint directory; write the built-in model with "
                                             "`python -m tokcompile save-model` and point model.path at it")
         if args.device is not None:
-            from tokcompile.devices import check_available, parse_device
+            from tokcompile.devices import usable
 
-            check_available("--device", parse_device("--device", args.device))
+            usable("--device", args.device)
         if args.layers is not None and args.layers < 1:
             raise RecipeError("--layers", f"{args.layers} is not a layer count; give 1 or more, or leave it out")
         dest = check_destination(args.out, args.force, "--out")

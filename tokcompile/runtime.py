@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from tokcompile.devices import check_available, kind, parse_device
+from tokcompile.devices import kind, usable
 from tokcompile.errors import RecipeError, TokcompileError
+from tokcompile.export.base import runtime_device
 from tokcompile.generation import GenerationConfig, continuation_logprobs, generate
 from tokcompile.layout import GraphIO, GraphLayout
 from tokcompile.manifest import FORMAT_VERSION, sha256
@@ -154,7 +155,7 @@ def _graph_runner(
             if sha256(path) != want["sha256"]:
                 raise _fail(str(path), "does not match its sha256 in the manifest; the file is corrupt, recompile")
             checked.add(f)
-    device = (shared or {}).get("device", "cpu")
+    device = runtime_device(shared)
     built_for = art.get("device")  # artifacts compiled for one kind of device record it (AOTInductor, TensorRT)
     if built_for is not None and kind(built_for) != kind(device):
         fix = ("recompile the export with --device cuda (parity.device: cuda) on a CUDA machine"
@@ -221,8 +222,7 @@ class Generator:
     def __init__(self, export_dir: str | Path, backend: str = "onnxruntime", verify: bool = False,
                  trust_export: bool = False, prepack: bool = True, device: str = "cpu"):
         self.dir = Path(export_dir)
-        self.device = parse_device("--device", device)
-        check_available("--device", self.device)
+        self.device = usable("--device", device)
         if backend not in BACKENDS:
             raise _fail("--backend", f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
         if backend in TRUST_NEEDED and not trust_export:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tokcompile.errors import ExportError
-from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Loader, Runner
+from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Loader, Runner, runtime_device
 from tokcompile.export.torch_weights import pick, program_tensors, shared_tensors, weight_file
 
 PACKAGE = "aoti.pt2"
@@ -27,7 +27,7 @@ def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
     def loader(root: Path, shared: dict | None = None) -> Runner:
         import torch
 
-        device = torch.device((shared or {}).get("device", "cpu"))  # the package was compiled for its kind
+        device = torch.device(runtime_device(shared))  # the package was compiled for its kind
         index = device.index if device.index is not None else -1  # -1: the current device
         bound: dict[str, Any] = {}  # the tensors the runner reads: user-managed, so `run` holds them
         if len(files) == 1:  # an export written before the weights were shared: one package per graph

@@ -53,6 +53,12 @@ class ExportRequest:
     labels: dict[str, dict[int, str]] = field(default_factory=dict)  # input name -> {axis: manifest dim name}
 
 
+def runtime_device(shared: dict | None) -> str:
+    """The device a loader puts its graph on: the runtime's `shared["device"]` ("cpu", "cuda", "cuda:N"), the host
+    when a graph is loaded alone."""
+    return (shared or {}).get("device", "cpu")
+
+
 class Exporter(Protocol):
     def __call__(self, req: ExportRequest) -> Artifact: ...
 

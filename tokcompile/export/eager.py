@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tokcompile.errors import ExportError
-from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Loader, Runner
+from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Loader, Runner, runtime_device
 from tokcompile.export.torch_weights import pick, program_tensors, shared_tensors, weight_file
 
 
@@ -73,7 +73,7 @@ def on_device(program: Any, shared: dict | None) -> Any:
     program traced on either device runs on either. Bind the weights first: they are then moved by no copy."""
     from torch.export.passes import move_to_device_pass
 
-    return move_to_device_pass(program, (shared or {}).get("device", "cpu"))
+    return move_to_device_pass(program, runtime_device(shared))
 
 
 def load_module(root: Path, file: str, weights: str, shared: dict | None, graph: str) -> Any:
@@ -95,7 +95,7 @@ def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
             module = _without_shape_check(on_device(torch.export.load(str(root / files[0])), shared).module())
         else:
             module = load_module(root, files[0], files[1], shared, graph)
-        device = (shared or {}).get("device", "cpu")
+        device = runtime_device(shared)
 
         def run(inputs: dict[str, Any]) -> tuple:
             with torch.no_grad():

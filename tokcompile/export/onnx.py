@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tokcompile.errors import ExportError
-from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Loader, Runner
+from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Loader, Runner, runtime_device
 from tokcompile.export.onnx_graph import topk_constants
 from tokcompile.export.onnx_weights import WeightPool, session_options
 from tokcompile.export.tensorrt_check import check_onnx
@@ -30,7 +30,7 @@ def _load(files: list[str], input_names: list[str], config: dict[str, str] | Non
             import onnxruntime as ort
         except ImportError:
             raise ExportError("onnxruntime is not installed; pip install 'tokcompile[onnx]'") from None
-        device = torch.device((shared or {}).get("device", "cpu"))
+        device = torch.device(runtime_device(shared))
         opts = ort.SessionOptions()
         opts.log_severity_level = 4  # fatal only: failures reach the caller as exceptions, reported once
         session_options(opts, prepack=(shared or {}).get("onnx_prepack", True))  # see onnx_weights.py

@@ -19,8 +19,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tokcompile.devices import kind
 from tokcompile.errors import ExportError, RecipeError, one_line
-from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Runner
+from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Runner, runtime_device
 from tokcompile.export.tensorrt_profile import input_profiles, plan_ranges
 
 TIMING_CACHE = "tensorrt.timing_cache"
@@ -224,7 +225,7 @@ def _load(files: list[str], input_names: list[str]) -> Callable[..., Runner]:
         if engine.refittable:
             _refit(trt, engine, root / files[1], logger)
         outputs = [o.name for o in onnx.load(str(root / files[1]), load_external_data=False).graph.output]
-        on_host = not str((shared or {}).get("device", "cpu")).startswith("cuda")
+        on_host = kind(runtime_device(shared)) != "cuda"
         return _EngineRunner(trt, runtime, engine, outputs, input_names, files[0], on_host)
 
     return loader

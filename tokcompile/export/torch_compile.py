@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Loader, Runner
+from tokcompile.export.base import EXPORTERS, Artifact, ExportRequest, Loader, Runner, runtime_device
 from tokcompile.export.eager import load_module, write_program
 
 SETTINGS = {"backend": "inductor", "mode": "default"}  # torch.compile's: generated kernels
@@ -45,7 +45,7 @@ def _load(files: list[str], input_names: list[str], graph: str = "") -> Loader:
         import torch
 
         module = torch.compile(load_module(root, files[0], files[1], shared, graph), dynamic=True, **SETTINGS)
-        device = (shared or {}).get("device", "cpu")
+        device = runtime_device(shared)
 
         def run(inputs: dict[str, Any]) -> tuple:
             args = [dense(torch.as_tensor(inputs[n]).to(device)) for n in input_names]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tokcompile.errors import ExportError
+from tokcompile.export.base import runtime_device
 
 WEIGHTS_FILE = "weights.safetensors"
 ALIASES = "aliases"  # metadata key: JSON {alias name: stored name}
@@ -150,7 +151,7 @@ def shared_tensors(root: Path, shared: dict | None, file: str = WEIGHTS_FILE) ->
     if not path.is_file():
         raise ExportError(f"{path}: is missing; the export is incomplete, recompile it")
     tensors, aliases = _read(path)
-    device = (shared or {}).get("device", "cpu")  # the runtime's device: each stored tensor moved there once
+    device = runtime_device(shared)  # the runtime's device: each stored tensor moved there once
     tensors = {name: t.to(device) for name, t in tensors.items()}
     missing = sorted(set(aliases.values()) - set(tensors))
     if missing:
